@@ -1,0 +1,204 @@
+"""Functional API of bdlkern's operators.
+
+Every random op is driven by an ``rng_state``: an int64 tensor ``[seed, offset]`` on the device the
+op runs on. Given the same ``rng_state`` an op returns the same bits on the CPU, on CUDA and under
+the SIMT emulator, for any thread count (DESIGN.md section 2). When ``rng_state`` is omitted it is
+drawn from torch's generator (:func:`new_rng_state`), so ``torch.manual_seed`` makes every bdlkern
+op reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Stream tags (Philox counter word 2), mirrored from csrc/include/bdlkern/random.h. Each op family
+# draws from its own tag; the numbers are part of the reproducibility contract.
+STREAMS: dict[str, int] = {
+    "user": 0,
+    "mc_dropout": 1,
+    "concrete_dropout": 2,
+    "lrt": 3,
+    "sparse_lrt": 4,
+}
+
+_NAMESPACES = ["bdlkern"]
+if hasattr(torch.ops, "bdlkern_simt") and hasattr(torch.ops.bdlkern_simt, "philox_bits"):
+    _NAMESPACES.append("bdlkern_simt")
+
+ShapeLike = int | Sequence[int] | torch.Size
+
+
+def _shape(shape: ShapeLike, name: str = "shape") -> list[int]:
+    if isinstance(shape, int):
+        return [shape]
+    try:
+        return [int(s) for s in shape]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(shape).__name__}") from None
+
+
+def _stream(stream: int | str) -> int:
+    if isinstance(stream, str):
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {sorted(STREAMS)} or its tag, got {stream!r}")
+        return STREAMS[stream]
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise TypeError(f"stream must be an int tag or a stream name, got {type(stream).__name__}")
+    return stream
+
+
+def new_rng_state(
+    generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Draw a fresh ``rng_state`` from torch's random generator.
+
+    Args:
+        generator: the torch generator to draw from (default: the global generator of ``device``,
+            seeded by ``torch.manual_seed``).
+        device: where the state lives, which is where the ops that consume it run. Defaults to the
+            generator's device, else the CPU.
+
+    Returns:
+        int64 tensor of shape ``[2]``: a random 63-bit ``seed`` and ``offset = 0``.
+    """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but device is {device}: draw the state from a "
+            "generator of the device the op runs on"
+        )
+    state = torch.zeros(2, dtype=torch.int64, device=device)
+    state[:1].random_(generator=generator)
+    return state
+
+
+def _resolve_state(
+    rng_state: torch.Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    if rng_state is None:
+        return new_rng_state(generator, device)
+    if generator is not None:
+        raise ValueError("pass rng_state or generator, not both")
+    if not isinstance(rng_state, torch.Tensor):
+        raise TypeError(f"rng_state must be an int64 tensor [seed, offset], got {type(rng_state).__name__}")
+    if device is not None and rng_state.device != torch.device(device):
+        raise ValueError(f"rng_state is on {rng_state.device} but device is {device}")
+    return rng_state
+
+
+def philox_bits(
+    shape: ShapeLike,
+    *,
+    rng_state: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stream: int | str = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The raw 32-bit words of the logical Philox stream (a test and reference helper).
+
+    Element ``i`` (row-major) is lane ``i mod 4`` of Philox4x32-10 block ``i div 4 + offset`` with
+    counter ``(lo32, hi32 of the block index, stream tag, 0)`` and key ``(lo32, hi32 of seed)``.
+
+    Returns:
+        int32 tensor of ``shape`` on ``rng_state``'s device (reinterpret as uint32).
+    """
+    state = _resolve_state(rng_state, generator, device)
+    return torch.ops.bdlkern.philox_bits(state, _shape(shape), _stream(stream))
+
+
+def dropout_mask(
+    shape: ShapeLike,
+    p: float,
+    *,
+    rng_state: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stream: int | str = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bernoulli keep-mask with drop probability ``p``: ``True`` where the element is kept.
+
+    Element ``i`` is kept iff its stream word ``w_i < T`` with ``T = round((1 - p) * 2**32)``
+    (an integer compare, so masks are bit-identical across devices). ``p = 0`` keeps everything,
+    ``p = 1`` drops everything.
+
+    Args:
+        shape: output shape.
+        p: drop probability in ``[0, 1]``.
+
+    Returns:
+        bool tensor of ``shape`` on ``rng_state``'s device.
+    """
+    state = _resolve_state(rng_state, generator, device)
+    return torch.ops.bdlkern.dropout_mask(state, _shape(shape), float(p), _stream(stream))
+
+
+def uniform(
+    shape: ShapeLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    rng_state: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stream: int | str = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Uniform samples in the open interval (0, 1): ``(w >> 8) * 2**-24 + 2**-25``.
+
+    In float32 the largest value is clamped to the largest float below 1, so 0 and 1 never occur.
+
+    Returns:
+        float32 or float64 tensor of ``shape`` on ``rng_state``'s device.
+    """
+    state = _resolve_state(rng_state, generator, device)
+    return torch.ops.bdlkern.uniform(state, _shape(shape), _stream(stream), dtype)
+
+
+def normal(
+    shape: ShapeLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    rng_state: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stream: int | str = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Standard normal samples by Box-Muller on lanes (0, 1) and (2, 3) of each Philox block.
+
+    Elements ``4k, 4k+1`` are ``r cos(2 pi u2), r sin(2 pi u2)`` with ``r = sqrt(-2 log u1)`` from the
+    uniforms of lanes 0 and 1 of block ``k``; elements ``4k+2, 4k+3`` likewise from lanes 2 and 3.
+
+    Returns:
+        float32 or float64 tensor of ``shape`` on ``rng_state``'s device.
+    """
+    state = _resolve_state(rng_state, generator, device)
+    return torch.ops.bdlkern.normal(state, _shape(shape), _stream(stream), dtype)
+
+
+# ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
+def _register_fakes(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::philox_bits")
+    def _philox_bits_fake(rng_state, size, stream=0):
+        return rng_state.new_empty(size, dtype=torch.int32)
+
+    @torch.library.register_fake(f"{ns}::dropout_mask")
+    def _dropout_mask_fake(rng_state, size, p, stream=0):
+        return rng_state.new_empty(size, dtype=torch.bool)
+
+    @torch.library.register_fake(f"{ns}::uniform")
+    def _uniform_fake(rng_state, size, stream=0, dtype=None):
+        return rng_state.new_empty(size, dtype=dtype or torch.float32)
+
+    @torch.library.register_fake(f"{ns}::normal")
+    def _normal_fake(rng_state, size, stream=0, dtype=None):
+        return rng_state.new_empty(size, dtype=dtype or torch.float32)
+
+
+for _ns in _NAMESPACES:
+    _register_fakes(_ns)
+
+__all__ = ["STREAMS", "new_rng_state", "philox_bits", "dropout_mask", "uniform", "normal"]

@@ -1,0 +1,30 @@
+// Philox4x32-10 for 16 consecutive blocks at once, with SIMD paths picked at run time.
+//
+// One SIMD lane per block: AVX-512 computes all 16 blocks in one register per counter word, AVX2
+// in two, and a portable scalar loop is the fallback. The 32x32 -> 64-bit products use
+// (v)pmuludq on the even and odd lanes separately. The bits are those of PhiloxStream::block()
+// on every path (tests/test_rng.py checks each path the CPU has against the scalar one).
+#pragma once
+
+#include <stdint.h>
+
+#include <bdlkern/philox.h>
+
+namespace bdlkern {
+namespace cpu {
+
+constexpr int kBatchBlocks = 16;
+constexpr int kBatchWords = 4 * kBatchBlocks;
+
+// words[4 * j + l] = lane l of block (first_block + j) of `stream`, j < kBatchBlocks.
+using PhiloxBatchFn = void (*)(const PhiloxStream& stream, uint64_t first_block, uint32_t* words);
+
+enum class SimdPath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest path this CPU supports, unless BDLKERN_CPU_SIMD=scalar|avx2|avx512 narrows it.
+SimdPath best_simd_path();
+PhiloxBatchFn philox_batch_fn(SimdPath path);
+const char* simd_path_name(SimdPath path);
+
+}  // namespace cpu
+}  // namespace bdlkern

@@ -1,0 +1,75 @@
+// CPU kernels of the random-stream ops: the same per-block conversions as csrc/cuda/rng.cu, run
+// over chunks of Philox blocks with at::parallel_for. Each output depends only on its logical
+// index, so any chunking and any thread count give the same bits.
+//
+// Philox runs 16 blocks at a time on the widest SIMD path of the CPU (philox_simd.h); the
+// per-block conversions are the shared ones of random.h.
+#include <ATen/Parallel.h>
+
+#include <bdlkern/philox.h>
+#include <bdlkern/random.h>
+#include <bdlkern/rng_kernels.h>
+
+#include "philox_simd.h"
+
+namespace bdlkern {
+namespace {
+
+// 4096 blocks (16K elements) per task: enough work to amortise a task, small enough to balance.
+constexpr int64_t kGrainBlocks = 4096;
+
+template <typename Op, typename T>
+void fill_stream(T* out, int64_t n, const int64_t* rng_state, uint32_t tag, Op op) {
+  if (n == 0) return;
+  const PhiloxStream stream = make_stream(rng_state, tag);
+  static const cpu::PhiloxBatchFn batch = cpu::philox_batch_fn(cpu::best_simd_path());
+  const int64_t num_blocks = (n + 3) / 4;
+  at::parallel_for(0, num_blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t words[cpu::kBatchWords];
+    for (int64_t b0 = begin; b0 < end; b0 += cpu::kBatchBlocks) {
+      batch(stream, static_cast<uint64_t>(b0), words);
+      const int64_t count = end - b0 < cpu::kBatchBlocks ? end - b0 : cpu::kBatchBlocks;
+      for (int64_t j = 0; j < count; ++j) {
+        const PhiloxBlock blk{{words[4 * j], words[4 * j + 1], words[4 * j + 2], words[4 * j + 3]}};
+        const int64_t first = 4 * (b0 + j);
+        if (first + 4 <= n) {
+          op(blk, out + first);
+        } else {  // the last, partial block of the tensor
+          T tail[4];
+          op(blk, tail);
+          for (int64_t i = first; i < n; ++i) out[i] = tail[i - first];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void philox_bits(CpuTag, uint32_t* out, int64_t n, const int64_t* rng_state, uint32_t tag,
+                 void*) {
+  fill_stream(out, n, rng_state, tag, BitsOp{});
+}
+
+void dropout_mask(CpuTag, bool* out, int64_t n, const int64_t* rng_state, uint32_t tag,
+                  uint64_t threshold, void*) {
+  fill_stream(out, n, rng_state, tag, MaskOp{threshold});
+}
+
+void uniform(CpuTag, float* out, int64_t n, const int64_t* rng_state, uint32_t tag, void*) {
+  fill_stream(out, n, rng_state, tag, UniformOp<float>{});
+}
+
+void uniform(CpuTag, double* out, int64_t n, const int64_t* rng_state, uint32_t tag, void*) {
+  fill_stream(out, n, rng_state, tag, UniformOp<double>{});
+}
+
+void normal(CpuTag, float* out, int64_t n, const int64_t* rng_state, uint32_t tag, void*) {
+  fill_stream(out, n, rng_state, tag, NormalOp<float>{});
+}
+
+void normal(CpuTag, double* out, int64_t n, const int64_t* rng_state, uint32_t tag, void*) {
+  fill_stream(out, n, rng_state, tag, NormalOp<double>{});
+}
+
+}  // namespace bdlkern

@@ -1,0 +1,46 @@
+// Argument validation shared by every binding (CPU, CUDA, SIMT). Each check names the op and the
+// argument and says what was expected, so a user sees a Python exception they can act on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <bdlkern/random.h>
+
+#include <cmath>
+
+namespace bdlkern {
+namespace ops {
+
+// rng_state: int64[2] = (seed, offset) on the device the kernel runs on.
+inline void check_rng_state(const at::Tensor& rng_state, c10::DeviceType device, const char* op) {
+  TORCH_CHECK(rng_state.defined(), op, ": rng_state is undefined");
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong, op,
+              ": rng_state must be an int64 tensor holding (seed, offset), got dtype ",
+              rng_state.scalar_type());
+  TORCH_CHECK(rng_state.dim() == 1 && rng_state.size(0) == 2, op,
+              ": rng_state must have shape [2] (seed, offset), got shape ", rng_state.sizes());
+  TORCH_CHECK(rng_state.device().type() == device, op, ": rng_state must be on ",
+              c10::DeviceTypeName(device, /*lower_case=*/true), ", got ", rng_state.device());
+}
+
+inline uint32_t check_stream(int64_t stream, const char* op) {
+  TORCH_CHECK(stream >= 0 && stream < kNumStreams, op, ": stream must be a registered stream tag in [0, ",
+              static_cast<int>(kNumStreams), "), got ", stream);
+  return static_cast<uint32_t>(stream);
+}
+
+inline void check_size(c10::IntArrayRef size, const char* op) {
+  for (const int64_t s : size) {
+    TORCH_CHECK(s >= 0, op, ": size must be non-negative, got ", size);
+  }
+}
+
+// Drop probability p in [0, 1] (dropout_mask allows p = 1: every element dropped).
+inline void check_probability(double p, const char* name, const char* op) {
+  TORCH_CHECK(std::isfinite(p) && p >= 0.0 && p <= 1.0, op, ": ", name, " must be in [0, 1], got ",
+              p);
+}
+
+}  // namespace ops
+}  // namespace bdlkern

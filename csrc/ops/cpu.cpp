@@ -1,0 +1,6 @@
+// CPU kernels of the `bdlkern` operators.
+#include <torch/library.h>
+
+#include "rng_ops.h"
+
+TORCH_LIBRARY_IMPL(bdlkern, CPU, m) { bdlkern::ops::RngOps<bdlkern::CpuTag>::register_impls(m); }

@@ -1,0 +1,25 @@
+// CUDA kernels of the `bdlkern` operators (compiled only in CUDA builds).
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "rng_ops.h"
+#include "selftest_ops.h"
+
+namespace bdlkern {
+namespace ops {
+
+void* BackendTraits<CudaTag>::stream(const at::Tensor& like) {
+  return c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
+}
+
+}  // namespace ops
+}  // namespace bdlkern
+
+TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
+  bdlkern::ops::RngOps<bdlkern::CudaTag>::register_impls(m);
+}
+
+// The SIMT self-test kernels on real hardware (schemas live in the _C_simt test extension).
+TORCH_LIBRARY_IMPL(bdlkern_simt, CUDA, m) {
+  bdlkern::ops::SelftestOps<bdlkern::CudaTag>::register_impls(m);
+}

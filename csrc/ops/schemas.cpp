@@ -1,0 +1,4 @@
+// The `bdlkern` operator library: schemas here, kernels in cpu.cpp and cuda.cpp.
+#include "schemas.h"
+
+TORCH_LIBRARY(bdlkern, m) { bdlkern::ops::define_rng_schemas(m); }

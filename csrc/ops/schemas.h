@@ -1,0 +1,18 @@
+// Operator schemas, defined once and used for both namespaces: `bdlkern` (CPU and CUDA kernels)
+// and `bdlkern_simt` (the CUDA sources run by the SIMT emulator, on CPU tensors, for tests).
+#pragma once
+
+#include <torch/library.h>
+
+namespace bdlkern {
+namespace ops {
+
+inline void define_rng_schemas(torch::Library& m) {
+  m.def("philox_bits(Tensor rng_state, SymInt[] size, int stream=0) -> Tensor");
+  m.def("dropout_mask(Tensor rng_state, SymInt[] size, float p, int stream=0) -> Tensor");
+  m.def("uniform(Tensor rng_state, SymInt[] size, int stream=0, ScalarType? dtype=None) -> Tensor");
+  m.def("normal(Tensor rng_state, SymInt[] size, int stream=0, ScalarType? dtype=None) -> Tensor");
+}
+
+}  // namespace ops
+}  // namespace bdlkern

@@ -1,0 +1,3 @@
+// The SIMT build of csrc/cuda/rng.cu (see bdlkern/simt.h).
+#include <bdlkern/simt.h>
+#include "../cuda/rng.cu"

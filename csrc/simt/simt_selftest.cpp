@@ -1,0 +1,3 @@
+// The SIMT build of csrc/cuda/simt_selftest.cu (see bdlkern/simt.h).
+#include <bdlkern/simt.h>
+#include "../cuda/simt_selftest.cu"
