@@ -71,9 +71,9 @@ def new_rng_state(
             f"generator is on {generator.device} but device is {device}: draw the state from a "
             "generator of the device the op runs on"
         )
-    state = torch.zeros(2, dtype=torch.int64, device=device)
-    state[:1].random_(generator=generator)
-    return state
+    # Out-of-place draw (traceable by torch.compile): seed uniform in [0, 2**63 - 1), offset 0.
+    seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=device)])
 
 
 def _resolve_state(
@@ -181,6 +181,10 @@ def normal(
 
 # ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
 def _register_fakes(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::philox4x32")
+    def _philox4x32_fake(counter, key):
+        return torch.empty_like(counter)
+
     @torch.library.register_fake(f"{ns}::philox_bits")
     def _philox_bits_fake(rng_state, size, stream=0):
         return rng_state.new_empty(size, dtype=torch.int32)

@@ -40,20 +40,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void __launch_bounds__(kThreads)
+    philox4x32_kernel(const int64_t* __restrict__ counter, const int64_t* __restrict__ key,
+                      int64_t* __restrict__ out, int64_t n) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t* c = counter + 4 * i;
+    const int64_t* k = key + 2 * i;
+    const PhiloxBlock blk =
+        philox4x32_10(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]),
+                      static_cast<uint32_t>(c[2]), static_cast<uint32_t>(c[3]),
+                      static_cast<uint32_t>(k[0]), static_cast<uint32_t>(k[1]));
+    for (int l = 0; l < 4; ++l) out[4 * i + l] = blk.w[l];
+  }
+}
+
+// Blocks for `work` grid-stride items: one item per thread up to kMaxGrid blocks.
+inline int64_t grid_for(int64_t work) {
+  const int64_t grid = (work + kThreads - 1) / kThreads;
+  return grid < kMaxGrid ? grid : kMaxGrid;
+}
+
 template <typename Op, typename T>
 void fill_stream(T* out, int64_t n, const int64_t* rng_state, uint32_t tag, Op op, void* stream) {
   if (n == 0) return;
-  const int64_t num_blocks = (n + 3) / 4;
-  int64_t grid = (num_blocks + kThreads - 1) / kThreads;
-  if (grid > kMaxGrid) grid = kMaxGrid;
-  launch(fill_stream_kernel<Op, T>, dim3(static_cast<unsigned>(grid)), dim3(kThreads), 0, stream,
-         out, n, rng_state, tag, op);
+  launch(fill_stream_kernel<Op, T>, dim3(static_cast<unsigned>(grid_for((n + 3) / 4))),
+         dim3(kThreads), 0, stream, out, n, rng_state, tag, op);
 }
 
 }  // namespace
 }  // namespace BDLKERN_DEVICE_NS
 
 using DeviceTag = BDLKERN_DEVICE_TAG;
+
+void philox4x32(DeviceTag, const int64_t* counter, const int64_t* key, int64_t* out, int64_t n,
+                void* stream) {
+  if (n == 0) return;
+  using namespace BDLKERN_DEVICE_NS;
+  launch(philox4x32_kernel, dim3(static_cast<unsigned>(grid_for(n))), dim3(kThreads), 0, stream,
+         counter, key, out, n);
+}
 
 void philox_bits(DeviceTag, uint32_t* out, int64_t n, const int64_t* rng_state, uint32_t tag,
                  void* stream) {

@@ -5,9 +5,12 @@
 #include <ATen/DeviceGuard.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <bdlkern/rng_kernels.h>
+
+#include <tuple>
 
 #include "backend_traits.h"
 #include "checks.h"
@@ -27,6 +30,31 @@ struct RngOps {
     check_size(size, op);
     *state = rng_state.contiguous();
     return at::empty(size, rng_state.options().dtype(dtype));
+  }
+
+  // Raw Philox4x32-10 on explicit (counter, key) pairs, for known-answer tests.
+  static at::Tensor philox4x32(const at::Tensor& counter, const at::Tensor& key) {
+    for (const auto& [t, name, words] :
+         {std::tuple<const at::Tensor&, const char*, int64_t>{counter, "counter", 4},
+          std::tuple<const at::Tensor&, const char*, int64_t>{key, "key", 2}}) {
+      TORCH_CHECK(t.scalar_type() == at::kLong, "philox4x32: ", name, " must be int64, got ",
+                  t.scalar_type());
+      TORCH_CHECK(t.dim() >= 1 && t.size(-1) == words, "philox4x32: ", name,
+                  " must have shape [..., ", words, "], got ", t.sizes());
+      TORCH_CHECK(t.device().type() == Traits::device_type, "philox4x32: ", name,
+                  " must be on ", c10::DeviceTypeName(Traits::device_type, true), ", got ",
+                  t.device());
+    }
+    TORCH_CHECK(counter.sizes().slice(0, counter.dim() - 1) == key.sizes().slice(0, key.dim() - 1),
+                "philox4x32: counter [..., 4] and key [..., 2] need the same leading shape, got ",
+                counter.sizes(), " and ", key.sizes());
+    at::OptionalDeviceGuard guard(counter.device());
+    const at::Tensor c = counter.contiguous();
+    const at::Tensor k = key.contiguous();
+    at::Tensor out = at::empty_like(c);
+    bdlkern::philox4x32(Tag{}, c.const_data_ptr<int64_t>(), k.const_data_ptr<int64_t>(),
+                        out.data_ptr<int64_t>(), c.numel() / 4, Traits::stream(out));
+    return out;
   }
 
   static at::Tensor philox_bits(const at::Tensor& rng_state, c10::IntArrayRef size,
@@ -99,6 +127,7 @@ struct RngOps {
   }
 
   static void register_impls(torch::Library& m) {
+    m.impl("philox4x32", &philox4x32);
     m.impl("philox_bits", &philox_bits);
     m.impl("dropout_mask", &dropout_mask);
     m.impl("uniform", &uniform);

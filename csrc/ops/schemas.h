@@ -8,6 +8,7 @@ namespace bdlkern {
 namespace ops {
 
 inline void define_rng_schemas(torch::Library& m) {
+  m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");
   m.def("philox_bits(Tensor rng_state, SymInt[] size, int stream=0) -> Tensor");
   m.def("dropout_mask(Tensor rng_state, SymInt[] size, float p, int stream=0) -> Tensor");
   m.def("uniform(Tensor rng_state, SymInt[] size, int stream=0, ScalarType? dtype=None) -> Tensor");

@@ -18,6 +18,10 @@
 namespace bdlkern {
 
 #define BDLKERN_DECLARE_RNG_KERNELS(Tag)                                                          \
+  /* raw Philox4x32-10 of n (counter, key) pairs: counter int64 [n, 4], key int64 [n, 2] with     \
+     values in [0, 2^32), out int64 [n, 4] (for known-answer tests of the shared function) */    \
+  void philox4x32(Tag, const int64_t* counter, const int64_t* key, int64_t* out, int64_t n,     \
+                  void* stream);                                                                 \
   /* raw 32-bit words */                                                                          \
   void philox_bits(Tag, uint32_t* out, int64_t n, const int64_t* rng_state, uint32_t tag,        \
                    void* stream);                                                                 \

@@ -1,0 +1,117 @@
+"""Pure-Python/PyTorch references: the test oracle and the "naive" baseline.
+
+Everything here is written from the definitions in DESIGN.md, independently of the C++/CUDA
+kernels: the Philox generator is NumPy integer arithmetic, the conversions are the formulas
+spelled out again. Tests compare every kernel against these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+_M0 = np.uint64(0xD2511F53)
+_M1 = np.uint64(0xCD9E8D57)
+_W0 = 0x9E3779B9
+_W1 = 0xBB67AE85
+_LO = np.uint64(0xFFFFFFFF)
+_SHIFT = np.uint64(32)
+
+
+def philox4x32_10(counter, key) -> np.ndarray:
+    """Philox4x32-10 of Salmon et al. (2011), vectorised over leading dimensions.
+
+    Args:
+        counter: integers ``[..., 4]`` in ``[0, 2**32)``.
+        key: integers ``[..., 2]`` in ``[0, 2**32)`` (same leading shape, or broadcastable).
+
+    Returns:
+        ``np.uint32`` array ``[..., 4]``.
+    """
+    c = np.asarray(counter, dtype=np.uint64) & _LO
+    k = np.asarray(key, dtype=np.uint64) & _LO
+    c0, c1, c2, c3 = (c[..., i] for i in range(4))
+    k0, k1 = k[..., 0], k[..., 1]
+    for _ in range(10):
+        p0 = _M0 * c0  # < 2**64: exact in uint64
+        p1 = _M1 * c2
+        c0, c1, c2, c3 = (p1 >> _SHIFT) ^ c1 ^ k0, p1 & _LO, (p0 >> _SHIFT) ^ c3 ^ k1, p0 & _LO
+        k0 = (k0 + np.uint64(_W0)) & _LO
+        k1 = (k1 + np.uint64(_W1)) & _LO
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+
+
+def _state_pair(rng_state) -> tuple[int, int]:
+    if isinstance(rng_state, torch.Tensor):
+        seed, offset = (int(v) for v in rng_state.detach().cpu().tolist())
+    else:
+        seed, offset = (int(v) for v in rng_state)
+    return seed % 2**64, offset % 2**64
+
+
+def stream_words(rng_state, n: int, stream: int = 0) -> np.ndarray:
+    """The first ``n`` words of the logical stream of DESIGN.md section 2.
+
+    Element ``i`` is lane ``i % 4`` of the block with counter ``(lo32(b), hi32(b), stream, 0)``,
+    ``b = i // 4 + offset (mod 2**64)``, and key ``(lo32(seed), hi32(seed))``.
+
+    Returns:
+        ``np.uint32`` array of length ``n``.
+    """
+    seed, offset = _state_pair(rng_state)
+    num_blocks = (n + 3) // 4
+    b = (np.arange(num_blocks, dtype=np.uint64) + np.uint64(offset))  # wraps mod 2**64
+    counter = np.stack(
+        [b & _LO, b >> _SHIFT, np.full_like(b, stream), np.zeros_like(b)], axis=-1
+    )
+    key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
+    return philox4x32_10(counter, key).reshape(-1)[:n]
+
+
+def keep_threshold(p: float) -> int:
+    """``T = round((1 - p) * 2**32)`` in ``[0, 2**32]`` (ties to even, like C's nearbyint)."""
+    return min(max(round((1.0 - p) * 2.0**32), 0), 2**32)
+
+
+def dropout_mask(rng_state, shape, p: float, stream: int = 0) -> torch.Tensor:
+    """Keep-mask (``True`` = kept) rebuilt from the stream words: ``w < keep_threshold(p)``."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    words = stream_words(rng_state, n, stream).astype(np.uint64)
+    return torch.from_numpy(words < np.uint64(keep_threshold(p))).reshape(shape)
+
+
+def uniform_from_words(words: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+    """``(w >> 8) * 2**-24 + 2**-25``, exact in float64; in float32 rounded once and capped at
+    the largest float below 1."""
+    top = (np.asarray(words, dtype=np.uint32) >> np.uint32(8)).astype(np.float64)
+    u = top * 2.0**-24 + 2.0**-25
+    if dtype == torch.float64:
+        return torch.from_numpy(u)
+    u32 = u.astype(np.float32)
+    return torch.from_numpy(np.minimum(u32, np.float32(np.nextafter(np.float32(1), np.float32(0)))))
+
+
+def uniform(rng_state, shape, stream: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Reference of ``bdlkern.ops.uniform``."""
+    shape = tuple(shape)
+    return uniform_from_words(stream_words(rng_state, math.prod(shape), stream), dtype).reshape(shape)
+
+
+def normal(rng_state, shape, stream: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Reference of ``bdlkern.ops.normal``: Box-Muller on lanes (0,1) and (2,3), computed in
+    float64 from the uniforms of ``dtype`` (compare with a tolerance: the kernel rounds each step
+    in its own precision)."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    padded = 4 * ((n + 3) // 4)
+    u = uniform_from_words(stream_words(rng_state, padded, stream), dtype).double().numpy()
+    u1, u2 = u[0::2], u[1::2]
+    r = np.sqrt(-2.0 * np.log(u1))
+    theta = 2.0 * np.pi * u2
+    z = np.empty(padded, dtype=np.float64)
+    z[0::2] = r * np.cos(theta)
+    z[1::2] = r * np.sin(theta)
+    return torch.from_numpy(z[:n]).to(dtype).reshape(shape)
