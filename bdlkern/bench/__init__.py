@@ -1,0 +1,646 @@
+"""Benchmark harness: one set of case definitions for ``python -m bdlkern.bench`` and ``bench/``.
+
+A :class:`Case` names the bdlkern variant under test (the *subject*) and the baselines it is compared
+with, and has a ``setup(device, quick)`` function that builds the inputs and returns a
+:class:`Workload`: the callables to time, one per variant, plus the work they do (elements, bytes
+moved, FLOPs) so that throughput can be printed. Cases live in ``bdlkern/bench/cases/<family>.py``;
+adding a family is adding a module there and listing it in ``cases.FAMILIES``.
+
+The CLI (:mod:`bdlkern.bench.__main__`) and the pytest-benchmark suites in ``bench/`` both read
+:data:`CASES`, so shapes and callables are written once (DESIGN.md section 7).
+
+Measurement (:func:`time_fn`): warm-up calls (which also absorb ``torch.compile`` compilation), then
+an inner loop of ``number`` calls sized to last about ``target_s`` (0.2 s), repeated ``repeats``
+times with :func:`time.perf_counter`; the per-call median and minimum over the repeats are
+reported. On CUDA the device is synchronised before the clock starts and after the inner loop.
+
+Memory (:func:`measure_memory`), one separate call per variant:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated before it,
+  i.e. the peak of everything the call allocated (outputs and temporaries);
+* CPU: the bytes of the tensors the variant *returns*. Temporaries freed before it returns (the
+  float tensor inside ``torch.rand(n) < keep``) are not seen; PyTorch has no cheap CPU peak counter.
+
+Ratios are ``baseline time / subject time`` (median over median): the speed-up of the bdlkern
+variant over each baseline; below 1 means bdlkern is slower.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+
+#: What a baseline stands for; printed in the ``kind`` column. The subject's kind is ``"bdlkern"``.
+BASELINE_KINDS = (
+    "library",  # the closest path through torch or another library (torch.bernoulli_, torch.sparse)
+    "reference",  # bdlkern.reference run eagerly (the naive implementation)
+    "compiled",  # torch.compile of the reference
+    "limit",  # a physical-limit proxy: a plain GEMM or copy of the same shape
+)
+
+#: Default seconds one timed measurement (an inner loop of ``number`` calls) should last.
+TARGET_S = 0.2
+#: Default number of timed measurements per variant.
+REPEATS = 5
+#: Settings used by ``--quick``: shorter measurements on the cases' small sizes.
+QUICK_TARGET_S = 0.02
+QUICK_REPEATS = 3
+
+
+# ---- case definitions -----------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """What a case's ``setup`` returns: the callables to time and the work they do.
+
+    Attributes:
+        variants: variant name -> zero-argument callable that runs it once on pre-built inputs.
+            The names must be exactly the case's subject and baselines.
+        params: the sizes and settings of this workload (shapes, p, dtype), reported as-is.
+        elements: logical elements produced per call (same for every variant), for G elements/s.
+        bytes: minimum memory traffic per call, reads plus writes of each tensor once; an int for
+            all variants or a mapping variant -> int where they differ (a bool mask writes 1 byte
+            per element, a float32 tensor 4). Gives GB/s.
+        flops: floating-point operations per call, an int or a mapping like ``bytes``. Gives
+            GFLOP/s; when set it is the primary throughput instead of elements.
+        check: optional sanity check run once before timing (raise on failure), so a benchmark
+            never times a broken kernel.
+    """
+
+    variants: dict[str, Callable[[], Any]]
+    params: dict[str, Any] = field(default_factory=dict)
+    elements: int | None = None
+    bytes: int | Mapping[str, int] | None = None
+    flops: int | Mapping[str, int] | None = None
+    check: Callable[[], None] | None = None
+
+    def work(self, variant: str) -> dict[str, int | None]:
+        """Elements, bytes and flops of one call of ``variant``."""
+
+        def pick(metric):
+            if isinstance(metric, Mapping):
+                return metric.get(variant)
+            return metric
+
+        return {"elements": self.elements, "bytes": pick(self.bytes), "flops": pick(self.flops)}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: a bdlkern variant against its baselines on one workload.
+
+    Attributes:
+        name: unique, dotted by family (``"rng.dropout_mask"``); ``--case`` matches it.
+        family: the case family (``"rng"``, ``"mc_dropout"``, ...), one module in ``cases/``.
+        description: one line saying what is computed and at what size.
+        subject: name of the bdlkern variant.
+        baselines: baseline name -> kind (one of :data:`BASELINE_KINDS`), in report order. Any
+            number is allowed; each gets a speed-up ratio.
+        setup: ``setup(device, quick) -> Workload``; builds inputs on ``device`` (a
+            ``torch.device``) at full size, or at a small size when ``quick`` is true.
+        devices: device types the case can run on.
+    """
+
+    name: str
+    family: str
+    description: str
+    subject: str
+    baselines: Mapping[str, str]
+    setup: Callable[[torch.device, bool], Workload]
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def __post_init__(self):
+        for name, kind in self.baselines.items():
+            if kind not in BASELINE_KINDS:
+                raise ValueError(f"case {self.name}: baseline {name!r} has kind {kind!r}, expected one of {BASELINE_KINDS}")
+        if self.subject in self.baselines:
+            raise ValueError(f"case {self.name}: subject {self.subject!r} is also listed as a baseline")
+
+    @property
+    def variant_names(self) -> list[str]:
+        """The subject followed by the baselines: the order variants are run and reported in."""
+        return [self.subject, *self.baselines]
+
+    def kind(self, variant: str) -> str:
+        """``"bdlkern"`` for the subject, else the baseline's kind."""
+        return "bdlkern" if variant == self.subject else self.baselines[variant]
+
+    def build(self, device: torch.device | str, quick: bool = False) -> Workload:
+        """Run ``setup`` and check that it returned exactly the declared variants."""
+        workload = self.setup(torch.device(device), quick)
+        if list(workload.variants) != self.variant_names:
+            raise RuntimeError(
+                f"case {self.name}: setup returned variants {list(workload.variants)}, "
+                f"declared {self.variant_names}"
+            )
+        return workload
+
+
+#: The registry: case name -> :class:`Case`, in registration order.
+CASES: dict[str, Case] = {}
+
+
+def register_case(case: Case) -> Case:
+    """Add ``case`` to :data:`CASES` (names must be unique) and return it."""
+    if case.name in CASES:
+        raise ValueError(f"benchmark case {case.name!r} is registered twice")
+    CASES[case.name] = case
+    return case
+
+
+def case(
+    name: str,
+    *,
+    family: str,
+    description: str,
+    subject: str,
+    baselines: Mapping[str, str],
+    devices: tuple[str, ...] = ("cpu", "cuda"),
+) -> Callable[[Callable[[torch.device, bool], Workload]], Case]:
+    """Decorator form of :func:`register_case`: decorates the ``setup`` function.
+
+    Example::
+
+        @case("rng.uniform", family="rng", description="...", subject="bdlkern.uniform",
+              baselines={"torch.rand": "library"})
+        def _uniform(device, quick):
+            ...
+            return Workload(variants={...}, elements=n, bytes=4 * n)
+    """
+
+    def wrap(setup: Callable[[torch.device, bool], Workload]) -> Case:
+        return register_case(
+            Case(name, family, description, subject, dict(baselines), setup, tuple(devices))
+        )
+
+    return wrap
+
+
+def select_cases(patterns: Sequence[str] | None = None, *, family: str | None = None) -> list[Case]:
+    """Cases chosen by ``--case`` patterns, in registry order.
+
+    A pattern that equals a case name selects that case only; otherwise it selects every case whose
+    name contains it. No patterns selects all cases. ``family`` further restricts the result.
+
+    Raises:
+        KeyError: a pattern matches no case.
+    """
+    chosen: set[str] = set()
+    for pattern in patterns or []:
+        if pattern in CASES:
+            chosen.add(pattern)
+            continue
+        hits = [name for name in CASES if pattern in name]
+        if not hits:
+            raise KeyError(f"no benchmark case matches {pattern!r}; cases: {', '.join(CASES)}")
+        chosen.update(hits)
+    return [
+        c
+        for name, c in CASES.items()
+        if (not patterns or name in chosen) and (family is None or c.family == family)
+    ]
+
+
+# ---- measurement ----------------------------------------------------------------------------------
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels on ``device`` (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device | str = "cpu",
+    *,
+    target_s: float = TARGET_S,
+    repeats: int = REPEATS,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Time ``fn()`` per call.
+
+    ``warmup`` untimed calls first (these also absorb one-off costs: compilation, allocator growth,
+    thread-pool start). Then the inner-loop size ``number`` is chosen from one timed call so that a
+    measurement of ``number`` back-to-back calls lasts about ``target_s``, and ``repeats`` such
+    measurements are taken with :func:`time.perf_counter`, the garbage collector off. On CUDA the
+    device is synchronised before each measurement starts and before it stops.
+
+    Returns:
+        dict with ``median_s`` and ``min_s`` (seconds per call over the repeats), ``times_s`` (every
+        measurement, per call), ``number`` and ``repeats``.
+    """
+    if repeats < 1 or target_s <= 0:
+        raise ValueError(f"need repeats >= 1 and target_s > 0, got {repeats} and {target_s}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+
+    def measure(number: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        synchronize(device)
+        return (time.perf_counter() - start) / number
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        once = measure(1)
+        number = max(1, math.ceil(target_s / max(once, 1e-9)))
+        times = [measure(number) for _ in range(repeats)]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": times,
+        "number": number,
+        "repeats": repeats,
+    }
+
+
+def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def measure_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Memory of one call of ``fn``; what is measured depends on the device (see module docstring).
+
+    Returns:
+        dict with ``bytes`` and ``measure``: ``"cuda_peak_allocated"`` (peak bytes allocated during
+        the call above what was allocated before it) or ``"output_bytes"`` (bytes of the returned
+        tensors, counting each storage once).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return {"bytes": int(peak), "measure": "cuda_peak_allocated"}
+    out = fn()
+    storages = {}
+    for t in _tensors(out):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return {"bytes": int(sum(storages.values())), "measure": "output_bytes"}
+
+
+# ---- machine and build --------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The machine and software a run was measured on.
+
+    Returns:
+        dict with ``cpu`` (model), ``cpu_capability`` (the vector ISA torch dispatches to),
+        ``logical_cpus``, ``usable_cpus`` (affinity), ``torch_threads`` (intra-op threads now),
+        ``platform``, ``python``, ``torch``, ``bdlkern`` (:func:`bdlkern.build_info`) and, on CUDA,
+        ``gpu`` (name, capability, memory, CUDA runtime).
+    """
+    import bdlkern
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "bdlkern": bdlkern.build_info(),
+    }
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_bytes": props.total_memory,
+            "cuda_runtime": torch.version.cuda,
+        }
+    return info
+
+
+# ---- running cases --------------------------------------------------------------------------------
+def _throughput(work: Mapping[str, int | None], seconds: float) -> dict[str, float]:
+    out = {}
+    if work.get("elements"):
+        out["Gelem/s"] = work["elements"] / seconds / 1e9
+    if work.get("bytes"):
+        out["GB/s"] = work["bytes"] / seconds / 1e9
+    if work.get("flops"):
+        out["GFLOP/s"] = work["flops"] / seconds / 1e9
+    return out
+
+
+def speedups(variants: Mapping[str, Mapping[str, Any]], subject: str, baselines: Iterable[str]) -> dict:
+    """Speed-up of ``subject`` over each baseline: ``baseline time / subject time``.
+
+    Returns:
+        baseline -> ``{"median": ..., "min": ...}`` (ratio of the medians, ratio of the minima).
+    """
+    s = variants[subject]
+    return {
+        b: {"median": variants[b]["median_s"] / s["median_s"], "min": variants[b]["min_s"] / s["min_s"]}
+        for b in baselines
+    }
+
+
+def run_case(
+    case: Case,
+    device: torch.device | str = "cpu",
+    *,
+    quick: bool = False,
+    target_s: float | None = None,
+    repeats: int | None = None,
+    on_variant: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Build ``case``'s workload on ``device``, check it, and time and measure every variant.
+
+    ``target_s`` and ``repeats`` default to :data:`TARGET_S`/:data:`REPEATS`, or to the quick
+    settings when ``quick``. ``on_variant(name)`` is called after each variant (progress bars).
+
+    Returns:
+        a JSON-ready dict: ``name``, ``family``, ``description``, ``params``, ``subject``,
+        ``baselines`` (name -> kind), ``variants`` (name -> ``kind``, timings of :func:`time_fn`,
+        ``work``, ``throughput``, ``memory``) and ``speedup`` (:func:`speedups`).
+    """
+    device = torch.device(device)
+    target_s = target_s if target_s is not None else (QUICK_TARGET_S if quick else TARGET_S)
+    repeats = repeats if repeats is not None else (QUICK_REPEATS if quick else REPEATS)
+    workload = case.build(device, quick)
+    if workload.check is not None:
+        workload.check()
+    results: dict[str, dict[str, Any]] = {}
+    for name, fn in workload.variants.items():
+        timing = time_fn(fn, device, target_s=target_s, repeats=repeats)
+        work = workload.work(name)
+        results[name] = {
+            "kind": case.kind(name),
+            **timing,
+            "work": work,
+            "throughput": _throughput(work, timing["median_s"]),
+            "memory": measure_memory(fn, device),
+        }
+        if on_variant is not None:
+            on_variant(name)
+    params = _jsonable(workload.params)
+    del workload, fn  # free the inputs (held by the variants' closures) before the next case
+    return {
+        "name": case.name,
+        "family": case.family,
+        "description": case.description,
+        "params": params,
+        "subject": case.subject,
+        "baselines": dict(case.baselines),
+        "variants": results,
+        "speedup": speedups(results, case.subject, case.baselines),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    return str(obj)  # dtypes, devices, shapes
+
+
+def run_benchmarks(
+    cases: Sequence[Case],
+    device: torch.device | str = "cpu",
+    *,
+    quick: bool = False,
+    target_s: float | None = None,
+    repeats: int | None = None,
+    progress: bool | None = None,
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run ``cases`` on ``device`` and return the whole report (what ``--json`` writes).
+
+    Args:
+        progress: a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
+        argv: the command line, recorded in the report.
+
+    Returns:
+        dict with ``schema``, ``created`` (UTC, ISO 8601), ``argv``, ``settings`` (device, quick,
+        target_s, repeats), ``machine`` (:func:`describe_machine`) and ``cases`` (a list of
+        :func:`run_case` results, in order). A case that does not support ``device`` is listed
+        under ``skipped`` with the reason.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    target_s = target_s if target_s is not None else (QUICK_TARGET_S if quick else TARGET_S)
+    repeats = repeats if repeats is not None else (QUICK_REPEATS if quick else REPEATS)
+    runnable = [c for c in cases if device.type in c.devices]
+    skipped = [
+        {"name": c.name, "reason": f"runs on {', '.join(c.devices)}, not {device.type}"}
+        for c in cases
+        if device.type not in c.devices
+    ]
+    results = []
+    total = sum(len(c.variant_names) for c in runnable)
+    with tqdm(total=total, unit="variant", file=sys.stderr, disable=None if progress is None else not progress) as bar:
+        for c in runnable:
+            bar.set_description(c.name)
+
+            def advance(variant: str) -> None:
+                bar.set_postfix_str(variant)
+                bar.update()
+
+            results.append(
+                run_case(c, device, quick=quick, target_s=target_s, repeats=repeats, on_variant=advance)
+            )
+    return {
+        "schema": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": list(argv) if argv is not None else None,
+        "settings": {"device": str(device), "quick": quick, "target_s": target_s, "repeats": repeats},
+        "machine": describe_machine(device),
+        "cases": results,
+        "skipped": skipped,
+    }
+
+
+# ---- report -------------------------------------------------------------------------------------
+def _num(x: float) -> str:
+    """Three significant digits below 100, one decimal above (no exponents for big numbers)."""
+    return f"{x:#.3g}" if abs(x) < 99.95 else f"{x:.1f}"
+
+
+def _ms(seconds: float) -> str:
+    return _num(seconds * 1e3)
+
+
+def _primary_throughput(throughput: Mapping[str, float]) -> str:
+    for unit in ("GFLOP/s", "Gelem/s"):
+        if unit in throughput:
+            return f"{_num(throughput[unit])} {unit}"
+    return "-"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
+def format_header(report: Mapping[str, Any]) -> str:
+    """The machine, build and settings lines printed above the table."""
+    m = report["machine"]
+    b = m["bdlkern"]
+    s = report["settings"]
+    lines = [
+        f"machine : {m['cpu']} ({m['cpu_capability']}), {m['usable_cpus']}/{m['logical_cpus']} usable cpus, "
+        f"torch threads {m['torch_threads']}; {m['platform']}",
+        f"software: python {m['python']}, torch {m['torch']}; bdlkern {b.get('version')} "
+        f"(built for torch {b.get('torch_version')}, compiler {b.get('compiler')}, {b.get('parallel_backend')}, "
+        f"cuda kernels {'yes ' + str(b.get('cuda_version')) if b.get('cuda') else 'no'})",
+    ]
+    if "gpu" in m:
+        g = m["gpu"]
+        lines.append(f"gpu     : {g['name']} (sm {g['capability']}, {g['memory_bytes'] / 2**30:.0f} GiB, CUDA {g['cuda_runtime']})")
+    lines.append(
+        f"settings: device {s['device']}, {'quick' if s['quick'] else 'full'} sizes, "
+        f"median/min of {s['repeats']} measurements of ~{s['target_s']:g} s each"
+    )
+    return "\n".join(lines)
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The results as a fixed-width table, one row per variant.
+
+    The last column is the speed-up of the case's bdlkern variant over the baseline of that row
+    (baseline median / bdlkern median), so a case may have any number of baselines.
+    """
+    cuda = report["settings"]["device"].startswith("cuda")
+    mem_header = "peak MiB" if cuda else "out MiB"
+    header = ["case", "variant", "kind", "median ms", "min ms", "throughput", "GB/s", mem_header, "bdlkern speed-up"]
+    rows = []
+    for c in report["cases"]:
+        for i, (name, v) in enumerate(c["variants"].items()):
+            if name == c["subject"]:
+                ratio = "(subject)"
+            else:
+                ratio = f"{c['speedup'][name]['median']:.2f}x"
+            gbs = v["throughput"].get("GB/s")
+            rows.append(
+                [
+                    c["name"] if i == 0 else "",
+                    name,
+                    v["kind"],
+                    _ms(v["median_s"]),
+                    _ms(v["min_s"]),
+                    _primary_throughput(v["throughput"]),
+                    _num(gbs) if gbs is not None else "-",
+                    _mib(v["memory"]["bytes"]),
+                    ratio,
+                ]
+            )
+    right = {3, 4, 5, 6, 7, 8}
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            str(cell).rjust(w) if i in right else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    previous = None
+    for r in rows:
+        if r[0] and previous is not None:
+            out.append("")
+        out.append(line(r))
+        previous = r
+    return "\n".join(out)
+
+
+def format_notes(report: Mapping[str, Any]) -> str:
+    """Footnotes: case descriptions and sizes, what the memory column measures, skipped cases."""
+    cuda = report["settings"]["device"].startswith("cuda")
+    lines = []
+    for c in report["cases"]:
+        params = ", ".join(f"{k}={v}" for k, v in c["params"].items())
+        lines.append(f"{c['name']}: {c['description']}" + (f" [{params}]" if params else ""))
+    lines.append(
+        "throughput: G elements/s (or GFLOP/s); GB/s: minimum traffic (each tensor read/written once) / median; "
+        + (
+            "peak MiB: torch.cuda.max_memory_allocated during one call, above what was allocated before."
+            if cuda
+            else "out MiB: bytes of the returned tensors (CPU temporaries are not counted)."
+        )
+    )
+    lines.append("bdlkern speed-up: baseline median / bdlkern median (>1: bdlkern faster).")
+    for s in report.get("skipped", []):
+        lines.append(f"skipped {s['name']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """Header, table and notes: what the CLI prints."""
+    return "\n\n".join([format_header(report), format_table(report), format_notes(report)])
+
+
+# The case modules register themselves on import; they import the names defined above, so this
+# import stays at the bottom.
+from . import cases  # noqa: E402,F401
+
+__all__ = [
+    "BASELINE_KINDS",
+    "CASES",
+    "Case",
+    "Workload",
+    "case",
+    "describe_machine",
+    "format_report",
+    "format_table",
+    "measure_memory",
+    "register_case",
+    "run_benchmarks",
+    "run_case",
+    "select_cases",
+    "speedups",
+    "synchronize",
+    "time_fn",
+]
