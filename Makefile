@@ -1,0 +1,54 @@
+# bdlkern: every target sets itself up on a fresh machine (a .venv with the pinned dependencies,
+# then an incremental ninja build of the extension) before it runs.
+#
+#   make test    - build, run the test suite, then build and run the CMake/ctest smoke test
+#   make demo    - build and run the main job
+#   make bench   - build and run the benchmark harness (python -m bdlkern.bench)
+#   make build   - only set up and build
+#   make clean   - remove build outputs (keeps .venv)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.requirements-installed
+
+.PHONY: all venv build test pytest ctest demo bench clean distclean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	touch $@
+
+venv: $(STAMP)
+
+# Always re-run: ninja recompiles only what changed (build/temp keeps the objects).
+build: $(STAMP)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import bdlkern, json; print('bdlkern build:', json.dumps(bdlkern.build_info()))"
+
+pytest: build
+	$(PY) -m pytest
+
+ctest: build
+	bash cmake/ctest_smoke.sh $(PY)
+
+test: pytest ctest
+
+# Until the demo lands, the main job is the benchmark harness on what exists.
+demo: build
+	$(PY) -m bdlkern.bench
+
+bench: build
+	$(PY) -m bdlkern.bench
+
+clean:
+	rm -rf build bdlkern/*.so *.egg-info .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)
