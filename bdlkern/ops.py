@@ -27,6 +27,9 @@ _NAMESPACES = ["bdlkern"]
 if hasattr(torch.ops, "bdlkern_simt") and hasattr(torch.ops.bdlkern_simt, "philox_bits"):
     _NAMESPACES.append("bdlkern_simt")
 
+# Namespaces whose MC-dropout kernels are built (the SIMT twin arrives with the CUDA kernel).
+_MC_NAMESPACES = [ns for ns in _NAMESPACES if hasattr(getattr(torch.ops, ns), "mc_dropout_linear")]
+
 ShapeLike = int | Sequence[int] | torch.Size
 
 
@@ -179,6 +182,106 @@ def normal(
     return torch.ops.bdlkern.normal(state, _shape(shape), _stream(stream), dtype)
 
 
+# ---- MC-dropout linear -----------------------------------------------------------------------------
+def mc_dropout_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    p: float = 0.5,
+    num_samples: int | None = None,
+    *,
+    shared_mask: bool = False,
+    generator: torch.Generator | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """S Monte Carlo dropout samples of a linear layer in one fused call.
+
+    ``Y[s] = (X[s] * M_s) @ weight.T / (1 - p) + bias`` for ``s < S``, where ``M_s`` is a keep-mask
+    made from the Philox stream (tag ``"mc_dropout"``) over the logical coordinates
+    ``(s, row, feature)`` -- or ``(s, feature)`` with ``shared_mask`` -- and re-made in backward:
+    no ``[S, *batch, in]`` tensor is ever stored.
+
+    The sample dimension is explicit, never guessed from shapes:
+
+    * ``num_samples=S``: ``x`` is ``[*batch, in]`` and every sample uses it (an input without a
+      sample dimension, e.g. the first MC layer of a network);
+    * ``num_samples=None``: ``x`` is ``[S, *batch, in]`` and sample ``s`` uses ``x[s]`` (a deeper MC
+      layer). A broadcast view ``x.expand(S, ...)`` is read once.
+
+    Args:
+        x: input, float32 / float64 / bfloat16 (float16 on CUDA).
+        weight: ``[out, in]``, same dtype and device as ``x``.
+        bias: ``[out]`` or None.
+        p: drop probability in ``[0, 1)``.
+        num_samples: S for an input without sample dimension, else None.
+        shared_mask: one mask per (sample, input feature), shared by every row of the batch: a
+            posterior sample of the weights applied to all inputs (the right semantics for joint
+            predictions); the kernel skips dropped features, doing about ``1 - p`` of the GEMM work.
+        generator / rng_state: where the masks come from (see :func:`new_rng_state`).
+
+    Returns:
+        ``[S, *batch, out]``. Differentiable in ``x``, ``weight`` and ``bias``.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("mc_dropout_linear: x and weight must be tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"mc_dropout_linear: weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    in_features = weight.shape[1]
+    if num_samples is None:
+        if x.dim() < 2:
+            raise ValueError(
+                "mc_dropout_linear: x has no sample dimension (shape "
+                f"{tuple(x.shape)}): pass num_samples=S for an input shared by all samples, or "
+                "x of shape [S, *batch, in_features]"
+            )
+        samples = x.shape[0]
+        batch = x.shape[1:-1]
+        x_op = x.reshape(samples, -1, x.shape[-1]) if x.dim() != 3 else x
+    else:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise TypeError(f"mc_dropout_linear: num_samples must be an int or None, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"mc_dropout_linear: num_samples must be >= 1, got {num_samples}")
+        if x.dim() < 1:
+            raise ValueError("mc_dropout_linear: x must have a feature dimension")
+        samples = num_samples
+        batch = x.shape[:-1]
+        x_op = x.reshape(-1, x.shape[-1])
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"mc_dropout_linear: x has {x.shape[-1]} features but weight expects in_features = {in_features}"
+        )
+    state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
+    y = torch.ops.bdlkern.mc_dropout_linear(x_op, weight, bias, state, float(p), samples, bool(shared_mask))
+    return y.reshape(samples, *batch, weight.shape[0])
+
+
+def _mc_dropout_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, rng_state, p, num_samples, shared_mask = inputs
+    ctx.save_for_backward(x, weight, rng_state)
+    ctx.p = p
+    ctx.shared_mask = shared_mask
+    ctx.has_bias = bias is not None
+
+
+def _mc_dropout_linear_backward_for(ops):
+    """Backward of ``ops.mc_dropout_linear``: the masks are re-made from the saved rng_state."""
+
+    def backward(ctx, grad):
+        x, weight, rng_state = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # A 2-d x was shared by all samples: its gradient sums over them.
+            grad_x = ops.mc_dropout_linear_grad_input(grad, weight, rng_state, ctx.p, ctx.shared_mask, x.dim() == 2)
+        if ctx.needs_input_grad[1]:
+            grad_w = ops.mc_dropout_linear_grad_weight(grad, x, rng_state, ctx.p, ctx.shared_mask)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 1))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+    return backward
+
+
 # ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
 def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::philox4x32")
@@ -202,7 +305,40 @@ def _register_fakes(ns: str) -> None:
         return rng_state.new_empty(size, dtype=dtype or torch.float32)
 
 
+def _check_devices(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Mixed devices reach the fake kernel (meta outranks cpu in dispatch): check them here too."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
+
+
+def _register_mc_dropout(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::mc_dropout_linear")
+    def _mc_dropout_linear_fake(x, weight, bias, rng_state, p, num_samples, shared_mask=False):
+        _check_devices("mc_dropout_linear", "x", x, weight=weight, bias=bias, rng_state=rng_state)
+        batch = x.shape[-2]
+        return x.new_empty((num_samples, batch, weight.shape[0]))
+
+    @torch.library.register_fake(f"{ns}::mc_dropout_linear_grad_input")
+    def _grad_input_fake(grad_out, weight, rng_state, p, shared_mask, sum_samples):
+        samples, batch = grad_out.shape[0], grad_out.shape[1]
+        shape = (batch, weight.shape[1]) if sum_samples else (samples, batch, weight.shape[1])
+        return weight.new_empty(shape)
+
+    @torch.library.register_fake(f"{ns}::mc_dropout_linear_grad_weight")
+    def _grad_weight_fake(grad_out, x, rng_state, p, shared_mask):
+        return x.new_empty((grad_out.shape[2], x.shape[-1]))
+
+    torch.library.register_autograd(
+        f"{ns}::mc_dropout_linear",
+        _mc_dropout_linear_backward_for(getattr(torch.ops, ns)),
+        setup_context=_mc_dropout_linear_setup_context,
+    )
+
+
 for _ns in _NAMESPACES:
     _register_fakes(_ns)
+for _ns in _MC_NAMESPACES:
+    _register_mc_dropout(_ns)
 
-__all__ = ["STREAMS", "new_rng_state", "philox_bits", "dropout_mask", "uniform", "normal"]
+__all__ = ["STREAMS", "new_rng_state", "philox_bits", "dropout_mask", "uniform", "normal", "mc_dropout_linear"]

@@ -115,3 +115,43 @@ def normal(rng_state, shape, stream: int = 0, dtype=torch.float32) -> torch.Tens
     z[0::2] = r * np.cos(theta)
     z[1::2] = r * np.sin(theta)
     return torch.from_numpy(z[:n]).to(dtype).reshape(shape)
+
+
+def mc_dropout_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    p: float = 0.5,
+    num_samples: int | None = None,
+    *,
+    shared_mask: bool = False,
+    rng_state=None,
+) -> torch.Tensor:
+    """MC-dropout linear in plain PyTorch: ``x.expand(S, ...) -> dropout -> F.linear``.
+
+    With ``rng_state`` the masks are rebuilt from the bdlkern stream (tag 1, index
+    ``(s * B + b) * K + k``, or ``s * K + k`` with ``shared_mask``) -- the test oracle of
+    ``bdlkern.ops.mc_dropout_linear``. Without it, ``F.dropout`` draws torch's own masks -- the
+    naive baseline users write today (it materialises the ``[S, *batch, in]`` input).
+    """
+    if num_samples is not None:
+        x = x.unsqueeze(0).expand(num_samples, *x.shape)
+    samples, features = x.shape[0], x.shape[-1]
+    if rng_state is None:
+        if shared_mask:
+            keep = torch.empty(samples, *([1] * (x.dim() - 2)), features, device=x.device, dtype=x.dtype)
+            keep.bernoulli_(1.0 - p)
+            dropped = x * keep / (1.0 - p)
+        else:
+            dropped = torch.nn.functional.dropout(x, p, training=True)
+        return torch.nn.functional.linear(dropped, weight, bias)
+    rows = math.prod(x.shape[1:-1])
+    stream = 1  # "mc_dropout"
+    if shared_mask:
+        mask = dropout_mask(rng_state, (samples, features), p, stream)
+        mask = mask.reshape(samples, *([1] * (x.dim() - 2)), features)
+    else:
+        mask = dropout_mask(rng_state, (samples, rows, features), p, stream).reshape(x.shape)
+    mask = mask.to(x.device)
+    dropped = torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.nn.functional.linear(dropped, weight, bias)

@@ -176,6 +176,24 @@ PhiloxBatchFn philox_batch_fn(SimdPath path) {
   return batch_scalar;
 }
 
+PhiloxBatchFn default_philox_batch() {
+  static const PhiloxBatchFn fn = philox_batch_fn(best_simd_path());
+  return fn;
+}
+
+void stream_words(const PhiloxStream& stream, uint64_t begin, int64_t count, uint32_t* out) {
+  const PhiloxBatchFn batch = default_philox_batch();
+  alignas(64) uint32_t words[kBatchWords];
+  uint64_t block = begin >> 2;
+  int64_t skip = static_cast<int64_t>(begin & 3);
+  for (int64_t done = 0; done < count; block += kBatchBlocks, skip = 0) {
+    batch(stream, block, words);
+    const int64_t take = count - done < kBatchWords - skip ? count - done : kBatchWords - skip;
+    memcpy(out + done, words + skip, static_cast<size_t>(take) * sizeof(uint32_t));
+    done += take;
+  }
+}
+
 const char* simd_path_name(SimdPath path) {
   switch (path) {
     case SimdPath::kAvx512:

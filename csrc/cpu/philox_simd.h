@@ -23,6 +23,12 @@ enum class SimdPath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The widest path this CPU supports, unless BDLKERN_CPU_SIMD=scalar|avx2|avx512 narrows it.
 SimdPath best_simd_path();
+
+// The batch function of best_simd_path(), chosen once.
+PhiloxBatchFn default_philox_batch();
+
+// out[j] = word (begin + j) of `stream`, j < count: any start, any length, SIMD batches.
+void stream_words(const PhiloxStream& stream, uint64_t begin, int64_t count, uint32_t* out);
 PhiloxBatchFn philox_batch_fn(SimdPath path);
 const char* simd_path_name(SimdPath path);
 

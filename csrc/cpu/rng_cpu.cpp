@@ -22,7 +22,7 @@ template <typename Op, typename T>
 void fill_stream(T* out, int64_t n, const int64_t* rng_state, uint32_t tag, Op op) {
   if (n == 0) return;
   const PhiloxStream stream = make_stream(rng_state, tag);
-  static const cpu::PhiloxBatchFn batch = cpu::philox_batch_fn(cpu::best_simd_path());
+  const cpu::PhiloxBatchFn batch = cpu::default_philox_batch();
   const int64_t num_blocks = (n + 3) / 4;
   at::parallel_for(0, num_blocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t words[cpu::kBatchWords];

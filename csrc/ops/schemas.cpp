@@ -1,4 +1,7 @@
 // The `bdlkern` operator library: schemas here, kernels in cpu.cpp and cuda.cpp.
 #include "schemas.h"
 
-TORCH_LIBRARY(bdlkern, m) { bdlkern::ops::define_rng_schemas(m); }
+TORCH_LIBRARY(bdlkern, m) {
+  bdlkern::ops::define_rng_schemas(m);
+  bdlkern::ops::define_mc_dropout_schemas(m);
+}

@@ -15,5 +15,17 @@ inline void define_rng_schemas(torch::Library& m) {
   m.def("normal(Tensor rng_state, SymInt[] size, int stream=0, ScalarType? dtype=None) -> Tensor");
 }
 
+inline void define_mc_dropout_schemas(torch::Library& m) {
+  m.def(
+      "mc_dropout_linear(Tensor x, Tensor weight, Tensor? bias, Tensor rng_state, float p, "
+      "int num_samples, bool shared_mask=False) -> Tensor");
+  m.def(
+      "mc_dropout_linear_grad_input(Tensor grad_out, Tensor weight, Tensor rng_state, float p, "
+      "bool shared_mask, bool sum_samples) -> Tensor");
+  m.def(
+      "mc_dropout_linear_grad_weight(Tensor grad_out, Tensor x, Tensor rng_state, float p, "
+      "bool shared_mask) -> Tensor");
+}
+
 }  // namespace ops
 }  // namespace bdlkern

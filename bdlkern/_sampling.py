@@ -1,0 +1,92 @@
+"""``bdlkern.sampling(S)``: Monte Carlo inference with an explicit sample dimension.
+
+Inside ``with bdlkern.sampling(S):`` every bdlkern MC layer samples, in train and eval mode alike,
+and the network maps an input without sample dimension to outputs with a leading dimension ``S``.
+
+The rule that tells a sample dimension apart is explicit, never a guess from shapes:
+
+* the **first** MC layer that runs inside the block takes its input *without* a sample dimension
+  and returns ``[S, ...]`` (so the deterministic layers before it run once, on the plain input);
+* every **later** MC layer call in the block takes an input *with* the leading sample dimension
+  (its size must be ``S``, else a ``ValueError`` is raised);
+* when an MC layer that already ran in the block runs again, a new forward pass has begun and the
+  rule starts over: ``with sampling(S): a = model(x1); b = model(x2)`` works as two passes.
+
+Each MC layer call draws a fresh ``rng_state`` from torch's generator of the input's device, or,
+with ``seed``, from a generator the block seeds once per device: the same seed gives the same
+samples whatever ran before.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import ops
+
+_local = threading.local()
+
+
+class SamplingState:
+    """The state of one ``sampling`` block (see the module docstring for the rule)."""
+
+    def __init__(self, num_samples: int, seed: int | None):
+        self.num_samples = num_samples
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._seen: set[int] = set()  # ids of the MC layers that ran in the current pass
+
+    def input_has_sample_dim(self, layer: torch.nn.Module) -> bool:
+        """Registers a call of ``layer``; True when its input carries the sample dimension."""
+        key = id(layer)
+        if key in self._seen:  # the same layer again: a new forward pass
+            self._seen.clear()
+        first = not self._seen
+        self._seen.add(key)
+        return not first
+
+    def rng_state(self, device: torch.device) -> torch.Tensor:
+        """A fresh rng_state for one MC layer call on ``device``."""
+        if self.seed is None:
+            return ops.new_rng_state(device=device)
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._generators[device] = generator
+        return ops.new_rng_state(generator, device)
+
+
+class sampling:  # noqa: N801  (used like a function: `with bdlkern.sampling(32):`)
+    """Context manager for MC inference with ``num_samples`` samples (module docstring).
+
+    Args:
+        num_samples: S >= 1.
+        seed: if given, the samples of the block are reproducible from it alone.
+    """
+
+    def __init__(self, num_samples: int, seed: int | None = None):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"sampling: num_samples must be an int >= 1, got {num_samples!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"sampling: seed must be an int or None, got {type(seed).__name__}")
+        self.num_samples = num_samples
+        self.seed = seed
+
+    def __enter__(self) -> SamplingState:
+        state = SamplingState(self.num_samples, self.seed)
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(state)
+        return state
+
+    def __exit__(self, *exc) -> None:
+        _local.stack.pop()
+
+
+def current_sampling() -> SamplingState | None:
+    """The innermost active ``sampling`` block of this thread, or None."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None

@@ -1,0 +1,57 @@
+// Dropout masks over logical coordinates, shared by the CPU and CUDA kernels.
+//
+// An MC-dropout mask element is addressed by (sample s, row b, input feature k) and maps to one
+// element of the logical Philox stream (DESIGN.md section 2, stream tag kStreamMCDropout):
+//   per-element masks: index = (s * B + b) * K + k
+//   shared masks:      index =  s * K + k          (one mask per sample and feature; every row of
+//                                                   a sample sees it: a posterior weight sample)
+// Because the index depends only on these coordinates, any tiling and any thread count produce
+// the same mask, and the backward pass re-makes exactly the forward mask.
+#pragma once
+
+#include <stdint.h>
+
+#include "macros.h"
+#include "philox.h"
+#include "random.h"
+
+namespace bdlkern {
+
+struct MCDropoutMask {
+  PhiloxStream stream;
+  uint64_t threshold;   // keep iff word < threshold (keep_threshold(p))
+  int64_t rows;         // B: rows per sample
+  int64_t in_features;  // K
+  bool shared_mask;
+
+  BDL_HDI uint64_t index(int64_t s, int64_t b, int64_t k) const {
+    const int64_t row = shared_mask ? s : s * rows + b;
+    return static_cast<uint64_t>(row * in_features + k);
+  }
+
+  // Keep flag of one element (costs one Philox block).
+  BDL_HDI bool keep(int64_t s, int64_t b, int64_t k) const {
+    return keep_element(stream.word(index(s, b, k)), threshold);
+  }
+
+  // Keep flags of features k0 .. k0+3 of (s, b). Costs one Philox block when index(s, b, k0) is a
+  // multiple of 4 (K % 4 == 0 and k0 % 4 == 0), else two. Flags past the row end (k >= K) belong
+  // to the next row's stream elements and must be ignored by the caller.
+  BDL_HDI void keep4(int64_t s, int64_t b, int64_t k0, bool keep[4]) const {
+    const uint64_t i0 = index(s, b, k0);
+    const uint64_t first = i0 >> 2;
+    const int lane0 = static_cast<int>(i0 & 3);
+    const PhiloxBlock lo = stream.block(first);
+    if (lane0 == 0) {
+      for (int l = 0; l < 4; ++l) keep[l] = keep_element(lo.w[l], threshold);
+      return;
+    }
+    const PhiloxBlock hi = stream.block(first + 1);
+    for (int l = 0; l < 4; ++l) {
+      const int lane = lane0 + l;
+      keep[l] = keep_element(lane < 4 ? lo.w[lane] : hi.w[lane - 4], threshold);
+    }
+  }
+};
+
+}  // namespace bdlkern
