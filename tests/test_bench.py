@@ -71,7 +71,9 @@ def test_report_has_every_case_and_variant(quick_run):
             assert v["kind"] == case.kind(name)
             assert 0 < v["min_s"] <= v["median_s"]
             assert len(v["times_s"]) == v["repeats"] == bench.QUICK_REPEATS and v["number"] >= 1
-            assert v["memory"]["measure"] == "output_bytes" and v["memory"]["bytes"] > 0
+            mem = v["memory"]
+            assert mem["measure"] == "cpu_peak_allocated" and mem["output_bytes"] > 0
+            assert mem["bytes"] >= mem["output_bytes"] and mem["extra_bytes"] == mem["bytes"] - mem["output_bytes"]
             if v["work"]["elements"]:
                 assert v["throughput"]["Gelem/s"] == pytest.approx(v["work"]["elements"] / v["median_s"] / 1e9)
 
@@ -91,8 +93,11 @@ def test_rng_quick_sizes_and_output_bytes(quick_run):
     mask = next(c for c in report["cases"] if c["name"] == "rng.dropout_mask")
     n = mask["params"]["n"]
     assert n == 2**20 and mask["params"]["p"] == 0.5
-    out_bytes = {name: v["memory"]["bytes"] for name, v in mask["variants"].items()}
+    out_bytes = {name: v["memory"]["output_bytes"] for name, v in mask["variants"].items()}
     assert out_bytes == {"bdlkern.dropout_mask": n, "torch.bernoulli_": n, "torch.rand": 4 * n, "torch.rand<keep": n}
+    # rand<keep makes a float tensor on the way: the peak sees it, the output does not.
+    assert 4 * n <= mask["variants"]["torch.rand<keep"]["memory"]["extra_bytes"] < 4 * n + 4096
+    assert mask["variants"]["bdlkern.dropout_mask"]["memory"]["extra_bytes"] < 4096
 
 
 # ---- parts --------------------------------------------------------------------------------------
@@ -113,7 +118,17 @@ def test_time_fn_rejects_bad_settings():
 def test_measure_memory_counts_returned_storage_once():
     x = torch.empty(1000, dtype=torch.float32)
     m = bench.measure_memory(lambda: (x, x[:10], {"y": torch.empty(3, dtype=torch.int64)}))
-    assert m == {"bytes": 4000 + 24, "measure": "output_bytes"}
+    # x existed before the call: only the new int64 tensor is allocated; outputs count x once.
+    assert m == {"bytes": 24, "output_bytes": 4000 + 24, "extra_bytes": 0, "measure": "cpu_peak_allocated"}
+
+
+def test_measure_memory_sees_cpu_temporaries():
+    def f():
+        tmp = torch.ones(1 << 18)  # 1 MiB, freed before returning
+        return tmp.sum().reshape(1)
+
+    m = bench.measure_memory(f)
+    assert m["output_bytes"] == 4 and m["bytes"] >= 4 * (1 << 18) and m["extra_bytes"] >= 4 * (1 << 18) - 4
 
 
 def test_select_cases_exact_substring_and_unknown():
@@ -161,7 +176,7 @@ def test_table_handles_any_number_of_baselines():
             "median_s": t,
             "min_s": t,
             "throughput": {"GFLOP/s": 1e-6 / t, "GB/s": 1e-6 / t},
-            "memory": {"bytes": 2**20, "measure": "output_bytes"},
+            "memory": {"bytes": 2**20, "output_bytes": 2**19, "extra_bytes": 2**19, "measure": "cpu_peak_allocated"},
         }
         for name, t in times.items()
     }

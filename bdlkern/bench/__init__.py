@@ -18,8 +18,11 @@ Memory (:func:`measure_memory`), one separate call per variant:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated before it,
   i.e. the peak of everything the call allocated (outputs and temporaries);
-* CPU: the bytes of the tensors the variant *returns*. Temporaries freed before it returns (the
-  float tensor inside ``torch.rand(n) < keep``) are not seen; PyTorch has no cheap CPU peak counter.
+* CPU: the peak of torch's CPU allocations during the call, replayed from the profiler's memory
+  records (``profile_memory=True``), outputs and temporaries alike.
+
+Both also report the bytes of the returned tensors and the peak beyond them (``extra``: what the
+call needed on top of its result, e.g. a materialised ``[S, B, in]`` dropout input).
 
 Ratios are ``baseline time / subject time`` (median over median): the speed-up of the bdlkern
 variant over each baseline; below 1 means bdlkern is slower.
@@ -49,6 +52,7 @@ BASELINE_KINDS = (
     "reference",  # bdlkern.reference run eagerly (the naive implementation)
     "compiled",  # torch.compile of the reference
     "limit",  # a physical-limit proxy: a plain GEMM or copy of the same shape
+    "variant",  # another configuration of the bdlkern op (per-element vs shared masks)
 )
 
 #: Default seconds one timed measurement (an inner loop of ``number`` calls) should last.
@@ -285,13 +289,42 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _output_bytes(out: Any) -> int:
+    """Bytes of the tensors in ``out``, counting each storage once."""
+    storages = {}
+    for t in _tensors(out):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return int(sum(storages.values()))
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Peak bytes allocated by torch's CPU allocator during ``fn()``, above the level before it.
+
+    Replays the allocation and free records of the profiler (``profile_memory=True``) in time order
+    and takes the maximum of the running sum.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    records.sort(key=lambda e: e.start_ns())
+    level = peak = 0
+    for record in records:
+        level += record.nbytes()
+        peak = max(peak, level)
+    return int(peak), out
+
+
 def measure_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Memory of one call of ``fn``; what is measured depends on the device (see module docstring).
+    """Peak memory of one call of ``fn`` (see module docstring).
 
     Returns:
-        dict with ``bytes`` and ``measure``: ``"cuda_peak_allocated"`` (peak bytes allocated during
-        the call above what was allocated before it) or ``"output_bytes"`` (bytes of the returned
-        tensors, counting each storage once).
+        dict with ``bytes`` (peak bytes allocated during the call above what was allocated before
+        it, outputs included), ``output_bytes`` (the returned tensors, each storage once),
+        ``extra_bytes`` (peak beyond the output: temporaries) and ``measure``
+        (``"cuda_peak_allocated"`` or ``"cpu_peak_allocated"``).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -300,15 +333,14 @@ def measure_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") ->
         torch.cuda.reset_peak_memory_stats(device)
         out = fn()
         synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        del out
-        return {"bytes": int(peak), "measure": "cuda_peak_allocated"}
-    out = fn()
-    storages = {}
-    for t in _tensors(out):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return {"bytes": int(sum(storages.values())), "measure": "output_bytes"}
+        peak = int(torch.cuda.max_memory_allocated(device) - before)
+        measure = "cuda_peak_allocated"
+    else:
+        peak, out = _cpu_peak_bytes(fn)
+        measure = "cpu_peak_allocated"
+    output = _output_bytes(out)
+    del out
+    return {"bytes": peak, "output_bytes": output, "extra_bytes": max(peak - output, 0), "measure": measure}
 
 
 # ---- machine and build --------------------------------------------------------------------------
@@ -554,9 +586,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     The last column is the speed-up of the case's bdlkern variant over the baseline of that row
     (baseline median / bdlkern median), so a case may have any number of baselines.
     """
-    cuda = report["settings"]["device"].startswith("cuda")
-    mem_header = "peak MiB" if cuda else "out MiB"
-    header = ["case", "variant", "kind", "median ms", "min ms", "throughput", "GB/s", mem_header, "bdlkern speed-up"]
+    header = ["case", "variant", "kind", "median ms", "min ms", "throughput", "GB/s", "peak MiB", "extra MiB", "bdlkern speed-up"]
     rows = []
     for c in report["cases"]:
         for i, (name, v) in enumerate(c["variants"].items()):
@@ -575,10 +605,11 @@ def format_table(report: Mapping[str, Any]) -> str:
                     _primary_throughput(v["throughput"]),
                     _num(gbs) if gbs is not None else "-",
                     _mib(v["memory"]["bytes"]),
+                    _mib(v["memory"]["extra_bytes"]),
                     ratio,
                 ]
             )
-    right = {3, 4, 5, 6, 7, 8}
+    right = {3, 4, 5, 6, 7, 8, 9}
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
@@ -605,11 +636,9 @@ def format_notes(report: Mapping[str, Any]) -> str:
         lines.append(f"{c['name']}: {c['description']}" + (f" [{params}]" if params else ""))
     lines.append(
         "throughput: G elements/s (or GFLOP/s); GB/s: minimum traffic (each tensor read/written once) / median; "
-        + (
-            "peak MiB: torch.cuda.max_memory_allocated during one call, above what was allocated before."
-            if cuda
-            else "out MiB: bytes of the returned tensors (CPU temporaries are not counted)."
-        )
+        + "peak MiB: "
+        + ("torch.cuda.max_memory_allocated" if cuda else "torch CPU allocations (profiler records)")
+        + " during one call, above the level before it; extra MiB: peak beyond the returned tensors."
     )
     lines.append("bdlkern speed-up: baseline median / bdlkern median (>1: bdlkern faster).")
     for s in report.get("skipped", []):

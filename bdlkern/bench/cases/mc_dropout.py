@@ -1,0 +1,156 @@
+"""Family ``mc_dropout``: the fused multi-sample MC-dropout linear layer (issue 3).
+
+Problem (full size): S = 32 samples of x [256, 1024] through W [1024, 1024], p = 0.5, float32,
+every sample sharing the input (the first MC layer of a network). Quick: S = 4, x [32, 128],
+W [128, 128].
+
+Baselines: the reference users write today (``x.expand -> F.dropout -> F.linear``, eager and
+``torch.compile``d), and the limit proxy: one plain ``addmm`` of the same [S*B, in] x [in, out]
+shape with the input already in memory (what a fused kernel cannot beat).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import bdlkern
+from bdlkern import reference as ref
+from bdlkern.bench import Workload, case
+
+FULL = {"S": 32, "B": 256, "K": 1024, "N": 1024}
+QUICK = {"S": 4, "B": 32, "K": 128, "N": 128}
+P = 0.5
+
+
+def _problem(device: torch.device, quick: bool, requires_grad: bool = False):
+    dims = QUICK if quick else FULL
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(dims["B"], dims["K"], generator=g).to(device)
+    w = (torch.randn(dims["N"], dims["K"], generator=g) / dims["K"] ** 0.5).to(device)
+    b = torch.randn(dims["N"], generator=g).to(device)
+    if requires_grad:
+        x, w, b = (t.requires_grad_() for t in (x, w, b))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1)
+    state = bdlkern.ops.new_rng_state(gen, device)
+    return dims, x, w, b, state
+
+
+def _flops(dims) -> int:
+    return 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
+
+
+def _params(dims, **extra):
+    return {**dims, "p": P, "dtype": "float32", **extra}
+
+
+def _check_against_reference(x, w, b, S, state, shared_mask=False):
+    def check() -> None:
+        y = bdlkern.ops.mc_dropout_linear(x, w, b, P, S, shared_mask=shared_mask, rng_state=state)
+        expected = ref.mc_dropout_linear(x, w, b, P, S, shared_mask=shared_mask, rng_state=state.cpu())
+        torch.testing.assert_close(y.cpu(), expected.cpu(), rtol=1e-4, atol=1e-4)
+
+    return check
+
+
+@case(
+    "mc_dropout.forward",
+    family="mc_dropout",
+    description="S MC-dropout samples of a linear layer, input shared by the samples (forward)",
+    subject="bdlkern.mc_dropout_linear",
+    baselines={
+        "reference (eager)": "reference",
+        "reference (torch.compile)": "compiled",
+        "addmm [S*B,in]x[in,out]": "limit",
+    },
+)
+def _forward(device: torch.device, quick: bool) -> Workload:
+    dims, x, w, b, state = _problem(device, quick)
+    S = dims["S"]
+    compiled = torch.compile(lambda x, w, b: ref.mc_dropout_linear(x, w, b, P, S))
+    x_rows = x.repeat(S, 1)  # the limit proxy's input, already materialised
+    return Workload(
+        variants={
+            "bdlkern.mc_dropout_linear": lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state),
+            "reference (eager)": lambda: ref.mc_dropout_linear(x, w, b, P, S),
+            "reference (torch.compile)": lambda: compiled(x, w, b),
+            "addmm [S*B,in]x[in,out]": lambda: torch.addmm(b, x_rows, w.t()),
+        },
+        params=_params(dims),
+        flops=_flops(dims),
+        check=_check_against_reference(x, w, b, S, state),
+    )
+
+
+@case(
+    "mc_dropout.shared_mask",
+    family="mc_dropout",
+    description="S weight samples (one mask per sample and feature, shared by the batch): dropped features skipped",
+    subject="bdlkern shared_mask=True",
+    baselines={
+        "bdlkern per-element masks": "variant",
+        "reference shared mask (eager)": "reference",
+    },
+)
+def _shared(device: torch.device, quick: bool) -> Workload:
+    dims, x, w, b, state = _problem(device, quick)
+    S = dims["S"]
+    return Workload(
+        variants={
+            "bdlkern shared_mask=True": lambda: bdlkern.ops.mc_dropout_linear(
+                x, w, b, P, S, shared_mask=True, rng_state=state
+            ),
+            "bdlkern per-element masks": lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state),
+            "reference shared mask (eager)": lambda: ref.mc_dropout_linear(x, w, b, P, S, shared_mask=True),
+        },
+        params=_params(dims, shared_mask=True),
+        flops={
+            "bdlkern shared_mask=True": _flops(dims) // 2,  # about (1 - p) of the products
+            "bdlkern per-element masks": _flops(dims),
+            "reference shared mask (eager)": _flops(dims),
+        },
+        check=_check_against_reference(x, w, b, S, state, shared_mask=True),
+    )
+
+
+@case(
+    "mc_dropout.forward_backward",
+    family="mc_dropout",
+    description="forward + backward (grads of x, W, b) of the S-sample MC-dropout linear layer",
+    subject="bdlkern.mc_dropout_linear",
+    baselines={
+        "reference (eager)": "reference",
+        "reference (torch.compile)": "compiled",
+        "3 GEMMs of the same shapes": "limit",
+    },
+)
+def _forward_backward(device: torch.device, quick: bool) -> Workload:
+    dims, x, w, b, state = _problem(device, quick, requires_grad=True)
+    S = dims["S"]
+    compiled = torch.compile(lambda x, w, b: ref.mc_dropout_linear(x, w, b, P, S))
+    grad = torch.randn(S, dims["B"], dims["N"], device=device)
+    x_rows = x.detach().repeat(S, 1)
+    g_rows = grad.reshape(-1, dims["N"])
+    wd = w.detach()
+
+    def run(f):
+        def call():
+            y = f()
+            return torch.autograd.grad(y, (x, w, b), grad)
+
+        return call
+
+    def gemms():
+        y = torch.addmm(b.detach(), x_rows, wd.t())
+        return y, g_rows @ wd, g_rows.t() @ x_rows
+
+    return Workload(
+        variants={
+            "bdlkern.mc_dropout_linear": run(lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state)),
+            "reference (eager)": run(lambda: ref.mc_dropout_linear(x, w, b, P, S)),
+            "reference (torch.compile)": run(lambda: compiled(x, w, b)),
+            "3 GEMMs of the same shapes": gemms,
+        },
+        params=_params(dims),
+        flops=3 * _flops(dims),
+    )
