@@ -109,8 +109,11 @@ def cuda_header_dir(cuda_home):
     except ImportError:
         pass
     candidates += ["/usr/local/cuda/include"]
+    # crt/host_defines.h too: the nvidia/cu13 wheel ships vector_types.h, which includes it, without
+    # the crt/ directory, so checking only the top-level headers picks a folder that cannot compile.
+    needed = ("cuda_fp16.h", "cuda_bf16.h", "vector_types.h", os.path.join("crt", "host_defines.h"))
     for inc in candidates:
-        if all(os.path.isfile(os.path.join(inc, h)) for h in ("cuda_fp16.h", "cuda_bf16.h", "vector_types.h")):
+        if all(os.path.isfile(os.path.join(inc, h)) for h in needed):
             return inc
     return None
 

@@ -258,6 +258,52 @@ def test_bfloat16_error_within_twice_pytorch():
     assert err_ours <= 2 * err_torch + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shared_mask", [False, True])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_device_kernel_low_precision(device_backend, dtype, shared_mask, shared_input):
+    """CUDA-source kernels in half/bf16 (tensor-core path): error vs float64 <= 2x PyTorch's."""
+    S, B, K, N = 3, 21, 40, 36
+    x, w, b = make_problem(S, B, K, N, shared_input=shared_input, seed=11)
+    x, w, b = (t.to(dtype).double() for t in (x, w, b))  # inputs exactly representable
+    state = torch.tensor([31, 2])
+    g = torch.randn(S, B, N, dtype=torch.float64).to(dtype).double()
+    num = S if shared_input else None
+
+    def run_reference(x, w, b, g):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = ref.mc_dropout_linear(x, w, b, 0.25, num, shared_mask=shared_mask, rng_state=state)
+        gx, gw = torch.autograd.grad(y, (x, w), g)
+        return y.detach(), gx, gw
+
+    exact = run_reference(x, w, b, g)
+    pytorch = run_reference(*(t.to(dtype) for t in (x, w, b, g)))
+    dev = device_backend.device
+    xd, wd, bd, gd = (t.to(dtype).to(dev) for t in (x, w, b, g))
+    sd = state.to(dev)
+    ours = (
+        device_backend.ops.mc_dropout_linear(xd, wd, bd, sd, 0.25, S, shared_mask),
+        device_backend.ops.mc_dropout_linear_grad_input(gd, wd, sd, 0.25, shared_mask, shared_input),
+        device_backend.ops.mc_dropout_linear_grad_weight(gd, xd, sd, 0.25, shared_mask),
+    )
+    for name, o, p_, e in zip(("y", "grad_x", "grad_w"), ours, pytorch, exact):
+        assert o.dtype == dtype and o.shape == e.shape, name
+        err_ours = (o.cpu().double() - e).abs().max().item()
+        err_torch = (p_.double() - e).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-6, f"{name}: {err_ours} > 2 x {err_torch}"
+
+
+@pytest.mark.parametrize("shared_mask", [False, True])
+def test_device_kernel_float32(device_backend, shared_mask):
+    S, B, K, N = 2, 67, 90, 70  # several tiles in every direction, ragged edges
+    x, w, b = make_problem(S, B, K, N, shared_input=True, seed=5)
+    state = torch.tensor([8, 1])
+    dev = device_backend.device
+    y = device_backend.ops.mc_dropout_linear(x.float().to(dev), w.float().to(dev), b.float().to(dev), state.to(dev), 0.5, S, shared_mask)
+    expected = ref.mc_dropout_linear(x, w, b, 0.5, S, shared_mask=shared_mask, rng_state=state)
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_float32_matches_float64():
     x, w, b = make_problem(3, 20, 50, 30, shared_input=False)
     state = torch.tensor([2, 9])
@@ -417,3 +463,15 @@ def test_module_validation_and_from_linear():
     assert layer.bias is None and layer.weight.dtype == torch.float64
     assert torch.equal(layer.weight, lin.weight) and layer.weight is not lin.weight
     assert "p=0.1" in repr(layer)
+
+
+def test_gradcheck_through_simt_autograd():
+    """The autograd registration of the SIMT namespace runs the CUDA-source backward kernels."""
+    x, w, b = make_problem(2, 3, 5, 4, shared_input=True)
+    state = torch.tensor([13, 0])
+    ops = torch.ops.bdlkern_simt
+
+    def f(x, w, b):
+        return ops.mc_dropout_linear(x, w, b, state, 0.4, 2, False)
+
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))

@@ -49,13 +49,7 @@ void fill_stream(T* out, int64_t n, const int64_t* rng_state, uint32_t tag, Op o
 void philox4x32(CpuTag, const int64_t* counter, const int64_t* key, int64_t* out, int64_t n,
                 void*) {
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t* c = counter + 4 * i;
-    const int64_t* k = key + 2 * i;
-    const PhiloxBlock blk =
-        philox4x32_10(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]),
-                      static_cast<uint32_t>(c[2]), static_cast<uint32_t>(c[3]),
-                      static_cast<uint32_t>(k[0]), static_cast<uint32_t>(k[1]));
-    for (int l = 0; l < 4; ++l) out[4 * i + l] = blk.w[l];
+    philox4x32_int64(counter + 4 * i, key + 2 * i, out + 4 * i);
   }
 }
 

@@ -45,13 +45,7 @@ __global__ void __launch_bounds__(kThreads)
                       int64_t* __restrict__ out, int64_t n) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    const int64_t* c = counter + 4 * i;
-    const int64_t* k = key + 2 * i;
-    const PhiloxBlock blk =
-        philox4x32_10(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]),
-                      static_cast<uint32_t>(c[2]), static_cast<uint32_t>(c[3]),
-                      static_cast<uint32_t>(k[0]), static_cast<uint32_t>(k[1]));
-    for (int l = 0; l < 4; ++l) out[4 * i + l] = blk.w[l];
+    philox4x32_int64(counter + 4 * i, key + 2 * i, out + 4 * i);
   }
 }
 

@@ -57,6 +57,16 @@ BDL_HDI PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_
   return PhiloxBlock{{c0, c1, c2, c3}};
 }
 
+// One block of an explicit (counter, key) held as int64 words with values in [0, 2^32): the
+// per-element work of the raw philox4x32 op (known-answer tests).
+BDL_HDI void philox4x32_int64(const int64_t counter[4], const int64_t key[2], int64_t out[4]) {
+  const PhiloxBlock blk =
+      philox4x32_10(static_cast<uint32_t>(counter[0]), static_cast<uint32_t>(counter[1]),
+                    static_cast<uint32_t>(counter[2]), static_cast<uint32_t>(counter[3]),
+                    static_cast<uint32_t>(key[0]), static_cast<uint32_t>(key[1]));
+  for (int l = 0; l < 4; ++l) out[l] = blk.w[l];
+}
+
 // The logical stream. Element i of a stream owns lane (i mod 4) of Philox block
 //   counter = (lo32(b), hi32(b), stream_tag, 0),  b = i div 4 + offset (mod 2^64),
 //   key     = (lo32(seed), hi32(seed)).
