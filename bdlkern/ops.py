@@ -27,9 +27,6 @@ _NAMESPACES = ["bdlkern"]
 if hasattr(torch.ops, "bdlkern_simt") and hasattr(torch.ops.bdlkern_simt, "philox_bits"):
     _NAMESPACES.append("bdlkern_simt")
 
-# Namespaces whose MC-dropout kernels are built (the SIMT twin arrives with the CUDA kernel).
-_MC_NAMESPACES = [ns for ns in _NAMESPACES if hasattr(getattr(torch.ops, ns), "mc_dropout_linear")]
-
 ShapeLike = int | Sequence[int] | torch.Size
 
 
@@ -338,7 +335,6 @@ def _register_mc_dropout(ns: str) -> None:
 
 for _ns in _NAMESPACES:
     _register_fakes(_ns)
-for _ns in _MC_NAMESPACES:
     _register_mc_dropout(_ns)
 
 __all__ = ["STREAMS", "new_rng_state", "philox_bits", "dropout_mask", "uniform", "normal", "mc_dropout_linear"]

@@ -1,6 +1,6 @@
 // CPU kernels of the MC-dropout linear layer (semantics and shapes: bdlkern/mc_dropout_kernels.h).
 // They take contiguous float32/float64 tensors already validated by the binding
-// (csrc/ops/mc_dropout_ops.h) and call ATen's GEMM on masked, cache-sized chunks.
+// (csrc/ops/mc_dropout_ops.h, which also handles empty problems: B, K, N >= 1 here) and call ATen's GEMM on masked, cache-sized chunks.
 #pragma once
 
 #include <ATen/core/Tensor.h>

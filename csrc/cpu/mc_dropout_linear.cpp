@@ -144,7 +144,6 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const MCDropoutLinearParams& p) {
   const int64_t S = p.num_samples, B = p.rows, K = p.in_features, N = p.out_features;
   at::Tensor y = at::empty({S, B, N}, x.options());
-  if (B == 0) return y;
   const MCDropoutMask mask = make_mask(p);
   const T* xp = x.const_data_ptr<T>();
   at::Tensor y_rows = y.view({S * B, N});
@@ -200,7 +199,6 @@ at::Tensor grad_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
   const bool sum_samples = p.shared_input;
   at::Tensor grad_x = sum_samples ? at::zeros({B, K}, weight.options())
                                   : at::empty({S, B, K}, weight.options());
-  if (B == 0) return grad_x;
   const MCDropoutMask mask = make_mask(p);
   const T scale = static_cast<T>(p.scale);
   const at::Tensor g_rows = grad_y.view({S * B, N});
