@@ -17,7 +17,7 @@ except ImportError:  # built with BDLKERN_SIMT=0 or without CUDA headers
     _HAS_SIMT = False
 
 from . import ops  # noqa: E402  (registers the fake kernels)
-from . import nn, reference  # noqa: E402
+from . import nn, reference, uncertainty  # noqa: E402
 from ._sampling import current_sampling, sampling  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -43,4 +43,4 @@ def has_simt() -> bool:
     return _HAS_SIMT
 
 
-__all__ = ["build_info", "has_simt", "ops", "nn", "reference", "sampling", "current_sampling"]
+__all__ = ["build_info", "has_simt", "ops", "nn", "reference", "uncertainty", "sampling", "current_sampling"]

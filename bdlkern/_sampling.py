@@ -36,9 +36,12 @@ class SamplingState:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._seen: set[int] = set()  # ids of the MC layers that ran in the current pass
+        #: MC layer calls in this block so far (0 after a pass: the model has no MC layer).
+        self.mc_layer_calls = 0
 
     def input_has_sample_dim(self, layer: torch.nn.Module) -> bool:
         """Registers a call of ``layer``; True when its input carries the sample dimension."""
+        self.mc_layer_calls += 1
         key = id(layer)
         if key in self._seen:  # the same layer again: a new forward pass
             self._seen.clear()

@@ -155,3 +155,50 @@ def mc_dropout_linear(
     mask = mask.to(x.device)
     dropped = torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.nn.functional.linear(dropped, weight, bias)
+
+
+CONCRETE_EPS = 1e-7
+
+
+def concrete_dropout(
+    x: torch.Tensor,
+    p_logit: torch.Tensor,
+    temperature: float = 0.1,
+    *,
+    channel_dim: int | None = None,
+    rng_state=None,
+) -> torch.Tensor:
+    """Concrete dropout written out as in the paper's notebooks (Gal, Hron & Kendall 2017)::
+
+        p = sigmoid(p_logit)
+        z = sigmoid((log(p + eps) - log(1 - p + eps) + log(u + eps) - log(1 - u + eps)) / t)
+        y = x * (1 - z) / (1 - p)
+
+    With ``rng_state`` the uniforms ``u`` are rebuilt from the bdlkern stream (tag 2, one per mask
+    element: the elements of ``x``, or ``(n, c)`` with ``channel_dim=1``) -- the test oracle of
+    ``bdlkern.ops.concrete_dropout``. Without it ``u = torch.rand`` -- the naive baseline (it keeps
+    ``u`` and every intermediate for autograd).
+    """
+    eps = CONCRETE_EPS
+    if channel_dim == 1:
+        mask_shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+        rate = p_logit.reshape(-1, *([1] * (x.dim() - 2))) if p_logit.dim() == 1 else p_logit
+    else:
+        mask_shape = tuple(x.shape)
+        rate = p_logit
+    if rng_state is None:
+        u = torch.rand(mask_shape, dtype=x.dtype, device=x.device)
+    else:
+        u = uniform(rng_state, (math.prod(mask_shape),), stream=2, dtype=x.dtype).reshape(mask_shape).to(x.device)
+    p = torch.sigmoid(rate)
+    drop = torch.log(p + eps) - torch.log(1 - p + eps) + torch.log(u + eps) - torch.log(1 - u + eps)
+    z = torch.sigmoid(drop / temperature)
+    return x * (1 - z) / (1 - p)
+
+
+def concrete_dropout_regularizer(weight, p_logit, input_dim, weight_regularizer, dropout_regularizer):
+    """DESIGN.md section 1, for one rate: ``wr * ||W||^2 / (1 - p) + dr * D * (p log p + (1 - p) log(1 - p))``."""
+    p = torch.sigmoid(p_logit)
+    return weight_regularizer * (weight**2).sum() / (1 - p) + dropout_regularizer * input_dim * (
+        p * torch.log(p) + (1 - p) * torch.log(1 - p)
+    )

@@ -1,10 +1,12 @@
 // CPU kernels of the `bdlkern` operators.
 #include <torch/library.h>
 
+#include "concrete_ops.h"
 #include "mc_dropout_ops.h"
 #include "rng_ops.h"
 
 TORCH_LIBRARY_IMPL(bdlkern, CPU, m) {
   bdlkern::ops::RngOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::CpuTag>::register_impls(m);
+  bdlkern::ops::ConcreteOps<bdlkern::CpuTag>::register_impls(m);
 }

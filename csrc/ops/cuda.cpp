@@ -2,6 +2,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "concrete_ops.h"
 #include "mc_dropout_ops.h"
 #include "rng_ops.h"
 #include "selftest_ops.h"
@@ -19,6 +20,7 @@ void* BackendTraits<CudaTag>::stream(const at::Tensor& like) {
 TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
   bdlkern::ops::RngOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::ConcreteOps<bdlkern::CudaTag>::register_impls(m);
 }
 
 // The SIMT self-test kernels on real hardware (schemas live in the _C_simt test extension).

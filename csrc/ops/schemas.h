@@ -27,5 +27,14 @@ inline void define_mc_dropout_schemas(torch::Library& m) {
       "bool shared_mask) -> Tensor");
 }
 
+inline void define_concrete_schemas(torch::Library& m) {
+  m.def(
+      "concrete_dropout(Tensor x, Tensor p_logit, Tensor rng_state, float temperature=0.1, "
+      "int channel_dim=-1) -> Tensor");
+  m.def(
+      "concrete_dropout_backward(Tensor grad_out, Tensor x, Tensor p_logit, Tensor rng_state, "
+      "float temperature, int channel_dim) -> (Tensor, Tensor)");
+}
+
 }  // namespace ops
 }  // namespace bdlkern

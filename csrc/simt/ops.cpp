@@ -2,6 +2,7 @@
 // by the CUDA kernel sources compiled against the SIMT emulator, plus the emulator's self-tests.
 #include <torch/library.h>
 
+#include "../ops/concrete_ops.h"
 #include "../ops/mc_dropout_ops.h"
 #include "../ops/rng_ops.h"
 #include "../ops/schemas.h"
@@ -10,11 +11,13 @@
 TORCH_LIBRARY(bdlkern_simt, m) {
   bdlkern::ops::define_rng_schemas(m);
   bdlkern::ops::define_mc_dropout_schemas(m);
+  bdlkern::ops::define_concrete_schemas(m);
   bdlkern::ops::define_selftest_schemas(m);
 }
 
 TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
   bdlkern::ops::RngOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::SimtTag>::register_impls(m);
+  bdlkern::ops::ConcreteOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SelftestOps<bdlkern::SimtTag>::register_impls(m);
 }

@@ -1,0 +1,592 @@
+"""Tests of bdlkern.uncertainty: MC prediction and the uncertainty metrics.
+
+Each metric is checked against numbers worked out by hand, against scikit-learn where it has the
+same metric, or against an independent NumPy implementation written here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+from torch import nn
+
+import bdlkern
+from bdlkern import uncertainty as U
+
+
+def random_probs(n: int, c: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (2.0 * torch.randn(n, c, generator=g, dtype=torch.float64)).softmax(-1).to(dtype)
+
+
+def random_targets(n: int, c: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1000)
+    return torch.randint(0, c, (n,), generator=g)
+
+
+def mc_model(p: float = 0.5, out: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), bdlkern.nn.MCDropoutLinear(16, out, p=p)).eval()
+
+
+def inputs(n: int = 10) -> torch.Tensor:
+    return torch.randn(n, 4, generator=torch.Generator().manual_seed(7))
+
+
+# --------------------------------------------------------------------------------------------
+# entropy
+# --------------------------------------------------------------------------------------------
+
+
+def test_entropy_hand_values():
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    expected = torch.tensor([0.6931471805599453, 0.0, 1.3862943611198906])  # log 2, 0, log 4
+    torch.testing.assert_close(U.entropy(probs), expected)
+    # along another dimension
+    torch.testing.assert_close(U.entropy(probs.T, dim=0), expected)
+    # 0.7, 0.2, 0.1: -(0.7 ln 0.7 + 0.2 ln 0.2 + 0.1 ln 0.1) = 0.249672 + 0.321888 + 0.230259
+    h = U.entropy(torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64))
+    assert h.item() == pytest.approx(0.8018185525433373, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# nll
+# --------------------------------------------------------------------------------------------
+
+
+def test_nll_hand_value():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    targets = torch.tensor([0, 2, 2])
+    # -(ln 0.7 + ln 0.1 + ln 0.5) / 3 = (0.356675 + 2.302585 + 0.693147) / 3
+    assert U.nll(probs, targets) == pytest.approx(1.1174690724975744, abs=1e-12)
+
+
+def test_nll_clamps_at_eps():
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    targets = torch.tensor([1, 0])
+    assert U.nll(probs, targets, eps=1e-6) == pytest.approx((-math.log(1e-6) + math.log(2.0)) / 2)
+    assert math.isfinite(U.nll(probs, targets))  # default eps 1e-12: -ln(1e-12) = 27.63
+    assert U.nll(probs, targets) == pytest.approx((27.631021115928547 + 0.6931471805599453) / 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nll_matches_sklearn(seed, dtype):
+    probs, targets = random_probs(200, 5, seed, dtype), random_targets(200, 5, seed)
+    p64 = probs.double()
+    p64 = p64 / p64.sum(1, keepdim=True)  # sklearn warns when float32 rows miss 1 by ~1e-7
+    expected = log_loss(targets.numpy(), p64.numpy(), labels=list(range(5)))
+    assert U.nll(probs, targets) == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# brier
+# --------------------------------------------------------------------------------------------
+
+
+def test_brier_hand_value():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], dtype=torch.float64)
+    targets = torch.tensor([0, 2])
+    # row 0: 0.3^2 + 0.2^2 + 0.1^2 = 0.14; row 1: 0.1^2 + 0.8^2 + 0.9^2 = 1.46; mean 0.8
+    assert U.brier(probs, targets) == pytest.approx(0.8, abs=1e-12)
+    # a perfect prediction scores 0, a confidently wrong one 2
+    eye = torch.eye(3, dtype=torch.float64)
+    assert U.brier(eye, torch.tensor([0, 1, 2])) == 0.0
+    assert U.brier(eye, torch.tensor([1, 2, 0])) == 2.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brier_binary_is_twice_sklearn(seed):
+    probs, targets = random_probs(100, 2, seed), random_targets(100, 2, seed)
+    binary = brier_score_loss(targets.numpy(), probs[:, 1].numpy())  # mean (p1 - y)^2
+    assert U.brier(probs, targets) == pytest.approx(2.0 * binary, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brier_multiclass_matches_sklearn(seed):
+    probs, targets = random_probs(100, 4, seed), random_targets(100, 4, seed)
+    expected = brier_score_loss(targets.numpy(), probs.numpy(), labels=list(range(4)), scale_by_half=False)
+    assert U.brier(probs, targets) == pytest.approx(expected, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# expected calibration error
+# --------------------------------------------------------------------------------------------
+
+
+def ece_loop(probs: np.ndarray, targets: np.ndarray, n_bins: int) -> float:
+    """Independent ECE: a loop over bins (lo, hi], with confidence 0 in the first bin."""
+    probs = probs.astype(np.float64)
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == targets).astype(np.float64)
+    total = 0.0
+    for i in range(n_bins):
+        lo, hi = i / n_bins, (i + 1) / n_bins
+        in_bin = (conf <= hi) & ((conf > lo) if i > 0 else (conf >= lo))
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return total
+
+
+ECE_PROBS = torch.tensor(
+    [
+        [0.9, 0.05, 0.05],  # conf 0.9, predicts 0, target 0: correct
+        [0.8, 0.1, 0.1],  # conf 0.8, predicts 0, target 1: wrong
+        [0.2, 0.6, 0.2],  # conf 0.6, predicts 1, target 1: correct
+        [0.4, 0.3, 0.3],  # conf 0.4, predicts 0, target 2: wrong
+        [0.5, 0.25, 0.25],  # conf 0.5 (a bin edge for n_bins=2), predicts 0, target 0: correct
+    ],
+    dtype=torch.float64,
+)
+ECE_TARGETS = torch.tensor([0, 1, 1, 2, 0])
+
+
+def test_ece_hand_value():
+    # n_bins=2: bin (0, .5] holds rows 3, 4: acc 1/2, conf .45 -> 2/5 * .05 = .02
+    #           bin (.5, 1] holds rows 0-2: acc 2/3, conf 2.3/3 -> 3/5 * .1 = .06
+    assert U.expected_calibration_error(ECE_PROBS, ECE_TARGETS, n_bins=2) == pytest.approx(0.08, abs=1e-12)
+    # had the edge value 0.5 gone to the upper bin, the ECE would be .2 * .4 + .8 * .05 = .12
+    # n_bins=1: |acc - mean conf| = |3/5 - 3.2/5| = 0.04
+    assert U.expected_calibration_error(ECE_PROBS, ECE_TARGETS, n_bins=1) == pytest.approx(0.04, abs=1e-12)
+    assert ece_loop(ECE_PROBS.numpy(), ECE_TARGETS.numpy(), 2) == pytest.approx(0.08, abs=1e-12)
+
+
+def test_ece_perfectly_calibrated_is_zero():
+    # confidence 0.75 and 3 of 4 correct in the one occupied bin
+    probs = torch.tensor([[0.75, 0.25]] * 4, dtype=torch.float64)
+    targets = torch.tensor([0, 0, 0, 1])
+    assert U.expected_calibration_error(probs, targets) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_bins", [1, 2, 5, 10, 15, 37])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ece_matches_loop(n_bins, seed):
+    probs, targets = random_probs(300, 4, seed), random_targets(300, 4, seed)
+    expected = ece_loop(probs.numpy(), targets.numpy(), n_bins)
+    assert U.expected_calibration_error(probs, targets, n_bins) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_bins", [5, 10, 20])
+def test_ece_matches_loop_on_bin_edges(n_bins):
+    # binary confidences k/20 in float64: many fall exactly on the edges i/n_bins
+    p1 = torch.arange(10, 21, dtype=torch.float64).repeat(3) / 20
+    probs = torch.stack([1 - p1, p1], 1)
+    targets = random_targets(p1.numel(), 2, 3)
+    expected = ece_loop(probs.numpy(), targets.numpy(), n_bins)
+    assert U.expected_calibration_error(probs, targets, n_bins) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ece_float32_matches_loop_in_float64():
+    probs, targets = random_probs(300, 3, 5, torch.float32), random_targets(300, 3, 5)
+    expected = ece_loop(probs.double().numpy(), targets.numpy(), 15)
+    assert U.expected_calibration_error(probs, targets) == pytest.approx(expected, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# gaussian_log_likelihood
+# --------------------------------------------------------------------------------------------
+
+
+def gll_direct(samples: np.ndarray, targets: np.ndarray, tau: float) -> float:
+    """log of the mean over samples of the Gaussian densities, product over dimensions."""
+    samples = samples.astype(np.float64)
+    if samples.ndim == 2:
+        samples, targets = samples[..., None], targets[..., None]
+    dens = np.sqrt(tau / (2 * np.pi)) * np.exp(-0.5 * tau * (targets[None] - samples) ** 2)
+    return float(np.mean(np.log(np.mean(np.prod(dens, axis=2), axis=0))))
+
+
+def test_gaussian_log_likelihood_hand_value():
+    samples = torch.tensor([[0.0], [2.0]], dtype=torch.float64)  # S=2, N=1
+    targets = torch.tensor([1.0], dtype=torch.float64)
+    # logsumexp(-.5, -.5) - ln 2 = -.5; + .5 (ln 1 - ln 2 pi) = -.918939
+    assert U.gaussian_log_likelihood(samples, targets, 1.0) == pytest.approx(-1.4189385332046727, abs=1e-12)
+    # tau = 4: -.5 * 4 * 1 + .5 ln 4 - .5 ln 2 pi = -2 + .693147 - .918939
+    assert U.gaussian_log_likelihood(samples, targets, 4.0) == pytest.approx(-2.2257913526447273, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (8, 20, 3)])
+@pytest.mark.parametrize("tau", [0.5, 2.0, 10.0])
+def test_gaussian_log_likelihood_matches_direct(shape, tau):
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(shape, generator=g)
+    targets = torch.randn(shape[1:], generator=g)
+    expected = gll_direct(samples.numpy(), targets.numpy(), tau)
+    assert U.gaussian_log_likelihood(samples, targets, tau) == pytest.approx(expected, rel=1e-10)
+
+
+def test_gaussian_log_likelihood_tau_dependence():
+    # S = 1: ll(tau) = -tau/2 * mse + ln(tau)/2 - ln(2 pi)/2, maximal at tau = 1 / mse
+    g = torch.Generator().manual_seed(1)
+    samples = torch.randn(1, 50, generator=g, dtype=torch.float64)
+    targets = torch.randn(50, generator=g, dtype=torch.float64)
+    mse = (samples[0] - targets).square().mean().item()
+    for tau in (0.1, 1.0, 3.0):
+        expected = -0.5 * tau * mse + 0.5 * math.log(tau) - 0.5 * math.log(2 * math.pi)
+        assert U.gaussian_log_likelihood(samples, targets, tau) == pytest.approx(expected, rel=1e-12)
+    best = U.gaussian_log_likelihood(samples, targets, 1.0 / mse)
+    assert best > U.gaussian_log_likelihood(samples, targets, 0.5 / mse)
+    assert best > U.gaussian_log_likelihood(samples, targets, 2.0 / mse)
+
+
+def test_gaussian_log_likelihood_is_stable_far_from_samples():
+    # every density underflows in float64 (exp(-5e5)), logsumexp does not
+    samples = torch.zeros(4, 1, dtype=torch.float64)
+    targets = torch.tensor([1000.0], dtype=torch.float64)
+    expected = -0.5 * 1e6 - 0.5 * math.log(2 * math.pi)
+    assert U.gaussian_log_likelihood(samples, targets, 1.0) == pytest.approx(expected, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# ood_auroc
+# --------------------------------------------------------------------------------------------
+
+
+def test_ood_auroc_hand_values():
+    scores_in = torch.tensor([0.1, 0.4, 0.35])
+    scores_out = torch.tensor([0.8, 0.4])
+    # 0.8 beats all 3; 0.4 beats 0.1 and 0.35, ties 0.4 (1/2): (3 + 2.5) / 6
+    assert U.ood_auroc(scores_in, scores_out) == pytest.approx(5.5 / 6, abs=1e-12)
+    assert U.ood_auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
+    assert U.ood_auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
+    assert U.ood_auroc(torch.ones(3), torch.ones(5)) == 0.5
+    # integer scores work too
+    assert U.ood_auroc(torch.tensor([1, 2, 3]), torch.tensor([3, 4])) == pytest.approx(5.5 / 6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ties", [False, True])
+def test_ood_auroc_matches_sklearn(seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    scores_in = torch.randn(70, generator=g, dtype=torch.float64)
+    scores_out = torch.randn(45, generator=g, dtype=torch.float64) + 0.7
+    if ties:  # few distinct values: many ties within and across the two sets
+        scores_in, scores_out = scores_in.round(), scores_out.round()
+    y = np.r_[np.zeros(70), np.ones(45)]
+    expected = roc_auc_score(y, np.r_[scores_in.numpy(), scores_out.numpy()])
+    assert U.ood_auroc(scores_in, scores_out) == pytest.approx(expected, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# reliability_diagram
+# --------------------------------------------------------------------------------------------
+
+
+def test_reliability_diagram_returns_figure():
+    probs, targets = random_probs(200, 3, 0), random_targets(200, 3, 0)
+    fig = U.reliability_diagram(probs, targets, n_bins=10, title="test model")
+    try:
+        assert isinstance(fig, Figure)
+        (ax,) = fig.axes
+        assert ax.get_title() == "test model"
+        ece = U.expected_calibration_error(probs, targets, n_bins=10)
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any(f"ECE = {ece:.4f}" in label for label in labels)
+        confidence = probs.max(1).values
+        occupied = torch.unique((confidence * 10).ceil().clamp(1, 10)).numel()
+        assert len(ax.patches) == 2 * occupied  # an accuracy bar and a gap bar per occupied bin
+        fig.savefig(io.BytesIO(), format="png")  # renders headless
+    finally:
+        plt.close(fig)
+
+
+def test_reliability_diagram_draws_on_given_axes():
+    fig, ax = plt.subplots()
+    try:
+        out = U.reliability_diagram(ECE_PROBS, ECE_TARGETS, n_bins=2, ax=ax)
+        assert out is fig
+        assert ax.get_title() == "Reliability diagram"
+        heights = sorted(round(p.get_height(), 12) for p in ax.patches[:2])
+        assert heights == [0.5, round(2 / 3, 12)]  # the accuracies of the two bins
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# mc_predict
+# --------------------------------------------------------------------------------------------
+
+
+def np_entropy(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+
+
+def test_mc_predict_classification():
+    model, x = mc_model(), inputs(10)
+    pred = U.mc_predict(model, x, 16, seed=0)
+    assert pred.samples.shape == (16, 10, 3)
+    assert pred.mean_probs.shape == (10, 3)
+    for field in (pred.predictive_entropy, pred.expected_entropy, pred.mutual_information, pred.prediction):
+        assert field.shape == (10,)
+    assert pred.prediction.dtype == torch.int64
+    assert pred.mean is None and pred.variance is None
+    assert not pred.samples.requires_grad
+    torch.testing.assert_close(pred.mean_probs.sum(-1), torch.ones(10))
+    assert (pred.mutual_information >= 0).all()
+    torch.testing.assert_close(
+        pred.mutual_information, (pred.predictive_entropy - pred.expected_entropy).clamp(min=0)
+    )
+    torch.testing.assert_close(pred.mutual_information, pred.predictive_entropy - pred.expected_entropy,
+                               atol=1e-6, rtol=0)
+    assert pred.mutual_information.max() > 1e-3  # dropout at p = 0.5 gives visible epistemic uncertainty
+
+    # independent recomputation from the samples, in float64 NumPy
+    logits = pred.samples.double().numpy()
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    mean_probs = probs.mean(0)
+    np.testing.assert_allclose(pred.mean_probs.numpy(), mean_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.predictive_entropy.numpy(), np_entropy(mean_probs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.expected_entropy.numpy(), np_entropy(probs).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pred.prediction.numpy(), mean_probs.argmax(-1))
+
+
+def test_mc_predict_samples_are_the_sampling_outputs():
+    model, x = mc_model(), inputs(6)
+    with bdlkern.sampling(5, seed=3), torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(U.mc_predict(model, x, 5, seed=3).samples, expected, rtol=0, atol=0)
+
+
+def test_mc_predict_seed_is_reproducible():
+    model, x = mc_model(), inputs(10)
+    a = U.mc_predict(model, x, 8, seed=1)
+    torch.randn(100)  # the global generator moving on does not matter
+    b = U.mc_predict(model, x, 8, seed=1)
+    c = U.mc_predict(model, x, 8, seed=2)
+    torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=0)
+    torch.testing.assert_close(a.mutual_information, b.mutual_information, rtol=0, atol=0)
+    assert not torch.equal(a.samples, c.samples)
+    # without a seed, torch's generator decides
+    torch.manual_seed(5)
+    d = U.mc_predict(model, x, 8)
+    torch.manual_seed(5)
+    e = U.mc_predict(model, x, 8)
+    assert torch.equal(d.samples, e.samples)
+
+
+def test_mc_predict_batch_size():
+    model, x = mc_model(), inputs(10)
+    full = U.mc_predict(model, x, 8, seed=4)
+    chunked = U.mc_predict(model, x, 8, seed=4, batch_size=3)
+    assert chunked.samples.shape == full.samples.shape == (8, 10, 3)
+    assert chunked.mean_probs.shape == (10, 3)
+    assert chunked.mutual_information.shape == (10,)
+    torch.testing.assert_close(chunked.mean_probs.sum(-1), torch.ones(10))
+    # deterministic with a seed
+    again = U.mc_predict(model, x, 8, seed=4, batch_size=3)
+    torch.testing.assert_close(chunked.samples, again.samples, rtol=0, atol=0)
+    # chunk i is the chunk run alone with seed + i
+    for i, start in enumerate(range(0, 10, 3)):
+        alone = U.mc_predict(model, x[start : start + 3], 8, seed=4 + i)
+        torch.testing.assert_close(chunked.samples[:, start : start + 3], alone.samples, rtol=0, atol=0)
+    # one chunk (batch_size >= N) is the unchunked run
+    one = U.mc_predict(model, x, 8, seed=4, batch_size=10)
+    torch.testing.assert_close(one.samples, full.samples, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mc_predict_keeps_training_flag(training):
+    model = mc_model()
+    model.train(training)
+    model[0].train(not training)  # mixed flags survive too
+    flags = [m.training for m in model.modules()]
+    pred = U.mc_predict(model, inputs(4), 4, seed=0)
+    assert pred.samples.shape == (4, 4, 3)
+    assert [m.training for m in model.modules()] == flags
+
+
+def test_mc_predict_restores_training_flag_on_error():
+    class Flipper(nn.Module):
+        def forward(self, x):
+            self.eval()
+            raise RuntimeError("boom")
+
+    model = Flipper().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        U.mc_predict(model, inputs(4), 4)
+    assert model.training
+
+
+@pytest.mark.parametrize("n", [5, 8])  # n = 8 = S: the output [8, 3] must not be taken as samples
+def test_mc_predict_deterministic_model(n):
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 3), inputs(n)
+    pred = U.mc_predict(model, x, 8)
+    assert pred.samples.shape == (8, n, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(pred.samples, model(x).expand(8, n, 3))
+    assert pred.mutual_information.abs().max().item() <= 1e-6
+    torch.testing.assert_close(pred.predictive_entropy, pred.expected_entropy, atol=1e-6, rtol=0)
+
+
+def test_mc_predict_deterministic_regression_with_n_equal_s():
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 2), inputs(8)
+    pred = U.mc_predict(model, x, 8, task="regression")
+    assert pred.samples.shape == (8, 8, 2)
+    assert pred.variance.abs().max().item() == 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(pred.mean, model(x))
+
+
+@pytest.mark.parametrize("out", [1, 2])
+def test_mc_predict_regression(out):
+    model, x = mc_model(p=0.3, out=out), inputs(12)
+    if out == 1:
+        model = nn.Sequential(model, nn.Flatten(-2))  # [S, N, 1] -> [S, N]
+    pred = U.mc_predict(model, x, 16, seed=0, task="regression")
+    shape = (12,) if out == 1 else (12, out)
+    assert pred.samples.shape == (16, *shape)
+    assert pred.mean.shape == pred.variance.shape == shape
+    torch.testing.assert_close(pred.mean, torch.mean(pred.samples, 0))
+    torch.testing.assert_close(pred.variance, torch.var(pred.samples, 0, unbiased=False))
+    assert (pred.variance > 0).all()
+    assert pred.mean_probs is None and pred.prediction is None and pred.mutual_information is None
+
+
+def test_mc_predict_rejects_output_without_sample_dim():
+    layer = bdlkern.nn.MCDropoutLinear(4, 3).eval()
+    with pytest.raises(ValueError, match="leading sample dimension"):
+        U.mc_predict(lambda x: layer(x).mean(0), inputs(5), 8)  # an MC layer ran, S was reduced
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs
+# --------------------------------------------------------------------------------------------
+
+P = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+T = torch.tensor([0, 1])
+
+
+@pytest.mark.parametrize("fn", [U.nll, U.brier, U.expected_calibration_error])
+@pytest.mark.parametrize(
+    "probs, targets, exc, match",
+    [
+        (P.tolist(), T, TypeError, "probs must be a torch.Tensor"),
+        (P, T.tolist(), TypeError, "targets must be a torch.Tensor"),
+        (P.long(), T, TypeError, "probs must be a floating-point tensor"),
+        (P, T.float(), TypeError, "targets must be an integer tensor"),
+        (P[0], T, ValueError, r"probs must be \[N, C\]"),
+        (P, T[:1], ValueError, "targets has 1 entries but probs has 2 rows"),
+        (P, T[None], ValueError, r"targets must be \[N\]"),
+        (torch.empty(0, 2), torch.empty(0, dtype=torch.long), ValueError, "probs must not be empty"),
+        (torch.tensor([[0.5, float("nan")], [0.4, 0.6]]), T, ValueError, "probs contains NaN"),
+        (torch.tensor([[1.2, -0.2], [0.4, 0.6]]), T, ValueError, r"probs must lie in \[0, 1\]"),
+        (torch.tensor([[0.7, 0.2], [0.4, 0.6]]), T, ValueError, "probs must sum to 1"),
+        (P, torch.tensor([0, 2]), ValueError, r"targets must be class indices in \[0, 2\)"),
+        (P, torch.tensor([-1, 0]), ValueError, "targets must be class indices"),
+    ],
+)
+def test_classification_metrics_reject_bad_input(fn, probs, targets, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(probs, targets)
+
+
+def test_row_sum_tolerance():
+    U.nll(torch.tensor([[0.7, 0.3005], [0.4, 0.6]]), T)  # within 1e-3
+    with pytest.raises(ValueError, match="probs must sum to 1"):
+        U.nll(torch.tensor([[0.7, 0.302], [0.4, 0.6]]), T)
+
+
+@pytest.mark.parametrize("n_bins, exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_ece_rejects_bad_n_bins(n_bins, exc):
+    with pytest.raises(exc, match="n_bins"):
+        U.expected_calibration_error(P, T, n_bins=n_bins)
+    with pytest.raises(exc, match="n_bins"):
+        U.reliability_diagram(P, T, n_bins=n_bins)
+
+
+def test_nll_rejects_bad_eps():
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        U.nll(P, T, eps=0.0)
+
+
+def test_entropy_rejects_bad_input():
+    with pytest.raises(TypeError, match="probs must be a torch.Tensor"):
+        U.entropy([0.5, 0.5])
+    with pytest.raises(ValueError, match="probs must sum to 1 along dim 0"):
+        U.entropy(torch.tensor([[0.5, 0.5], [0.4, 0.4]]), dim=0)
+    with pytest.raises(ValueError, match="probs contains NaN"):
+        U.entropy(torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(ValueError, match="probs must not be empty"):
+        U.entropy(torch.empty(0))
+
+
+def test_reliability_diagram_rejects_bad_input():
+    with pytest.raises(ValueError, match="targets has 1 entries"):
+        U.reliability_diagram(P, T[:1])
+    with pytest.raises(TypeError, match="ax must be a matplotlib Axes"):
+        U.reliability_diagram(P, T, ax="axes")
+
+
+@pytest.mark.parametrize(
+    "samples, targets, tau, exc, match",
+    [
+        (torch.zeros(3, 4), torch.zeros(5), 1.0, ValueError, r"targets must have shape samples.shape\[1:\]"),
+        (torch.zeros(3, 4, 2), torch.zeros(4), 1.0, ValueError, "targets must have shape"),
+        (torch.zeros(4), torch.zeros(4), 1.0, ValueError, r"samples must be \[S, N\] or \[S, N, D\]"),
+        (torch.zeros(3, 4), torch.zeros(4), 0.0, ValueError, "tau must be finite and > 0"),
+        (torch.zeros(3, 4), torch.zeros(4), -1.0, ValueError, "tau must be finite and > 0"),
+        (torch.zeros(3, 4), torch.zeros(4), float("inf"), ValueError, "tau must be finite"),
+        (torch.zeros(3, 4), torch.zeros(4), "1", TypeError, "tau must be a real number"),
+        (torch.zeros(3, 4), torch.full((4,), float("nan")), 1.0, ValueError, "targets contains NaN"),
+        (torch.full((3, 4), float("nan")), torch.zeros(4), 1.0, ValueError, "samples contains NaN"),
+        (torch.zeros(0, 4), torch.zeros(4), 1.0, ValueError, "samples must not be empty"),
+        (torch.zeros(3, 4, dtype=torch.long), torch.zeros(4), 1.0, TypeError, "samples must be a floating"),
+        (np.zeros((3, 4)), torch.zeros(4), 1.0, TypeError, "samples must be a torch.Tensor"),
+    ],
+)
+def test_gaussian_log_likelihood_rejects_bad_input(samples, targets, tau, exc, match):
+    with pytest.raises(exc, match=match):
+        U.gaussian_log_likelihood(samples, targets, tau)
+
+
+@pytest.mark.parametrize(
+    "scores_in, scores_out, exc, match",
+    [
+        (torch.empty(0), torch.ones(3), ValueError, "scores_in must not be empty"),
+        (torch.ones(3), torch.empty(0), ValueError, "scores_out must not be empty"),
+        (torch.ones(3, 1), torch.ones(3), ValueError, "scores_in must be 1-D"),
+        (torch.tensor([0.1, float("nan")]), torch.ones(3), ValueError, "scores_in contains NaN"),
+        (torch.ones(3), torch.tensor([float("nan")]), ValueError, "scores_out contains NaN"),
+        ([0.1, 0.2], torch.ones(3), TypeError, "scores_in must be a torch.Tensor"),
+        (torch.ones(3), torch.ones(3, dtype=torch.bool), TypeError, "scores_out must be a real tensor"),
+    ],
+)
+def test_ood_auroc_rejects_bad_input(scores_in, scores_out, exc, match):
+    with pytest.raises(exc, match=match):
+        U.ood_auroc(scores_in, scores_out)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(num_samples=0), ValueError, "num_samples must be >= 1"),
+        (dict(num_samples=2.0), TypeError, "num_samples must be an int"),
+        (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+        (dict(seed=1.5), TypeError, "seed must be an int or None"),
+        (dict(task="segmentation"), ValueError, "task must be 'classification' or 'regression'"),
+        (dict(x=[[0.0] * 4]), TypeError, "x must be a torch.Tensor"),
+        (dict(x=torch.empty(0, 4)), ValueError, "x must be a non-empty batch"),
+        (dict(x=torch.full((2, 4), float("nan"))), ValueError, "x contains NaN"),
+        (dict(model="not a model"), TypeError, "model must be callable"),
+        (dict(model=lambda x: x.tolist()), TypeError, "model must return a torch.Tensor"),
+        # a classifier's logits must be [N, C] per sample
+        (dict(model=lambda x: x[:, 0]), ValueError, r"task='classification'.*logits \[N, C\]"),
+        (dict(model=lambda x: x[:, None, :], task="regression"), ValueError, r"task='regression'"),
+    ],
+)
+def test_mc_predict_rejects_bad_input(kwargs, exc, match):
+    args = dict(model=mc_model(), x=inputs(3), num_samples=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        U.mc_predict(args.pop("model"), args.pop("x"), args.pop("num_samples"), **args)
