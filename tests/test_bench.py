@@ -193,3 +193,29 @@ def test_table_handles_any_number_of_baselines():
     assert len(lines) == 2 + 4
     assert lines[2].rstrip().endswith("(subject)")
     assert [line.split()[-1] for line in lines[3:]] == ["4.00x", "2.00x", "0.50x"]
+
+
+def test_time_fns_interleaves_and_times_each():
+    order = []
+    naps = {"a": 0.002, "b": 0.004}
+
+    def make(name):
+        def fn():
+            order.append(name)
+            time.sleep(naps[name])
+
+        return fn
+
+    result = bench.time_fns({n: make(n) for n in naps}, target_s=0.01, repeats=3, warmup=1)
+    for name, nap in naps.items():
+        assert result[name]["repeats"] == 3 and len(result[name]["times_s"]) == 3
+        assert nap <= result[name]["median_s"] < nap + 0.02
+    # After warm-up and calibration (a, a, b, b), the measurements alternate a-block / b-block.
+    assert order[:4] == ["a", "a", "b", "b"]
+    blocks = []
+    for name in order[4:]:
+        if not blocks or name != blocks[-1]:
+            blocks.append(name)
+    assert blocks == ["a", "b"] * 3
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        bench.time_fns({"a": lambda: None}, repeats=0)

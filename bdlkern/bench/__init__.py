@@ -9,10 +9,11 @@ adding a family is adding a module there and listing it in ``cases.FAMILIES``.
 The CLI (:mod:`bdlkern.bench.__main__`) and the pytest-benchmark suites in ``bench/`` both read
 :data:`CASES`, so shapes and callables are written once (DESIGN.md section 7).
 
-Measurement (:func:`time_fn`): warm-up calls (which also absorb ``torch.compile`` compilation), then
+Measurement (:func:`time_fns`): warm-up calls (which also absorb ``torch.compile`` compilation), then
 an inner loop of ``number`` calls sized to last about ``target_s`` (0.2 s), repeated ``repeats``
-times with :func:`time.perf_counter`; the per-call median and minimum over the repeats are
-reported. On CUDA the device is synchronised before the clock starts and after the inner loop.
+times with :func:`time.perf_counter`, the variants of a case taking turns (round-robin) so that a
+drift in the machine's speed hits them all alike; the per-call median and minimum over the repeats
+are reported. On CUDA the device is synchronised before the clock starts and after the inner loop.
 
 Memory (:func:`measure_memory`), one separate call per variant:
 
@@ -278,6 +279,65 @@ def time_fn(
     }
 
 
+def time_fns(
+    fns: Mapping[str, Callable[[], Any]],
+    device: torch.device | str = "cpu",
+    *,
+    target_s: float = TARGET_S,
+    repeats: int = REPEATS,
+    warmup: int = 2,
+) -> dict[str, dict[str, Any]]:
+    """Time several callables with their measurements interleaved (round-robin).
+
+    Each callable is warmed up and gets its own inner-loop size ``number`` as in :func:`time_fn`;
+    then measurement ``r`` of every callable is taken before measurement ``r + 1`` of any. On a
+    shared machine whose speed drifts (another tenant, frequency changes) every variant sees the
+    same drift, so the ratios between them stay fair.
+
+    Returns:
+        name -> the dict :func:`time_fn` returns.
+    """
+    if repeats < 1 or target_s <= 0:
+        raise ValueError(f"need repeats >= 1 and target_s > 0, got {repeats} and {target_s}")
+    device = torch.device(device)
+
+    def measure(fn: Callable[[], Any], number: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        synchronize(device)
+        return (time.perf_counter() - start) / number
+
+    numbers: dict[str, int] = {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            synchronize(device)
+            once = measure(fn, 1)
+            numbers[name] = max(1, math.ceil(target_s / max(once, 1e-9)))
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(measure(fn, numbers[name]))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {
+        name: {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "times_s": t,
+            "number": numbers[name],
+            "repeats": repeats,
+        }
+        for name, t in times.items()
+    }
+
+
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -444,8 +504,9 @@ def run_case(
     if workload.check is not None:
         workload.check()
     results: dict[str, dict[str, Any]] = {}
+    timings = time_fns(workload.variants, device, target_s=target_s, repeats=repeats)
     for name, fn in workload.variants.items():
-        timing = time_fn(fn, device, target_s=target_s, repeats=repeats)
+        timing = timings[name]
         work = workload.work(name)
         results[name] = {
             "kind": case.kind(name),
@@ -672,4 +733,5 @@ __all__ = [
     "speedups",
     "synchronize",
     "time_fn",
+    "time_fns",
 ]
