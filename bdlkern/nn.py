@@ -392,6 +392,113 @@ class ConcreteDropout2d(ConcreteDropout):
         super().__init__(conv, **kwargs)
 
 
+# ---- sparse variational dropout -----------------------------------------------------------------------
+class SparseVDLinear(nn.Module):
+    """A linear layer trained by sparse variational dropout (Molchanov, Ashukha & Vetrov 2017).
+
+    Every weight is ``N(theta, alpha theta^2)``; training maximises the ELBO, i.e. minimises the
+    data loss plus :meth:`kl` (scaled by ``1 / N_train`` when the data loss is a mean), which
+    drives most ``alpha`` to infinity: those weights are pure noise and are pruned.
+
+    * training: one LRT sample per input (``bdlkern.ops.lrt_linear``), ``[*, in] -> [*, out]``;
+    * eval: the deterministic pruned layer ``x (theta * (log_alpha < threshold))^T + bias``;
+    * inside ``bdlkern.sampling(S)``: S stochastic LRT samples with the sample-dimension rule of
+      :mod:`bdlkern._sampling`.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear`` (theta initialised like its weight).
+        threshold: prune weights with ``log_alpha >= threshold`` (3.0: alpha ~ 20, a dropout rate
+            above 0.95). Must be finite.
+        log_sigma2_init: initial ``log sigma^2`` of every weight (-10: almost deterministic).
+
+    Parameters: ``theta [out, in]``, ``log_sigma2 [out, in]``, ``bias [out]``.
+    """
+
+    _bdlkern_kl = True  # picked up by bdlkern.nn.regularization / kl_divergence
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = 3.0,
+        log_sigma2_init: float = -10.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"SparseVDLinear: threshold must be finite, got {threshold}")
+        if not math.isfinite(float(log_sigma2_init)):
+            raise ValueError(f"SparseVDLinear: log_sigma2_init must be finite, got {log_sigma2_init}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.threshold = float(threshold)
+        factory = {"device": device, "dtype": dtype}
+        self.theta = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.log_sigma2 = nn.Parameter(torch.full((out_features, in_features), float(log_sigma2_init), **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        nn.init.kaiming_uniform_(self.theta, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def log_alpha(self) -> torch.Tensor:
+        """``clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)``, ``[out, in]`` (differentiable)."""
+        return torch.clamp(self.log_sigma2 - torch.log(self.theta**2 + 1e-8), -8.0, 8.0)
+
+    def mask(self) -> torch.Tensor:
+        """Boolean ``[out, in]``: the weights kept after pruning (``log_alpha < threshold``)."""
+        return self.log_alpha.detach() < self.threshold
+
+    def pruned_weight(self) -> torch.Tensor:
+        """``theta`` with the pruned weights zeroed (what eval uses)."""
+        return self.theta * self.mask().to(self.theta.dtype)
+
+    def sparsity(self) -> float:
+        """Fraction of weights pruned at the current ``threshold``."""
+        return 1.0 - self.mask().double().mean().item()
+
+    def kl(self) -> torch.Tensor:
+        """The layer's KL term (``bdlkern.ops.sparse_vd_kl``), a 0-dim tensor."""
+        return ops.sparse_vd_kl(self.theta, self.log_sigma2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = current_sampling()
+        if state is not None:
+            rng_state = state.rng_state(x.device)
+            if state.input_has_sample_dim(self):
+                if x.dim() < 2 or x.shape[0] != state.num_samples:
+                    raise ValueError(
+                        f"SparseVDLinear: inside sampling({state.num_samples}) this layer is not the first MC "
+                        f"layer of the pass, so its input must be [S={state.num_samples}, ..., {self.in_features}], "
+                        f"got shape {tuple(x.shape)}"
+                    )
+                return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, rng_state=rng_state)
+            return ops.lrt_linear(
+                x, self.theta, self.log_sigma2, self.bias, num_samples=state.num_samples, rng_state=rng_state
+            )
+        if self.training:
+            return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1)[0]
+        return F.linear(x, self.pruned_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}"
+        )
+
+
+def kl_divergence(model: nn.Module) -> torch.Tensor:
+    """The sum of the KL terms of every :class:`SparseVDLinear` in ``model`` (0-dim)."""
+    terms = [m.kl() for m in model.modules() if isinstance(m, SparseVDLinear)]
+    if not terms:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return torch.stack(terms).sum()
+
+
 def regularization(model: nn.Module) -> torch.Tensor:
     """The sum of every bdlkern regulariser and KL term in ``model`` (add it to the loss).
 
@@ -450,6 +557,8 @@ __all__ = [
     "ConcreteDropout",
     "ConcreteDropout2d",
     "ConcreteDropoutLinear",
+    "SparseVDLinear",
     "convert",
+    "kl_divergence",
     "regularization",
 ]

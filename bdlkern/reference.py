@@ -202,3 +202,40 @@ def concrete_dropout_regularizer(weight, p_logit, input_dim, weight_regularizer,
     return weight_regularizer * (weight**2).sum() / (1 - p) + dropout_regularizer * input_dim * (
         p * torch.log(p) + (1 - p) * torch.log(1 - p)
     )
+
+
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
+KL_K1, KL_K2, KL_K3 = 0.63576, 1.87320, 1.48695
+
+
+def log_alpha(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """``clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)`` (DESIGN.md section 1)."""
+    return torch.clamp(log_sigma2 - torch.log(theta**2 + 1e-8), LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+
+def lrt_linear(x, theta, log_sigma2, bias=None, num_samples=None, *, rng_state=None) -> torch.Tensor:
+    """The LRT forward written out: ``mu = x theta^T + b``, ``v = x^2 (alpha theta^2)^T``,
+    ``y = mu + sqrt(v + 1e-8) * eps``; ``[S, *batch, out]``.
+
+    With ``rng_state`` eps is rebuilt from the bdlkern stream (tag 3, index ``(s * R + r) * N + o``
+    over the flattened output) -- the test oracle. Without it ``eps = torch.randn`` -- the naive
+    baseline (autograd keeps every intermediate).
+    """
+    if num_samples is not None:
+        x = x.unsqueeze(0).expand(num_samples, *x.shape)
+    alpha_theta2 = torch.exp(log_alpha(theta, log_sigma2)) * theta**2
+    mu = torch.nn.functional.linear(x, theta, bias)
+    var = torch.nn.functional.linear(x * x, alpha_theta2)
+    if rng_state is None:
+        eps = torch.randn_like(mu)
+    else:
+        eps = normal(rng_state, tuple(mu.shape), stream=3, dtype=mu.dtype).to(mu.device)
+    return mu + torch.sqrt(var + 1e-8) * eps
+
+
+def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """Molchanov et al.'s KL approximation summed over the weights:
+    ``-sum(k1 sigmoid(k2 + k3 la) - 0.5 log1p(exp(-la)) - k1)``."""
+    la = log_alpha(theta, log_sigma2)
+    neg_kl = KL_K1 * torch.sigmoid(KL_K2 + KL_K3 * la) - 0.5 * torch.log1p(torch.exp(-la)) - KL_K1
+    return -neg_kl.sum()

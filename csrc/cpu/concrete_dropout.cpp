@@ -7,10 +7,9 @@
 // Backward writes one partial p_logit gradient per tile and channel; the partials are added in
 // tile order at the end, so the gradient has the same bits for any thread count.
 //
-// float32 runs the factor pass on its own branch-free log / exp (Cephes-style polynomials, about
-// 1 ulp on the ranges used here) so the compiler vectorises it; the loop is compiled for AVX-512
-// and AVX2 through target attributes and picked at run time (no -march in the build). float64 (the
-// gradcheck dtype) uses libm.
+// float32 runs the factor pass on the branch-free log / exp of vec_math.h so the compiler
+// vectorises it; the loop is compiled for AVX-512 and AVX2 and picked at run time
+// (BDLKERN_SIMD_FUNCTION; no -march in the build). float64 (the gradcheck dtype) uses libm.
 #include <ATen/Parallel.h>
 
 #include <bdlkern/concrete.h>
@@ -19,7 +18,6 @@
 #include <bdlkern/random.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -31,6 +29,8 @@
 // the default -ftrapping-math GCC refuses to if-convert them and the loop stays scalar. This only
 // concerns floating-point exception flags, never values.
 #pragma GCC optimize("no-trapping-math")
+
+#include "vec_math.h"
 
 namespace bdlkern {
 namespace {
@@ -50,52 +50,6 @@ Tiles make_tiles(const ConcreteDropoutParams& p) {
   int64_t rows = std::max<int64_t>(1, (kTileElements + row_elems - 1) / row_elems);
   rows = std::max(rows, (p.rows + kMaxTiles - 1) / kMaxTiles);
   return Tiles{rows, p.rows == 0 ? 0 : (p.rows + rows - 1) / rows};
-}
-
-// ---- float32 math the compiler can vectorise -------------------------------------------------
-// log(v) for positive normal v: v = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a polynomial
-// in m - 1 (Cephes logf), plus e log(2) in two parts.
-inline __attribute__((always_inline)) float fast_log(float v) {
-  const uint32_t bits = __builtin_bit_cast(uint32_t, v);
-  int e = static_cast<int>((bits >> 23) & 0xffu) - 126;
-  float m = __builtin_bit_cast(float, (bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  const float fe = static_cast<float>(e);
-  y += -2.12194440e-4f * fe;
-  y += -0.5f * z;
-  return m + y + 0.693359375f * fe;
-}
-
-// exp(v) for v <= 0 (clamped below at -87, where exp is ~1.6e-38: the factor it feeds is then 0
-// to float precision anyway): v = n log(2) + r, exp(r) by a polynomial, times 2^n from the bits.
-inline __attribute__((always_inline)) float fast_exp_nonpositive(float v) {
-  v = v < -87.0f ? -87.0f : v;
-  const float n = __builtin_floorf(v * 1.44269504088896341f + 0.5f);
-  float r = v - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  const uint32_t scale = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;
-  return y * __builtin_bit_cast(float, scale);
 }
 
 // Per-channel constants, as arrays of length C (a scalar p_logit is broadcast once).
@@ -192,9 +146,7 @@ inline __attribute__((always_inline)) void row_f32_body(const RowArgs<float>& a,
 #pragma GCC ivdep
   for (int64_t c = 0; c < a.n; ++c) {
     const float iqc = iq[c];
-    // uniform_float of random.h; (w >> 8) < 2^24 converts exactly through int32.
-    const float u0 = static_cast<float>(static_cast<int32_t>(words[c] >> 8)) * 0x1p-24f + 0x1p-25f;
-    const float u = u0 < 0x1.fffffep-1f ? u0 : 0x1.fffffep-1f;
+    const float u = cpu::vec::uniform(words[c]);
     bool positive;
     float e;
     if constexpr (kPower >= 0) {
@@ -206,9 +158,9 @@ inline __attribute__((always_inline)) void row_f32_body(const RowArgs<float>& a,
       const float lo = positive ? den : num;
       e = pow_small_int<kPower>(lo / hi, n);
     } else {
-      const float s = (lr[c] + fast_log((u + eps) / (1.0f - u + eps))) * inv_t;
+      const float s = (lr[c] + cpu::vec::log((u + eps) / (1.0f - u + eps))) * inv_t;
       positive = s >= 0.0f;
-      e = fast_exp_nonpositive(-__builtin_fabsf(s));
+      e = cpu::vec::exp(-__builtin_fabsf(s));
     }
     const float big = 1.0f / (1.0f + e);
     const float small = e * big;
@@ -253,46 +205,25 @@ inline __attribute__((always_inline)) void row_f32_dispatch(const RowArgs<float>
   }
 }
 
-using RowF32 = void (*)(const RowArgs<float>&, const RateArrays<float>&, float);
-
-template <Pass kPass>
-void row_f32_baseline(const RowArgs<float>& a, const RateArrays<float>& r, float inv_t) {
-  row_f32_dispatch<kPass>(a, r, inv_t);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-template <Pass kPass>
-__attribute__((target("avx2,fma"))) void row_f32_avx2(const RowArgs<float>& a,
-                                                       const RateArrays<float>& r, float inv_t) {
-  row_f32_dispatch<kPass>(a, r, inv_t);
-}
-
-template <Pass kPass>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))) void row_f32_avx512(
-    const RowArgs<float>& a, const RateArrays<float>& r, float inv_t) {
-  row_f32_dispatch<kPass>(a, r, inv_t);
-}
-#endif
-
-template <Pass kPass>
-RowF32 pick_row_f32() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  switch (cpu::best_simd_path()) {
-    case cpu::SimdPath::kAvx512:
-      return row_f32_avx512<kPass>;
-    case cpu::SimdPath::kAvx2:
-      return row_f32_avx2<kPass>;
-    default:
-      break;
-  }
-#endif
-  return row_f32_baseline<kPass>;
-}
+BDLKERN_SIMD_FUNCTION(void, row_f32_factors,
+                      (const RowArgs<float>& a, const RateArrays<float>& r, float inv_t),
+                      row_f32_dispatch<Pass::kFactors>, (a, r, inv_t))
+BDLKERN_SIMD_FUNCTION(void, row_f32_forward,
+                      (const RowArgs<float>& a, const RateArrays<float>& r, float inv_t),
+                      row_f32_dispatch<Pass::kForward>, (a, r, inv_t))
+BDLKERN_SIMD_FUNCTION(void, row_f32_backward,
+                      (const RowArgs<float>& a, const RateArrays<float>& r, float inv_t),
+                      row_f32_dispatch<Pass::kBackward>, (a, r, inv_t))
 
 template <Pass kPass>
 void row_pass(const RowArgs<float>& a, const RateArrays<float>& r, float inv_t) {
-  static const RowF32 fn = pick_row_f32<kPass>();
-  fn(a, r, inv_t);
+  if constexpr (kPass == Pass::kFactors) {
+    row_f32_factors(a, r, inv_t);
+  } else if constexpr (kPass == Pass::kForward) {
+    row_f32_forward(a, r, inv_t);
+  } else {
+    row_f32_backward(a, r, inv_t);
+  }
 }
 
 // float64: libm through the shared functions of concrete.h.

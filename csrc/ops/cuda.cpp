@@ -5,6 +5,7 @@
 #include "concrete_ops.h"
 #include "mc_dropout_ops.h"
 #include "rng_ops.h"
+#include "sparse_vd_ops.h"
 #include "selftest_ops.h"
 
 namespace bdlkern {
@@ -21,6 +22,7 @@ TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
   bdlkern::ops::RngOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::SparseVDOps<bdlkern::CudaTag>::register_impls(m);
 }
 
 // The SIMT self-test kernels on real hardware (schemas live in the _C_simt test extension).

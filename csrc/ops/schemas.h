@@ -36,5 +36,16 @@ inline void define_concrete_schemas(torch::Library& m) {
       "float temperature, int channel_dim) -> (Tensor, Tensor)");
 }
 
+inline void define_sparse_vd_schemas(torch::Library& m) {
+  m.def(
+      "lrt_linear(Tensor x, Tensor theta, Tensor log_sigma2, Tensor? bias, Tensor rng_state, "
+      "int num_samples) -> (Tensor, Tensor)");
+  m.def(
+      "lrt_linear_backward(Tensor grad_out, Tensor x, Tensor theta, Tensor log_sigma2, Tensor std, "
+      "Tensor rng_state) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
+  m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
+}
+
 }  // namespace ops
 }  // namespace bdlkern

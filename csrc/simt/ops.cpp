@@ -7,11 +7,13 @@
 #include "../ops/rng_ops.h"
 #include "../ops/schemas.h"
 #include "../ops/selftest_ops.h"
+#include "../ops/sparse_vd_ops.h"
 
 TORCH_LIBRARY(bdlkern_simt, m) {
   bdlkern::ops::define_rng_schemas(m);
   bdlkern::ops::define_mc_dropout_schemas(m);
   bdlkern::ops::define_concrete_schemas(m);
+  bdlkern::ops::define_sparse_vd_schemas(m);
   bdlkern::ops::define_selftest_schemas(m);
 }
 
@@ -19,5 +21,6 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
   bdlkern::ops::RngOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::SimtTag>::register_impls(m);
+  bdlkern::ops::SparseVDOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SelftestOps<bdlkern::SimtTag>::register_impls(m);
 }

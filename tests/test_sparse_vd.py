@@ -1,0 +1,292 @@
+"""Sparse variational dropout, training side (issue 5): the LRT linear layer and the KL term
+against the pure-PyTorch reference with the same noise, gradients, registration, LRT statistics,
+the KL against its formula and a Monte-Carlo estimate of the true KL, determinism, the module, a
+training run on a bundled data set, and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.library import opcheck
+
+import bdlkern
+from bdlkern import reference as ref
+
+
+def make_layer(S, B, K, N, *, shared_input, dtype=torch.float64, device="cpu", seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, K) if shared_input else (S, B, K), generator=g, dtype=torch.float64)
+    theta = torch.randn(N, K, generator=g, dtype=torch.float64) / math.sqrt(K)
+    # log alpha spread over (-6, 6), away from the clamp's kinks at -8 and 8
+    log_alpha = torch.rand(N, K, generator=g, dtype=torch.float64) * 12 - 6
+    log_sigma2 = log_alpha + torch.log(theta**2 + 1e-8)
+    b = torch.randn(N, generator=g, dtype=torch.float64) if bias else None
+    out = [t.to(dtype).to(device) if t is not None else None for t in (x, theta, log_sigma2, b)]
+    return out
+
+
+SHAPES = [(1, 1, 1, 1), (3, 5, 7, 6), (2, 33, 20, 9), (4, 8, 64, 40)]
+
+
+@pytest.mark.parametrize("S,B,K,N", SHAPES)
+@pytest.mark.parametrize("shared_input", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lrt_forward_backward_match_reference(backend, S, B, K, N, shared_input, bias):
+    x, theta, log_sigma2, b = make_layer(S, B, K, N, shared_input=shared_input, device=backend.device, seed=B + K, bias=bias)
+    state = backend.tensor([99 + N, 4], dtype=torch.int64)
+    y, std = backend.ops.lrt_linear(x, theta, log_sigma2, b, state, S)
+    assert y.shape == (S, B, N) and std.shape == ((B if shared_input else S * B), N)
+    num = S if shared_input else None
+    yr = ref.lrt_linear(x.cpu(), theta.cpu(), log_sigma2.cpu(), None if b is None else b.cpu(), num, rng_state=state.cpu())
+    torch.testing.assert_close(y.cpu(), yr, rtol=1e-10, atol=1e-12)
+    g = torch.randn(S, B, N, dtype=torch.float64)
+    gx, gt, gs, gb = backend.ops.lrt_linear_backward(g.to(backend.device), x, theta, log_sigma2, std, state)
+    leaves = [t.cpu().clone().requires_grad_() for t in (x, theta, log_sigma2)]
+    br = None if b is None else b.cpu().clone().requires_grad_()
+    out = ref.lrt_linear(*leaves, br, num, rng_state=state.cpu())
+    expected = torch.autograd.grad(out, leaves + ([br] if br is not None else []), g)
+    for name, got, exp in zip(("x", "theta", "log_sigma2", "bias"), (gx, gt, gs, gb), expected):
+        torch.testing.assert_close(got.cpu(), exp, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_lrt_float32_and_functional_batch_dims():
+    x, theta, log_sigma2, b = make_layer(5, 6, 12, 8, shared_input=True, seed=3)
+    x = torch.randn(2, 3, 12, dtype=torch.float64)  # *batch = (2, 3)
+    state = torch.tensor([7, 7])
+    y = bdlkern.ops.lrt_linear(x, theta, log_sigma2, b, num_samples=5, rng_state=state)
+    assert y.shape == (5, 2, 3, 8)
+    torch.testing.assert_close(y, ref.lrt_linear(x, theta, log_sigma2, b, 5, rng_state=state), rtol=1e-10, atol=1e-12)
+    y32 = bdlkern.ops.lrt_linear(x.float(), theta.float(), log_sigma2.float(), b.float(), num_samples=5, rng_state=state)
+    torch.testing.assert_close(y32.double(), y, rtol=1e-4, atol=1e-4)
+    # [S, *batch, in] with num_samples=None
+    xs = torch.randn(5, 2, 3, 12, dtype=torch.float64)
+    torch.testing.assert_close(
+        bdlkern.ops.lrt_linear(xs, theta, log_sigma2, b, rng_state=state),
+        ref.lrt_linear(xs, theta, log_sigma2, b, rng_state=state),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_lrt_gradcheck(shared_input):
+    x, theta, log_sigma2, b = make_layer(3, 4, 5, 3, shared_input=shared_input, seed=1)
+    # include weights clamped at both ends (zero gradient there, away from the kink)
+    log_sigma2 = log_sigma2.clone()
+    log_sigma2[0, 0] = 12.0 + torch.log(theta[0, 0] ** 2 + 1e-8)
+    log_sigma2[1, 1] = -12.0 + torch.log(theta[1, 1] ** 2 + 1e-8)
+    state = torch.tensor([3, 0])
+
+    def f(x, theta, log_sigma2, b):
+        return bdlkern.ops.lrt_linear(x, theta, log_sigma2, b, num_samples=3 if shared_input else None, rng_state=state)
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (x, theta, log_sigma2, b)))
+
+
+def test_kl_gradcheck_and_simt_autograd():
+    _, theta, log_sigma2, _ = make_layer(1, 1, 6, 5, shared_input=True, seed=2)
+    for ops in (torch.ops.bdlkern, torch.ops.bdlkern_simt):
+        assert torch.autograd.gradcheck(ops.sparse_vd_kl, (theta.clone().requires_grad_(), log_sigma2.clone().requires_grad_()))
+    x, theta, log_sigma2, b = make_layer(2, 3, 4, 3, shared_input=True, seed=4)
+    state = torch.tensor([1, 1])
+
+    def f(x, theta, log_sigma2, b):
+        return torch.ops.bdlkern_simt.lrt_linear(x, theta, log_sigma2, b, state, 2)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (x, theta, log_sigma2, b)))
+
+
+def test_opcheck():
+    x, theta, log_sigma2, b = make_layer(3, 5, 8, 4, shared_input=True, dtype=torch.float32)
+    xs, _, _, _ = make_layer(3, 5, 8, 4, shared_input=False, dtype=torch.float32)
+    state = torch.tensor([3, 0])
+    ops = torch.ops.bdlkern
+    opcheck(ops.lrt_linear, (x.requires_grad_(), theta.requires_grad_(), log_sigma2.requires_grad_(), b, state, 3))
+    opcheck(ops.lrt_linear, (xs, theta.detach(), log_sigma2.detach(), None, state, 3))
+    y, std = ops.lrt_linear(x.detach(), theta.detach(), log_sigma2.detach(), b, state, 3)
+    opcheck(ops.lrt_linear_backward, (torch.randn_like(y), x.detach(), theta.detach(), log_sigma2.detach(), std, state))
+    opcheck(ops.sparse_vd_kl, (theta.detach().requires_grad_(), log_sigma2.detach().requires_grad_()))
+    opcheck(ops.sparse_vd_kl_backward, (torch.tensor(2.0), theta.detach(), log_sigma2.detach()))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, theta, log_sigma2, b = make_layer(4, 6, 10, 5, shared_input=True, dtype=torch.float32)
+    state = torch.tensor([11, 0])
+
+    def f(x, theta, log_sigma2, b, state):
+        y = bdlkern.ops.lrt_linear(x, theta, log_sigma2, b, num_samples=4, rng_state=state)
+        return y.relu().sum() + bdlkern.ops.sparse_vd_kl(theta, log_sigma2)
+
+    compiled = torch.compile(f, fullgraph=True)
+    a = [t.clone().requires_grad_() for t in (x, theta, log_sigma2, b)]
+    e = [t.clone().requires_grad_() for t in (x, theta, log_sigma2, b)]
+    out, out_eager = compiled(*a, state), f(*e, state)
+    torch.testing.assert_close(out, out_eager)
+    out.backward()
+    out_eager.backward()
+    for t, r in zip(a, e):
+        torch.testing.assert_close(t.grad, r.grad)
+
+
+def test_lrt_output_mean_and_variance():
+    """Over many samples, y has mean mu = x theta^T + b and variance v = x^2 (alpha theta^2)^T."""
+    S = 4000
+    x, theta, log_sigma2, b = make_layer(S, 3, 10, 4, shared_input=True, seed=6)
+    y = bdlkern.ops.lrt_linear(x, theta, log_sigma2, b, num_samples=S, rng_state=torch.tensor([2, 0]))
+    mu = x @ theta.T + b
+    v = (x * x) @ (torch.exp(ref.log_alpha(theta, log_sigma2)) * theta**2).T + 1e-8
+    z = (y.mean(0) - mu) / torch.sqrt(v / S)
+    assert z.abs().max() < 4.5
+    # sample variance: relative standard error sqrt(2 / (S - 1)) ~ 2.2%
+    rel = y.var(0) / v - 1
+    assert rel.abs().max() < 5 * math.sqrt(2 / (S - 1))
+
+
+def test_kl_against_formula_and_monte_carlo_estimate():
+    # values: the formula written independently in NumPy
+    la = np.linspace(-7.5, 7.5, 31)
+    theta = torch.ones(31, dtype=torch.float64)
+    log_sigma2 = torch.from_numpy(la) + math.log(1 + 1e-8)
+    k1, k2, k3 = 0.63576, 1.87320, 1.48695
+    expected = -(k1 / (1 + np.exp(-(k2 + k3 * la))) - 0.5 * np.log1p(np.exp(-la)) - k1)
+    got = torch.stack([bdlkern.ops.sparse_vd_kl(theta[i : i + 1], log_sigma2[i : i + 1]) for i in range(31)])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert bdlkern.ops.sparse_vd_kl(theta, log_sigma2).item() == pytest.approx(expected.sum(), rel=1e-12)
+    # The true KL to the log-uniform prior, up to the constant the approximation fixes (Molchanov
+    # et al. 2017, eq. 14): -KL = 0.5 log alpha - E_{e ~ N(1, alpha)} log|e| + C, C = -k1.
+    rng = np.random.default_rng(0)
+    n = 400_000
+    for a in np.linspace(-4.0, 4.0, 9):
+        eps = 1.0 + math.exp(a / 2) * rng.standard_normal(n)
+        neg_kl_mc = 0.5 * a - np.log(np.abs(eps)).mean() - k1
+        approx = -(k1 / (1 + math.exp(-(k2 + k3 * a))) - 0.5 * math.log1p(math.exp(-a)) - k1)
+        assert abs(-neg_kl_mc - approx) < 0.02, (a, -neg_kl_mc, approx)
+
+
+def test_kl_bits_do_not_depend_on_threads_or_runs(threads):
+    _, theta, log_sigma2, _ = make_layer(1, 1, 700, 300, shared_input=True, dtype=torch.float32, seed=9)
+    values = []
+    for n in (1, 2, 1):
+        torch.set_num_threads(n)
+        values.append(bdlkern.ops.sparse_vd_kl(theta, log_sigma2))
+        values.append(torch.ops.bdlkern_simt.sparse_vd_kl(theta, log_sigma2))
+    assert all(torch.equal(values[0], v) for v in values[0::2])
+    assert all(torch.equal(values[1], v) for v in values[1::2])
+    torch.testing.assert_close(values[0].double(), ref.sparse_vd_kl(theta.double(), log_sigma2.double()), rtol=1e-6, atol=1e-3)
+
+
+def test_nan_and_extreme_log_sigma2_follow_the_clamp():
+    theta = torch.tensor([0.5, 0.5, 0.5, 0.0], dtype=torch.float64)
+    log_sigma2 = torch.tensor([float("nan"), -100.0, 100.0, -3.0], dtype=torch.float64)
+    x = torch.ones(2, 4, dtype=torch.float64)
+    state = torch.tensor([1, 0])
+    y = bdlkern.ops.lrt_linear(x, theta[None], log_sigma2[None], num_samples=1, rng_state=state)
+    yr = ref.lrt_linear(x, theta[None], log_sigma2[None], None, 1, rng_state=state)
+    assert torch.isnan(y).all() and torch.isnan(yr).all()  # NaN propagates, as through torch.clamp
+    finite = slice(1, 4)
+    kl = bdlkern.ops.sparse_vd_kl(theta[finite], log_sigma2[finite])
+    torch.testing.assert_close(kl, ref.sparse_vd_kl(theta[finite], log_sigma2[finite]))
+    y = bdlkern.ops.lrt_linear(x[:, finite], theta[None, finite], log_sigma2[None, finite], num_samples=1, rng_state=state)
+    assert torch.isfinite(y).all()
+
+
+# ---- the module -------------------------------------------------------------------------------------------
+def test_module_modes_and_properties():
+    torch.manual_seed(0)
+    layer = bdlkern.nn.SparseVDLinear(10, 4, log_sigma2_init=-10.0)
+    assert set(dict(layer.named_parameters())) == {"theta", "log_sigma2", "bias"}
+    with torch.no_grad():
+        layer.log_sigma2[0, :5] = 5.0  # these become pure noise: pruned
+    x = torch.randn(6, 10)
+    assert layer.train()(x).shape == (6, 4)
+    la = layer.log_alpha
+    torch.testing.assert_close(la, ref.log_alpha(layer.theta, layer.log_sigma2))
+    assert layer.sparsity() == pytest.approx((la >= 3.0).double().mean().item())
+    assert layer.sparsity() >= 5 / 40
+    layer.eval()
+    expected = nn.functional.linear(x, layer.theta * (la < 3.0), layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+    with bdlkern.sampling(7, seed=1):
+        ys = layer(x)
+    assert ys.shape == (7, 6, 4) and not torch.equal(ys[0], ys[1])
+    torch.testing.assert_close(layer.kl(), ref.sparse_vd_kl(layer.theta, layer.log_sigma2))
+    model = nn.Sequential(layer, nn.ReLU(), bdlkern.nn.SparseVDLinear(4, 2))
+    total = bdlkern.nn.kl_divergence(model)
+    torch.testing.assert_close(total, layer.kl() + model[2].kl())
+    torch.testing.assert_close(bdlkern.nn.regularization(model), total)
+    assert bdlkern.nn.kl_divergence(nn.Linear(2, 2)).item() == 0.0
+
+
+def test_training_on_digits_prunes_and_stays_accurate(threads):
+    """MLP 64-300-100-10 of SparseVDLinear on sklearn's digits: >= 90% of weights pruned and
+    >= 95% test accuracy with the pruned deterministic network (about 15 s)."""
+    torch.set_num_threads(1)  # batches of 128 x 300: one thread beats the fork/join overhead
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        bdlkern.nn.SparseVDLinear(64, 300), nn.ReLU(), bdlkern.nn.SparseVDLinear(300, 100), nn.ReLU(), bdlkern.nn.SparseVDLinear(100, 10)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    n = len(x_tr)
+    epochs = 100
+    for epoch in range(epochs):
+        kl_weight = min(1.0, epoch / 20)  # warm-up of the KL term, as in the paper's experiments
+        perm = torch.randperm(n)
+        for i in range(0, n, 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]) + kl_weight * bdlkern.nn.kl_divergence(model) / n
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x_te).argmax(-1) == y_te).double().mean().item()
+    layers = [m for m in model if isinstance(m, bdlkern.nn.SparseVDLinear)]
+    total = sum(m.theta.numel() for m in layers)
+    pruned = sum(m.sparsity() * m.theta.numel() for m in layers) / total
+    assert pruned >= 0.90, f"pruned {pruned:.3f}"
+    assert acc >= 0.95, f"accuracy {acc:.3f}"
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+def test_bad_input_messages():
+    x, theta, log_sigma2, b = make_layer(2, 3, 4, 5, shared_input=True, dtype=torch.float32)
+    st = torch.tensor([1, 1])
+    f = bdlkern.ops.lrt_linear
+    with pytest.raises(RuntimeError, match="log_sigma2 must have theta's shape"):
+        f(x, theta, log_sigma2[:, :2], num_samples=2, rng_state=st)
+    with pytest.raises(RuntimeError, match="log_sigma2 must have the dtype of theta"):
+        f(x, theta, log_sigma2.double(), num_samples=2, rng_state=st)
+    with pytest.raises(RuntimeError, match="x must have the dtype of theta"):
+        f(x.double(), theta, log_sigma2, num_samples=2, rng_state=st)
+    with pytest.raises(ValueError, match="x has 4 features but the weights expect in_features = 3"):
+        f(x, theta[:, :3], log_sigma2[:, :3], num_samples=2, rng_state=st)
+    with pytest.raises(RuntimeError, match=r"bias must be \[out_features\]"):
+        f(x, theta, log_sigma2, torch.zeros(3), num_samples=2, rng_state=st)
+    with pytest.raises(RuntimeError, match="theta must be float32 or float64"):
+        f(x.half(), theta.half(), log_sigma2.half(), num_samples=2, rng_state=st)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        f(x, theta, log_sigma2, num_samples=0, rng_state=st)
+    with pytest.raises(ValueError, match="x has no sample dimension"):
+        f(torch.randn(4), theta, log_sigma2, rng_state=st)
+    with pytest.raises(RuntimeError, match="rng_state must be an int64"):
+        f(x, theta, log_sigma2, num_samples=2, rng_state=torch.tensor([1.0, 1.0]))
+    with pytest.raises(RuntimeError, match="log_sigma2 must be on theta's device"):
+        torch.ops.bdlkern.sparse_vd_kl(theta, log_sigma2.to("meta"))
+    with pytest.raises(RuntimeError, match="log_sigma2 must have theta's shape"):
+        bdlkern.ops.sparse_vd_kl(theta, log_sigma2.t())
+    with pytest.raises(RuntimeError, match="grad must hold one value"):
+        torch.ops.bdlkern.sparse_vd_kl_backward(torch.ones(2), theta, log_sigma2)
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        bdlkern.nn.SparseVDLinear(3, 3, threshold=float("inf"))
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        bdlkern.nn.SparseVDLinear(3, 3, threshold=float("nan"))
