@@ -204,7 +204,9 @@ if simt_headers is not None:
     ext_modules.append(
         CppExtension(
             "bdlkern._C_simt",
-            rel("csrc/simt/*.cpp"),
+            # + the host-side helpers the bindings of every backend share (CSR validation, with the
+            # run-time SIMD choice it uses)
+            rel("csrc/simt/*.cpp") + ["csrc/cpu/csr_check.cpp", "csrc/cpu/philox_simd.cpp"],
             include_dirs=include_dirs + [simt_headers],
             define_macros=[("BDLKERN_SIMT", "1")],
             extra_compile_args={"cxx": cxx_flags + ["-pthread"]},

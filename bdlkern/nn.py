@@ -483,10 +483,158 @@ class SparseVDLinear(nn.Module):
             return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1)[0]
         return F.linear(x, self.pruned_weight(), self.bias)
 
+    def to_sparse(self) -> "SparseLinear":
+        """The pruned layer as a :class:`SparseLinear`: CSR of the weights with
+        ``log_alpha < threshold``, values theta and alpha theta^2 interleaved on that pattern (so it
+        can still draw stochastic LRT samples), and a copy of the bias."""
+        with torch.no_grad():
+            keep = self.mask()
+            variance = torch.exp(self.log_alpha) * self.theta**2
+            return SparseLinear.from_dense(self.theta, self.bias, variance=variance, mask=keep)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"threshold={self.threshold}"
+        )
+
+
+class SparseLinear(nn.Module):
+    """A linear layer with a CSR weight, for pruned networks (``SparseVDLinear.to_sparse()``).
+
+    * deterministic: ``y = x W^T + bias`` through ``bdlkern.ops.sparse_linear``; above the
+      measured :meth:`crossover_density` of the batch size it uses the dense GEMM instead, so it
+      does not lose to ``nn.Linear``;
+    * inside ``bdlkern.sampling(S)``, when the layer holds weight variances (``values [nnz, 2]``, as
+      ``to_sparse`` keeps them): S stochastic LRT samples from one pass over the sparse structure.
+
+    Buffers (all in the state dict; ``load_state_dict`` takes any nnz): ``crow`` int64 ``[N + 1]``,
+    ``col`` int64 ``[nnz]``, ``values`` ``[nnz]`` or ``[nnz, 2]`` (theta, alpha theta^2), ``bias``
+    ``[N]`` (optional) and ``row_order`` (rows longest first, for the CUDA kernel's warps).
+    """
+
+    #: (largest batch, density) rows: above that density the dense GEMM is faster at that batch
+    #: size. Measured on the 2-core AVX2 benchmark VM with W [1024, 1024], float32, 2 threads
+    #: (the sparse_linear.b* cases of ``python -m bdlkern.bench`` and sweeps of 1-256 rows): a single row's GEMV is overhead-bound on both paths and the CSR kernel only wins
+    #: below ~3%; from 16 rows up it wins up to ~25-35%; the table keeps a margin below those.
+    crossover_table: tuple[tuple[float, float], ...] = ((4, 0.03), (32, 0.2), (math.inf, 0.25))
+
+    def crossover_density(self, batch: int) -> float:
+        """The density above which a batch of ``batch`` rows takes the dense GEMM."""
+        for max_batch, density in self.crossover_table:
+            if batch <= max_batch:
+                return density
+        return self.crossover_table[-1][1]
+
+    def __init__(self, in_features: int, out_features: int, crow, col, values, bias=None):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        if not (isinstance(crow, torch.Tensor) and crow.dim() == 1 and crow.numel() == out_features + 1):
+            raise ValueError(f"SparseLinear: crow must be a 1-d tensor of out_features + 1 = {out_features + 1} entries")
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", bias)
+        self.register_buffer("row_order", self._row_order(crow))
+        self.register_buffer("_dense", None, persistent=False)  # the dense weight, made on demand
+        # A malformed structure fails here, at construction (the op checks it on every call too).
+        probe = torch.zeros(1, self.in_features, dtype=values.dtype, device=values.device)
+        torch.ops.bdlkern.sparse_linear(probe, crow, col, values, bias, None)
+
+    @staticmethod
+    def _row_order(crow: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(crow[1:] - crow[:-1], descending=True, stable=True)
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        variance: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> "SparseLinear":
+        """The CSR layer of a pruned dense ``weight [N, K]``: the entries where ``mask`` (default
+        ``weight != 0``) is true, with ``variance [N, K]`` (alpha theta^2) interleaved if given."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("SparseLinear.from_dense: weight must be a 2-d tensor [out_features, in_features]")
+        weight = weight.detach()
+        keep = (weight != 0) if mask is None else mask.to(torch.bool)
+        if keep.shape != weight.shape:
+            raise ValueError(f"SparseLinear.from_dense: mask must have the weight's shape {tuple(weight.shape)}")
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: rows ascending, cols ascending within
+        counts = torch.bincount(rows, minlength=weight.shape[0])
+        crow = torch.cat([torch.zeros(1, dtype=torch.long, device=weight.device), counts.cumsum(0)])
+        values = weight[rows, cols]
+        if variance is not None:
+            if variance.shape != weight.shape:
+                raise ValueError("SparseLinear.from_dense: variance must have the weight's shape")
+            values = torch.stack([values, variance.detach()[rows, cols].to(values.dtype)], dim=1)
+        return cls(
+            weight.shape[1], weight.shape[0], crow, cols.contiguous(), values.contiguous(),
+            None if bias is None else bias.detach().clone(),
+        )
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weights kept."""
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+    @property
+    def has_variance(self) -> bool:
+        return self.values.dim() == 2
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]``."""
+        from .reference import csr_to_dense
+
+        return csr_to_dense(self.crow, self.col, self.values, self.in_features)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = current_sampling()
+        if state is not None and self.has_variance:
+            rng_state = state.rng_state(x.device)
+            if state.input_has_sample_dim(self):
+                if x.dim() < 2 or x.shape[0] != state.num_samples:
+                    raise ValueError(
+                        f"SparseLinear: inside sampling({state.num_samples}) this layer is not the first MC layer "
+                        f"of the pass, so its input must be [S={state.num_samples}, ..., {self.in_features}], "
+                        f"got shape {tuple(x.shape)}"
+                    )
+                num_samples = None
+            else:
+                num_samples = state.num_samples
+            return ops.sparse_linear(
+                x, self.crow, self.col, self.values, self.bias, num_samples=num_samples, stochastic=True,
+                rng_state=rng_state, row_order=self.row_order,
+            )
+        rows = x.numel() // max(self.in_features, 1)
+        if self.density > self.crossover_density(rows):
+            if self._dense is None or self._dense.dtype != self.values.dtype:
+                self._dense = self.to_dense()
+            return F.linear(x, self._dense, self.bias)
+        return ops.sparse_linear(x, self.crow, self.col, self.values, self.bias, row_order=self.row_order)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The number of stored weights differs from layer to layer: take the incoming shapes.
+        for name in ("crow", "col", "values", "row_order", "bias"):
+            key = prefix + name
+            if key in state_dict and state_dict[key] is not None:
+                current = getattr(self, name)
+                if current is None or current.shape != state_dict[key].shape:
+                    setattr(self, name, torch.empty_like(state_dict[key], device=self.col.device))
+        self._dense = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"density={self.density:.4f}, variance={self.has_variance}, bias={self.bias is not None}"
         )
 
 
@@ -557,6 +705,7 @@ __all__ = [
     "ConcreteDropout",
     "ConcreteDropout2d",
     "ConcreteDropoutLinear",
+    "SparseLinear",
     "SparseVDLinear",
     "convert",
     "kl_divergence",

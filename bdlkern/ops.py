@@ -538,6 +538,87 @@ def _sparse_vd_kl_backward_for(ops):
     return backward
 
 
+# ---- sparse (CSR) linear: pruned sparse VD inference --------------------------------------------------
+def sparse_linear(
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    num_samples: int | None = None,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    rng_state: torch.Tensor | None = None,
+    row_order: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer whose weight W [N, K] is stored in CSR: the pruned sparse VD layer.
+
+    ``crow`` (int64 ``[N + 1]``), ``col`` (int64 ``[nnz]``, ascending within each row) and ``values``:
+    ``[nnz]`` (theta) or ``[nnz, 2]`` (theta and the weight variance ``alpha theta^2`` interleaved on
+    the same pattern). The structure is validated before any kernel runs.
+
+    * deterministic (default): ``y = x W^T + bias``, ``x [*, K] -> [*, N]``;
+    * ``stochastic=True``: S local-reparameterisation samples ``y_s = mu + sqrt(v + 1e-8) * eps_s``
+      with ``mu = x W^T + bias`` and ``v = x^2 V^T`` from one pass over the sparse structure, the
+      noise from the Philox stream (tag ``"sparse_lrt"``) over the output's logical coordinates, and
+      the sample-dimension rule of :func:`mc_dropout_linear` (``num_samples=S`` with ``x [*batch, K]``,
+      or ``x [S, *batch, K]``); needs ``values [nnz, 2]``.
+
+    Differentiable in ``x`` only (saliency and adversarial uses); no gradient reaches the values.
+
+    Args:
+        row_order: optional int64 ``[N]`` permutation in which the CUDA kernel hands rows to warps
+            (longest first balances the work; ``bdlkern.nn.SparseLinear`` keeps one).
+    """
+    for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sparse_linear: {name} must be a tensor, got {type(t).__name__}")
+    if not stochastic:
+        if num_samples is not None:
+            raise ValueError("sparse_linear: num_samples needs stochastic=True (the deterministic layer has no samples)")
+        if x.dim() < 1:
+            raise ValueError("sparse_linear: x must have a feature dimension")
+        rows = crow.shape[0] - 1 if crow.dim() == 1 else -1
+        y = torch.ops.bdlkern.sparse_linear(x.reshape(-1, x.shape[-1]), crow, col, values, bias, row_order)
+        return y.reshape(*x.shape[:-1], rows if rows >= 0 else y.shape[-1])
+    x_op, samples, batch = _sample_dim_input(x, x.shape[-1] if x.dim() else -1, num_samples, "sparse_linear")
+    state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
+    y, _ = torch.ops.bdlkern.sparse_linear_lrt(x_op, crow, col, values, bias, row_order, state, samples)
+    return y.reshape(samples, *batch, y.shape[-1])
+
+
+def _sparse_linear_setup_context(ctx, inputs, output):
+    x, crow, col, values, bias, row_order = inputs
+    ctx.save_for_backward(crow, col, values)
+    ctx.in_features = x.shape[-1]
+
+
+def _sparse_linear_backward_for(ops):
+    def backward(ctx, grad):
+        crow, col, values = ctx.saved_tensors
+        grad_x = ops.sparse_linear_backward(grad, crow, col, values, ctx.in_features) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None
+
+    return backward
+
+
+def _sparse_linear_lrt_setup_context(ctx, inputs, output):
+    x, crow, col, values, bias, row_order, rng_state, num_samples = inputs
+    std = output[1]
+    ctx.mark_non_differentiable(std)
+    ctx.save_for_backward(x, crow, col, values, std, rng_state)
+
+
+def _sparse_linear_lrt_backward_for(ops):
+    def backward(ctx, grad, _grad_std):
+        x, crow, col, values, std, rng_state = ctx.saved_tensors
+        grad_x = ops.sparse_linear_lrt_backward(grad, x, crow, col, values, std, rng_state) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None, None, None
+
+    return backward
+
+
 # ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
 def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::philox4x32")
@@ -643,11 +724,43 @@ def _register_sparse_vd(ns: str) -> None:
     )
 
 
+def _register_sparse_linear(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::sparse_linear")
+    def _fake(x, crow, col, values, bias=None, row_order=None):
+        _check_devices("sparse_linear", "x", x, crow=crow, col=col, values=values, bias=bias)
+        return x.new_empty((x.shape[0], crow.shape[0] - 1))
+
+    @torch.library.register_fake(f"{ns}::sparse_linear_backward")
+    def _fake_backward(grad_out, crow, col, values, in_features):
+        return grad_out.new_empty((grad_out.shape[0], in_features))
+
+    @torch.library.register_fake(f"{ns}::sparse_linear_lrt")
+    def _fake_lrt(x, crow, col, values, bias, row_order, rng_state, num_samples):
+        _check_devices("sparse_linear", "x", x, crow=crow, col=col, values=values, bias=bias, rng_state=rng_state)
+        n = crow.shape[0] - 1
+        rows = x.shape[-2]
+        std_rows = rows if x.dim() == 2 else num_samples * rows
+        return x.new_empty((num_samples, rows, n)), x.new_empty((std_rows, n))
+
+    @torch.library.register_fake(f"{ns}::sparse_linear_lrt_backward")
+    def _fake_lrt_backward(grad_out, x, crow, col, values, std, rng_state):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    ops = getattr(torch.ops, ns)
+    torch.library.register_autograd(
+        f"{ns}::sparse_linear", _sparse_linear_backward_for(ops), setup_context=_sparse_linear_setup_context
+    )
+    torch.library.register_autograd(
+        f"{ns}::sparse_linear_lrt", _sparse_linear_lrt_backward_for(ops), setup_context=_sparse_linear_lrt_setup_context
+    )
+
+
 for _ns in _NAMESPACES:
     _register_fakes(_ns)
     _register_mc_dropout(_ns)
     _register_concrete(_ns)
     _register_sparse_vd(_ns)
+    _register_sparse_linear(_ns)
 
 __all__ = [
     "STREAMS",
@@ -661,4 +774,5 @@ __all__ = [
     "concrete_dropout_regularizer",
     "lrt_linear",
     "sparse_vd_kl",
+    "sparse_linear",
 ]

@@ -239,3 +239,34 @@ def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     la = log_alpha(theta, log_sigma2)
     neg_kl = KL_K1 * torch.sigmoid(KL_K2 + KL_K3 * la) - 0.5 * torch.log1p(torch.exp(-la)) - KL_K1
     return -neg_kl.sum()
+
+
+def csr_to_dense(crow, col, values, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, V or None): the dense [N, K] matrices of a CSR weight, rebuilt entry by entry."""
+    n = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow[1:] - crow[:-1])
+    theta = values if values.dim() == 1 else values[:, 0]
+    w = torch.zeros(n, in_features, dtype=values.dtype, device=values.device)
+    w[rows, col] = theta
+    if values.dim() == 1:
+        return w, None
+    v = torch.zeros_like(w)
+    v[rows, col] = values[:, 1]
+    return w, v
+
+
+def sparse_linear(x, crow, col, values, bias=None, num_samples=None, *, stochastic=False, rng_state=None):
+    """Dense reference of ``bdlkern.ops.sparse_linear``: ``F.linear`` with the densified weight, or
+    LRT samples ``mu + sqrt(x^2 V^T + 1e-8) * eps`` (eps from stream tag 4 with ``rng_state``)."""
+    w, v = csr_to_dense(crow, col, values, x.shape[-1])
+    if not stochastic:
+        return torch.nn.functional.linear(x, w, bias)
+    if num_samples is not None:
+        x = x.unsqueeze(0).expand(num_samples, *x.shape)
+    mu = torch.nn.functional.linear(x, w, bias)
+    var = torch.nn.functional.linear(x * x, v)
+    if rng_state is None:
+        eps = torch.randn_like(mu)
+    else:
+        eps = normal(rng_state, tuple(mu.shape), stream=4, dtype=mu.dtype).to(mu.device)
+    return mu + torch.sqrt(var + 1e-8) * eps

@@ -167,8 +167,9 @@ def _entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def _run_block(
     model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_samples: int, seed: int | None
-) -> torch.Tensor:
-    """``model(x)`` in one ``sampling`` block; returns ``[S, ...]`` (deterministic outputs broadcast)."""
+) -> tuple[torch.Tensor, bool]:
+    """``model(x)`` in one ``sampling`` block: (``[S, ...]``, whether no MC layer ran). A
+    deterministic model's output is broadcast over the samples."""
     with sampling(num_samples, seed=seed):
         state = current_sampling()
         out = model(x)
@@ -178,13 +179,13 @@ def _run_block(
     # the output's shape, which misfires when the batch size equals num_samples).
     if state.mc_layer_calls == 0:
         # No bdlkern MC layer ran: the model is deterministic, every sample is the same output.
-        return out.unsqueeze(0).expand(num_samples, *out.shape).contiguous()
+        return out.unsqueeze(0).expand(num_samples, *out.shape).contiguous(), True
     if out.dim() < 2 or out.shape[0] != num_samples:
         raise ValueError(
             f"mc_predict: the model's output must have a leading sample dimension of size "
             f"num_samples={num_samples}, got shape {tuple(out.shape)}"
         )
-    return out
+    return out, False
 
 
 def mc_predict(
@@ -253,13 +254,15 @@ def mc_predict(
     try:
         with torch.no_grad():
             chunks = [x] if batch_size is None else list(torch.split(x, batch_size, dim=0))
-            outputs = [
+            runs = [
                 _run_block(model, chunk, num_samples, None if seed is None else seed + i)
                 for i, chunk in enumerate(chunks)
             ]
     finally:
         for module, flag in zip(modules, training_flags):
             module.training = flag
+    outputs = [out for out, _ in runs]
+    deterministic = all(det for _, det in runs)
     samples = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     if task == "regression":
@@ -269,7 +272,8 @@ def mc_predict(
                 f"(samples [S, N] or [S, N, D]), got samples of shape {tuple(samples.shape)}"
             )
         values = samples if samples.is_floating_point() else samples.double()
-        return MCPrediction(samples=samples, mean=values.mean(0), variance=values.var(0, unbiased=False))
+        variance = torch.zeros_like(values[0]) if deterministic else values.var(0, unbiased=False)
+        return MCPrediction(samples=samples, mean=values.mean(0), variance=variance)
 
     if samples.dim() != 3:
         raise ValueError(
@@ -280,10 +284,14 @@ def mc_predict(
         raise TypeError(f"{fn}: the model's logits must be floating point, got dtype {samples.dtype}")
     logits = samples.to(torch.promote_types(samples.dtype, torch.float32))
     probs = logits.softmax(-1)  # [S, N, C]
-    mean_probs = probs.mean(0)  # [N, C]
+    mean_probs = probs[0] if deterministic else probs.mean(0)  # [N, C]
     predictive_entropy = _entropy(mean_probs)
-    expected_entropy = _entropy(probs).mean(0)
-    mutual_information = (predictive_entropy - expected_entropy).clamp(min=0.0)
+    if deterministic:  # identical samples: no epistemic part, exactly (not up to rounding)
+        expected_entropy = predictive_entropy.clone()
+        mutual_information = torch.zeros_like(predictive_entropy)
+    else:
+        expected_entropy = _entropy(probs).mean(0)
+        mutual_information = (predictive_entropy - expected_entropy).clamp(min=0.0)
     return MCPrediction(
         samples=samples,
         mean_probs=mean_probs,

@@ -424,8 +424,8 @@ def test_mc_predict_deterministic_model(n):
     assert pred.samples.shape == (8, n, 3)
     with torch.no_grad():
         torch.testing.assert_close(pred.samples, model(x).expand(8, n, 3))
-    assert pred.mutual_information.abs().max().item() <= 1e-6
-    torch.testing.assert_close(pred.predictive_entropy, pred.expected_entropy, atol=1e-6, rtol=0)
+    assert torch.equal(pred.mutual_information, torch.zeros(n))  # exactly, not up to rounding
+    assert torch.equal(pred.predictive_entropy, pred.expected_entropy)
 
 
 def test_mc_predict_deterministic_regression_with_n_equal_s():

@@ -229,7 +229,7 @@ void lrt_noise_forward(CpuTag, const LrtParams& p, const void* mu, const void* v
     at::parallel_for(0, src_rows * N, kGrain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) sd[i] = std::sqrt(v[i] + static_cast<T>(kVarianceEps));
     });
-    const PhiloxStream stream = make_stream(p.rng_state, kStreamLRT);
+    const PhiloxStream stream = make_stream(p.rng_state, p.tag);
     at::parallel_for(0, p.num_samples * R, kRowGrain, [&](int64_t r0, int64_t r1) {
       std::vector<uint32_t> words;
       std::vector<T> eps(static_cast<size_t>(N));
@@ -255,7 +255,7 @@ void lrt_noise_backward(CpuTag, const LrtParams& p, const void* grad_y, const vo
     const int64_t R = p.rows, N = p.out_features;
     const int64_t samples = p.shared_input ? p.num_samples : 1;
     const int64_t dst_rows = p.shared_input ? R : p.num_samples * R;
-    const PhiloxStream stream = make_stream(p.rng_state, kStreamLRT);
+    const PhiloxStream stream = make_stream(p.rng_state, p.tag);
     // Parallel over destination rows; a shared input's samples are added in ascending order.
     at::parallel_for(0, dst_rows, kRowGrain, [&](int64_t r0, int64_t r1) {
       std::vector<uint32_t> words;

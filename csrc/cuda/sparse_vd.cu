@@ -75,7 +75,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lrt_noise_forward_kernel(LrtParams p, const T* __restrict__ mu, const T* __restrict__ var,
                              const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ std) {
-  const PhiloxStream stream = make_stream(p.rng_state, kStreamLRT);
+  const PhiloxStream stream = make_stream(p.rng_state, p.tag);
   const int64_t per_sample = p.rows * p.out_features;
   const int64_t total = p.num_samples * per_sample;
   for (int64_t i = global_thread(); i < total; i += grid_threads()) {
@@ -93,7 +93,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lrt_noise_backward_kernel(LrtParams p, const T* __restrict__ g, const T* __restrict__ std,
                               T* __restrict__ grad_mu, T* __restrict__ grad_var) {
-  const PhiloxStream stream = make_stream(p.rng_state, kStreamLRT);
+  const PhiloxStream stream = make_stream(p.rng_state, p.tag);
   const int64_t per_sample = p.rows * p.out_features;
   const int64_t elems = p.shared_input ? per_sample : p.num_samples * per_sample;
   const int64_t samples = p.shared_input ? p.num_samples : 1;

@@ -5,6 +5,7 @@
 #include "concrete_ops.h"
 #include "mc_dropout_ops.h"
 #include "rng_ops.h"
+#include "sparse_linear_ops.h"
 #include "sparse_vd_ops.h"
 #include "selftest_ops.h"
 
@@ -23,6 +24,7 @@ TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
   bdlkern::ops::MCDropoutOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::SparseLinearOps<bdlkern::CudaTag>::register_impls(m);
 }
 
 // The SIMT self-test kernels on real hardware (schemas live in the _C_simt test extension).

@@ -45,6 +45,18 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
       "Tensor rng_state) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
   m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
+      "Tensor? row_order) -> Tensor");
+  m.def(
+      "sparse_linear_backward(Tensor grad_out, Tensor crow, Tensor col, Tensor values, "
+      "int in_features) -> Tensor");
+  m.def(
+      "sparse_linear_lrt(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
+      "Tensor? row_order, Tensor rng_state, int num_samples) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_linear_lrt_backward(Tensor grad_out, Tensor x, Tensor crow, Tensor col, "
+      "Tensor values, Tensor std, Tensor rng_state) -> Tensor");
 }
 
 }  // namespace ops

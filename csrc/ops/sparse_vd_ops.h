@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <bdlkern/random.h>
 #include <bdlkern/sparse_vd_kernels.h>
 
 #include <optional>
@@ -90,6 +91,7 @@ struct SparseVDOps {
     l.prm.rows = shared ? xs.size(0) : x.size(1);
     l.prm.out_features = theta.size(0);
     l.prm.shared_input = shared;
+    l.prm.tag = kStreamLRT;
     l.prm.rng_state = nullptr;
     l.prm.dtype = dt;
     l.prm.stream = Traits::stream(x);

@@ -7,6 +7,7 @@
 #include "../ops/rng_ops.h"
 #include "../ops/schemas.h"
 #include "../ops/selftest_ops.h"
+#include "../ops/sparse_linear_ops.h"
 #include "../ops/sparse_vd_ops.h"
 
 TORCH_LIBRARY(bdlkern_simt, m) {
@@ -22,5 +23,6 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
   bdlkern::ops::MCDropoutOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::SimtTag>::register_impls(m);
+  bdlkern::ops::SparseLinearOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SelftestOps<bdlkern::SimtTag>::register_impls(m);
 }

@@ -125,3 +125,107 @@ def _kl(device: torch.device, quick: bool) -> Workload:
         bytes=4 * n * 4,  # read theta and log_sigma2 twice (forward, backward), write both grads
         check=check,
     )
+
+
+# ---- sparse inference on the pruned CSR weights -------------------------------------------------------
+SPARSE_K = SPARSE_N = 1024
+SPARSE_QUICK = 128
+GRID_BATCHES = (1, 16, 64, 256)
+GRID_DENSITIES = (0.05, 0.02, 0.01)
+CROSSOVER_DENSITIES = (0.1, 0.2, 0.3)  # batch 64: where the dense GEMM catches up
+
+
+def _sparse_problem(device, quick, density, batch, variance=False):
+    k = SPARSE_QUICK if quick else SPARSE_K
+    n = SPARSE_QUICK if quick else SPARSE_N
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(n, k, generator=g) < density
+    w = torch.randn(n, k, generator=g) / k**0.5 * keep
+    v = torch.rand(n, k, generator=g) * 0.01 * keep
+    bias = torch.randn(n, generator=g)
+    layer = bdlkern.nn.SparseLinear.from_dense(w, bias, variance=v if variance else None, mask=keep).to(device)
+    x = torch.randn(batch, k, generator=g).to(device)
+    return layer, w.to(device), v.to(device), bias.to(device), x
+
+
+def _register_sparse_case(batch: int, density: float) -> None:
+    @case(
+        f"sparse_linear.b{batch}_d{density:g}",
+        family="sparse_vd",
+        description=f"pruned layer y = x W^T + b, W [1024, 1024] in CSR at density {density:g}, batch {batch}",
+        subject="bdlkern.sparse_linear",
+        baselines={"dense F.linear": "library", "torch.sparse CSR addmm": "library"},
+    )
+    def _setup(device: torch.device, quick: bool) -> Workload:
+        layer, w, _, bias, x = _sparse_problem(device, quick, density, batch)
+        w_csr = w.to_sparse_csr()
+        bias_col = bias.unsqueeze(1)
+
+        def check() -> None:
+            got = bdlkern.ops.sparse_linear(x, layer.crow, layer.col, layer.values, layer.bias)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+
+        return Workload(
+            variants={
+                "bdlkern.sparse_linear": lambda: bdlkern.ops.sparse_linear(
+                    x, layer.crow, layer.col, layer.values, layer.bias, row_order=layer.row_order
+                ),
+                "dense F.linear": lambda: torch.nn.functional.linear(x, w, bias),
+                "torch.sparse CSR addmm": lambda: torch.addmm(bias_col, w_csr, x.t()).t(),
+            },
+            params={"B": batch, "K": w.shape[1], "N": w.shape[0], "density": density, "nnz": layer.nnz, "dtype": "float32"},
+            flops={
+                "bdlkern.sparse_linear": 2 * batch * layer.nnz,
+                "dense F.linear": 2 * batch * w.numel(),
+                "torch.sparse CSR addmm": 2 * batch * layer.nnz,
+            },
+            check=check,
+        )
+
+
+for _b in GRID_BATCHES:
+    for _d in GRID_DENSITIES:
+        _register_sparse_case(_b, _d)
+for _d in CROSSOVER_DENSITIES:
+    _register_sparse_case(64, _d)
+
+
+@case(
+    "sparse_linear.stochastic",
+    family="sparse_vd",
+    description="S = 32 stochastic LRT samples of the pruned layer (density 0.05, batch 64) from one pass over the CSR",
+    subject="bdlkern.sparse_linear stochastic",
+    baselines={"dense two-GEMM LRT reference": "reference", "dense LRT (torch.compile)": "compiled"},
+)
+def _stochastic(device: torch.device, quick: bool) -> Workload:
+    samples = 4 if quick else 32
+    layer, w, v, bias, x = _sparse_problem(device, quick, 0.05, 64, variance=True)
+    state = _state(device)
+    values = layer.values
+
+    def dense_lrt(x, w, v, bias):
+        mu = torch.nn.functional.linear(x, w, bias)
+        var = torch.nn.functional.linear(x * x, v)
+        eps = torch.randn(samples, *mu.shape, device=mu.device, dtype=mu.dtype)
+        return mu + torch.sqrt(var + 1e-8) * eps
+
+    compiled = torch.compile(dense_lrt)
+
+    def check() -> None:
+        got = bdlkern.ops.sparse_linear(x, layer.crow, layer.col, values, bias, num_samples=samples, stochastic=True, rng_state=state)
+        expected = ref.sparse_linear(x.cpu(), layer.crow.cpu(), layer.col.cpu(), values.cpu(), bias.cpu(), samples, stochastic=True, rng_state=state.cpu())
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+    return Workload(
+        variants={
+            "bdlkern.sparse_linear stochastic": lambda: bdlkern.ops.sparse_linear(
+                x, layer.crow, layer.col, values, bias, num_samples=samples, stochastic=True, rng_state=state,
+                row_order=layer.row_order,
+            ),
+            "dense two-GEMM LRT reference": lambda: dense_lrt(x, w, v, bias),
+            "dense LRT (torch.compile)": lambda: compiled(x, w, v, bias),
+        },
+        params={"S": samples, "B": 64, "K": w.shape[1], "N": w.shape[0], "density": 0.05, "dtype": "float32"},
+        elements=samples * 64 * w.shape[0],
+        check=check,
+    )

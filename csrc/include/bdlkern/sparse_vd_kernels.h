@@ -13,7 +13,8 @@
 //             grad_log_sigma2 = G_A dA/dlog_sigma2                      weight_variance_backward
 //
 // eps is standard normal: element (s, r, o) of the output [S, R, N] is element (s R + r) N + o of
-// the logical Philox stream with tag kStreamLRT (Box-Muller on lane pairs, random.h). r' = r when
+// the logical Philox stream with tag `tag` (kStreamLRT for lrt_linear, kStreamSparseLRT for
+// sparse_linear; Box-Muller on lane pairs, random.h). r' = r when
 // the input has a sample dimension (mu, var, std are [S, R, N]) and the same [R, N] serves every
 // sample when the input is shared.
 //
@@ -32,6 +33,7 @@ struct LrtParams {
   int64_t rows;          // R: rows per sample
   int64_t out_features;  // N
   bool shared_input;     // mu / var / std are [R, N] for every sample (else [S, R, N])
+  uint32_t tag;          // Philox stream tag of the noise (kStreamLRT, or kStreamSparseLRT)
   const int64_t* rng_state;
   DType dtype;
   void* stream;
