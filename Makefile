@@ -2,7 +2,7 @@
 # then an incremental ninja build of the extension) before it runs.
 #
 #   make test    - build, run the test suite, then build and run the CMake/ctest smoke test
-#   make demo    - build and run the main job
+#   make demo    - build and run the main job, the demo (python -m bdlkern.demo; writes results/)
 #   make bench   - build and run the benchmark harness (python -m bdlkern.bench)
 #   make build   - only set up and build
 #   make clean   - remove build outputs (keeps .venv)
@@ -40,9 +40,10 @@ ctest: build
 
 test: pytest ctest
 
-# Until the demo lands, the main job is the benchmark harness on what exists.
+# The main job: plain, MC-dropout and Concrete-dropout MLPs on scikit-learn's digits; the table is
+# printed, report.json, report.md and the figures go to results/.
 demo: build
-	$(PY) -m bdlkern.bench
+	$(PY) -m bdlkern.demo
 
 bench: build
 	$(PY) -m bdlkern.bench

@@ -1,0 +1,227 @@
+"""The demo (``python -m bdlkern.demo``): one quick run end to end, its report and figures, the
+command line's errors, and the pieces that make the comparison fair (same network in plain
+PyTorch, reproducible training)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+import bdlkern
+from bdlkern import demo
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+METHOD_NAMES = [m.name for m in demo.METHODS]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``main(["--quick", "--out", DIR])``: (exit status, printed output, report.json, DIR)."""
+    out = tmp_path_factory.mktemp("demo")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), torch.random.fork_rng():
+        status = demo.main(["--quick", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text()) if status == 0 else None
+    return status, stdout.getvalue(), report, out
+
+
+@pytest.fixture(scope="module")
+def report(quick_run):
+    status, _, report, _ = quick_run
+    assert status == 0
+    return report
+
+
+def test_quick_run_exits_0_and_prints_the_table(quick_run):
+    status, printed, _, _ = quick_run
+    assert status == 0
+    assert "AUROC rot90" in printed and "speed-up" in printed
+    first_words = [line.split()[0] for line in printed.splitlines() if line.strip()]
+    table_rows = [word for word in first_words if word in METHOD_NAMES]
+    assert table_rows[-len(METHOD_NAMES):] == METHOD_NAMES
+
+
+def test_report_has_settings_machine_and_ood_descriptions(report):
+    assert report["settings"]["quick"] is True
+    assert report["settings"]["samples"] == demo.QUICK["samples"]
+    assert report["settings"]["epochs"] == demo.QUICK["epochs"]
+    assert report["machine"]["bdlkern"]["version"] == bdlkern.__version__
+    assert set(report["ood"]) == {"rot90", "inverted"}
+    assert all(len(description) > 20 for description in report["ood"].values())
+    assert report["data"]["train"] + report["data"]["test"] == 1797
+    assert report["data"]["features"] == 64 and report["data"]["classes"] == 10
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_metrics_of_every_model_are_sane(report, name):
+    record = report["models"][name]
+    metrics = record["metrics"]
+    assert metrics["accuracy"] > 0.5  # chance is 0.1; a quick run reaches about 0.9
+    assert math.isfinite(metrics["nll"]) and metrics["nll"] > 0
+    assert 0.0 <= metrics["ece"] <= 1.0
+    assert 0.0 <= metrics["brier"] <= 2.0
+    assert set(metrics["ood"]) == set(report["ood"])
+    for ood in metrics["ood"].values():
+        assert 0.0 <= ood["auroc_mutual_information"] <= 1.0
+        assert 0.0 <= ood["auroc_predictive_entropy"] <= 1.0
+        assert 0.0 < ood["most_predicted_fraction"] <= 1.0
+    history = record["history"]
+    for series in ("loss", "cross_entropy", "test_accuracy"):
+        assert len(history[series]) == demo.QUICK["epochs"]
+    assert all(math.isfinite(v) for v in history["loss"])
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_mc_inference_is_timed_against_eager_pytorch(report, name):
+    mc = report["models"][name]["mc_inference"]
+    assert mc["samples"] == demo.QUICK["samples"] and mc["rows"] == report["data"]["test"]
+    assert mc["bdlkern_s"] > 0
+    if not report["models"][name]["stochastic"]:
+        assert mc["eager_s"] is None and mc["speedup"] is None
+        return
+    assert mc["eager_s"] > 0
+    assert mc["speedup"] == pytest.approx(mc["eager_s"] / mc["bdlkern_s"])
+    # The plain-PyTorch loop samples the same network: same accuracy up to Monte Carlo noise.
+    assert abs(mc["eager_accuracy"] - report["models"][name]["metrics"]["accuracy"]) < 0.05
+
+
+def test_deterministic_model_has_no_epistemic_uncertainty(report):
+    metrics = report["models"]["plain"]["metrics"]
+    assert metrics["mean_mutual_information"] == 0.0  # a deterministic model: exactly zero
+
+
+def test_dropout_rates_per_layer(report):
+    fixed = report["models"]["mc_dropout"]["layers"]
+    assert fixed["learnt"] is False
+    assert list(fixed["values"]) == ["fc2", "fc3"]  # convert() kept the Linear layers' names
+    assert all(p == pytest.approx(demo.MC_DROPOUT_P) for p in fixed["values"].values())
+
+    concrete = report["models"]["concrete"]
+    assert concrete["layers"]["learnt"] is True
+    rates = concrete["layers"]["values"]
+    assert list(rates) == ["fc1", "fc2", "fc3"]
+    assert all(0.0 < p < 1.0 for p in rates.values())
+    trace = concrete["history"]["layers"]
+    assert set(trace) == set(rates)
+    for name, values in trace.items():
+        assert len(values) == demo.QUICK["epochs"] + 1  # the initial rate, then one per epoch
+        assert values[0] == pytest.approx(demo.CONCRETE_INIT_P, rel=1e-5)
+        assert values[-1] == pytest.approx(rates[name])
+        assert all(0.0 < p < 1.0 for p in values)
+    assert any(abs(values[-1] - values[0]) > 1e-3 for values in trace.values())  # the rates moved
+
+
+def test_sparse_vd_is_pruned_to_csr(report, quick_run):
+    record = report["models"]["sparse_vd"]
+    post = record["post_train"]
+    assert post["sparsity"] >= 0.90  # even the 5-epoch quick run prunes 90% of the weights
+    assert post["weights_kept"] == sum(layer["nnz"] for layer in post["layers"].values())
+    assert post["weights_total"] == 64 * 256 + 256 * 256 + 256 * 10
+    for name, layer in post["layers"].items():
+        assert sum(layer["log_alpha_histogram"]) == layer["shape"][0] * layer["shape"][1]
+        assert record["layers"]["values"][name] == pytest.approx(layer["sparsity"])
+    assert "SparseLinear" in record["architecture"] and "SparseVDLinear" not in record["architecture"]
+    trace = record["history"]["layers"]
+    assert all(values[-1] > values[0] for values in trace.values())  # pruning grew in training
+
+
+def test_figures_are_listed_and_valid_pngs(report, quick_run):
+    out = quick_run[3]
+    assert list(report["figures"]) == [spec.file for spec in demo.FIGURES]
+    for file in report["figures"]:
+        data = (out / file).read_bytes()
+        assert len(data) > 1000 and data[:8] == PNG_SIGNATURE, file
+
+
+def test_markdown_report_names_every_model_and_figure(report, quick_run):
+    text = (quick_run[3] / "report.md").read_text()
+    for name in METHOD_NAMES:
+        assert f"| {name} |" in text and f"**{name}**" in text
+    for file in report["figures"]:
+        assert f"]({file})" in text
+    for ood in report["ood"]:
+        assert f"`{ood}`" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--samples", "0"],
+        ["--epochs", "0"],
+        ["--threads", "0"],
+        ["--seed", "-1"],
+        ["--samples", "many"],
+        ["--device", "tpu"],
+    ],
+)
+def test_bad_arguments_exit_2(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_cuda_without_a_gpu_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo.main(["--device", "cuda", "--quick", "--out", str(tmp_path / "out")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("")
+    assert demo.main(["--quick", "--out", str(target)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_settings_from_args_quick_then_explicit_values():
+    args = demo.parse_args(["--quick", "--samples", "3", "--seed", "7"])
+    settings = demo.settings_from_args(args)
+    assert (settings.samples, settings.epochs, settings.seed, settings.quick) == (3, demo.QUICK["epochs"], 7, True)
+    assert demo.settings_from_args(demo.parse_args([])) == demo.Settings()
+
+
+@pytest.mark.parametrize("name", ["mc_dropout", "concrete"])
+def test_eager_equivalent_is_the_same_network(name):
+    method = next(m for m in demo.METHODS if m.name == name)
+    torch.manual_seed(0)
+    model = method.build((64, 32, 32, 10)).eval()
+    eager = method.eager_reference(model)
+    assert eager.training
+    assert sum(isinstance(m, torch.nn.Dropout) for m in eager.modules()) == len(demo.dropout_rates(model))
+    assert [m.p for m in eager.modules() if isinstance(m, torch.nn.Dropout)] == pytest.approx(
+        list(demo.dropout_rates(model).values())
+    )
+    x = torch.rand(16, 64)
+    torch.testing.assert_close(eager.eval()(x), model(x))  # the same weights, dropout off
+
+
+def test_training_is_reproducible_from_the_seed():
+    data = demo.load_data()
+    settings = demo.Settings(epochs=1, batch_size=256)
+    method = next(m for m in demo.METHODS if m.name == "concrete")
+
+    def trained():
+        torch.manual_seed(settings.seed)
+        model = method.build((64, 32, 32, 10))
+        history = demo.train(method, model, data, settings)
+        return model.state_dict(), history
+
+    (state_a, history_a), (state_b, history_b) = trained(), trained()
+    assert history_a.loss == history_b.loss and history_a.layers == history_b.layers
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=0)
+
+
+def test_ood_transforms():
+    images = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 8, 8).numpy() / 127.0
+    rot90, inverted = (t.apply(images) for t in demo.OOD_TRANSFORMS)
+    assert rot90.shape == images.shape and (rot90[1][::-1].T == images[1]).all()  # rotated back
+    assert ((inverted + images) == 1.0).all()
