@@ -40,7 +40,7 @@ ctest: build
 
 test: pytest ctest
 
-# The main job: plain, MC-dropout and Concrete-dropout MLPs on scikit-learn's digits; the table is
+# The main job: plain, MC-dropout, Concrete-dropout and sparse-VD MLPs on scikit-learn's digits; the table is
 # printed, report.json, report.md and the figures go to results/.
 demo: build
 	$(PY) -m bdlkern.demo

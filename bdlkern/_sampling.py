@@ -49,6 +49,27 @@ class SamplingState:
         self._seen.add(key)
         return not first
 
+    def layer_call(self, layer: torch.nn.Module, x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int | None]:
+        """Registers a call of MC layer ``layer`` on ``x`` and applies the rule of this module.
+
+        Returns:
+            (a fresh rng_state for the call, the ``num_samples`` argument of the layer's op): S
+            when ``x`` has no sample dimension (the first MC layer of the pass), None when it has.
+
+        Raises:
+            ValueError: a later MC layer of the pass got an input without the leading ``[S, ...]``.
+        """
+        rng_state = self.rng_state(x.device)
+        if not self.input_has_sample_dim(layer):
+            return rng_state, self.num_samples
+        if x.dim() < 2 or x.shape[0] != self.num_samples:
+            raise ValueError(
+                f"{type(layer).__name__}: inside sampling({self.num_samples}) this layer is not the first MC "
+                f"layer of the pass, so its input must be [S={self.num_samples}, ..., {in_features}], got shape "
+                f"{tuple(x.shape)}"
+            )
+        return rng_state, None
+
     def rng_state(self, device: torch.device) -> torch.Tensor:
         """A fresh rng_state for one MC layer call on ``device``."""
         if self.seed is None:

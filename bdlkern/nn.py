@@ -77,19 +77,9 @@ class MCDropoutLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = current_sampling()
         if state is not None:
-            rng_state = state.rng_state(x.device)
-            if state.input_has_sample_dim(self):
-                if x.dim() < 2 or x.shape[0] != state.num_samples:
-                    raise ValueError(
-                        f"MCDropoutLinear: inside sampling({state.num_samples}) this layer is not the "
-                        f"first MC layer of the pass, so its input must be [S={state.num_samples}, ..., "
-                        f"{self.in_features}], got shape {tuple(x.shape)}"
-                    )
-                return ops.mc_dropout_linear(
-                    x, self.weight, self.bias, self.p, None, shared_mask=self.shared_mask, rng_state=rng_state
-                )
+            rng_state, num_samples = state.layer_call(self, x, self.in_features)
             return ops.mc_dropout_linear(
-                x, self.weight, self.bias, self.p, state.num_samples, shared_mask=self.shared_mask, rng_state=rng_state
+                x, self.weight, self.bias, self.p, num_samples, shared_mask=self.shared_mask, rng_state=rng_state
             )
         if self.training and self.p > 0.0:
             return ops.mc_dropout_linear(x, self.weight, self.bias, self.p, 1)[0]
@@ -193,16 +183,11 @@ class _ConcreteDropoutMixin:
             if self.training or self.relaxed_eval:
                 return self._layer(self._relaxed(x))
             return self._layer(x)
-        rng_state = state.rng_state(x.device)
-        has_sample_dim = state.input_has_sample_dim(self)
+        rng_state, num_samples = state.layer_call(self, x, self.input_dim)
+        has_sample_dim = num_samples is None
         S = state.num_samples
-        if has_sample_dim and (x.dim() < 2 or x.shape[0] != S):
-            raise ValueError(
-                f"{type(self).__name__}: inside sampling({S}) this layer is not the first MC layer of the pass, "
-                f"so its input must be [S={S}, ...], got shape {tuple(x.shape)}"
-            )
         if not self.relaxed_eval:
-            fused = self._fused_mc(x, None if has_sample_dim else S, rng_state)
+            fused = self._fused_mc(x, num_samples, rng_state)
             if fused is not None:
                 return fused
         xs = x if has_sample_dim else x.unsqueeze(0).expand(S, *x.shape)
@@ -467,17 +452,9 @@ class SparseVDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = current_sampling()
         if state is not None:
-            rng_state = state.rng_state(x.device)
-            if state.input_has_sample_dim(self):
-                if x.dim() < 2 or x.shape[0] != state.num_samples:
-                    raise ValueError(
-                        f"SparseVDLinear: inside sampling({state.num_samples}) this layer is not the first MC "
-                        f"layer of the pass, so its input must be [S={state.num_samples}, ..., {self.in_features}], "
-                        f"got shape {tuple(x.shape)}"
-                    )
-                return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, rng_state=rng_state)
+            rng_state, num_samples = state.layer_call(self, x, self.in_features)
             return ops.lrt_linear(
-                x, self.theta, self.log_sigma2, self.bias, num_samples=state.num_samples, rng_state=rng_state
+                x, self.theta, self.log_sigma2, self.bias, num_samples=num_samples, rng_state=rng_state
             )
         if self.training:
             return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1)[0]
@@ -598,17 +575,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = current_sampling()
         if state is not None and self.has_variance:
-            rng_state = state.rng_state(x.device)
-            if state.input_has_sample_dim(self):
-                if x.dim() < 2 or x.shape[0] != state.num_samples:
-                    raise ValueError(
-                        f"SparseLinear: inside sampling({state.num_samples}) this layer is not the first MC layer "
-                        f"of the pass, so its input must be [S={state.num_samples}, ..., {self.in_features}], "
-                        f"got shape {tuple(x.shape)}"
-                    )
-                num_samples = None
-            else:
-                num_samples = state.num_samples
+            rng_state, num_samples = state.layer_call(self, x, self.in_features)
             return ops.sparse_linear(
                 x, self.crow, self.col, self.values, self.bias, num_samples=num_samples, stochastic=True,
                 rng_state=rng_state, row_order=self.row_order,

@@ -29,11 +29,14 @@ namespace {
 constexpr int64_t kTile = 64;      // batch columns per register tile
 constexpr int64_t kRowBlock = 16;  // output rows per task (one 64-byte line of float32 outputs)
 constexpr int64_t kTransposeBlock = 16;
+constexpr int64_t kMinTaskWork = int64_t{1} << 17;  // multiply-adds per parallel task, at least
 
 // dst[k, b] = src[b, k]: [rows, cols] -> [cols, rows], parallel over blocks of columns.
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
-  at::parallel_for(0, (cols + kTransposeBlock - 1) / kTransposeBlock, 4, [&](int64_t c0, int64_t c1) {
+  const int64_t blocks = (cols + kTransposeBlock - 1) / kTransposeBlock;
+  const int64_t grain = std::max<int64_t>(4, kMinTaskWork / std::max<int64_t>(1, rows * kTransposeBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t cb = c0 * kTransposeBlock; cb < std::min(cols, c1 * kTransposeBlock);
          cb += kTransposeBlock) {
       const int64_t ce = std::min(cols, cb + kTransposeBlock);
@@ -124,24 +127,39 @@ inline __attribute__((always_inline)) void row_block(const CsrParams& p, int64_t
       T* da = buf_a + (n - n0) * kTile;
       T* db = buf_b + (n - n0) * kTile;
       if constexpr (std::is_same_v<T, float>) {
-        if (width == kTile) {
-          row_tile_f32<kTile / 8, kSecond, kSquare>(p, n, b0, in_a, in_b, da, db);
-          continue;
+        // The widest register tiles that fit (one pass over the row's entries each), then the
+        // scalar tail of fewer than 8 columns.
+        int64_t e = 0;
+        if (width - e >= 64) {
+          row_tile_f32<8, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
+          e += 64;
         }
-        const int64_t eights = width / 8 * 8;
-        for (int64_t e = 0; e < eights; e += 8) {
+        if (width - e >= 32) {
+          row_tile_f32<4, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
+          e += 32;
+        }
+        if (width - e >= 16) {
+          row_tile_f32<2, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
+          e += 16;
+        }
+        if (width - e >= 8) {
           row_tile_f32<1, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
+          e += 8;
         }
-        if (eights < width) {
-          row_tile<float, kSecond, kSquare>(p, n, b0 + eights, width - eights, in_a, in_b,
-                                            da + eights, db + eights);
+        if (e < width) {
+          row_tile<float, kSecond, kSquare>(p, n, b0 + e, width - e, in_a, in_b, da + e, db + e);
         }
       } else {
         row_tile<T, kSecond, kSquare>(p, n, b0, width, in_a, in_b, da, db);
       }
     }
-    for (int64_t b = 0; b < width; ++b) {  // [rows, tile] -> out[b0 + b, n0 .. n1)
-      for (int64_t n = n0; n < n1; ++n) out_a[(b0 + b) * N + n] = buf_a[(n - n0) * kTile + b];
+    const T* bias = static_cast<const T*>(p.bias);
+    T bias_block[kRowBlock];
+    for (int64_t n = n0; n < n1; ++n) bias_block[n - n0] = bias != nullptr ? bias[n] : T(0);
+    for (int64_t b = 0; b < width; ++b) {  // [rows, tile] -> out[b0 + b, n0 .. n1) (+ bias)
+      for (int64_t n = n0; n < n1; ++n) {
+        out_a[(b0 + b) * N + n] = buf_a[(n - n0) * kTile + b] + bias_block[n - n0];
+      }
       if (kSecond) {
         for (int64_t n = n0; n < n1; ++n) out_b[(b0 + b) * N + n] = buf_b[(n - n0) * kTile + b];
       }
@@ -177,9 +195,31 @@ BDLKERN_SIMD_FUNCTION(void, rows_f32,
                        const float* in_b, float* out_a, float* out_b),
                       rows_any<float>, (p, n0, n1, in_a, in_b, out_a, out_b))
 
+// A batch of one: each output is the dot product of its row's values with the gathered inputs.
+template <typename T>
+void gather_dots(const CsrParams& p, const T* in_a, const T* in_b, T* out_a, T* out_b) {
+  const T* values = static_cast<const T*>(p.values);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int64_t vs = p.value_stride;
+  const int64_t grain = std::max<int64_t>(16, kMinTaskWork / std::max<int64_t>(1, p.crow[p.rows] / std::max<int64_t>(1, p.rows)));
+  at::parallel_for(0, p.rows, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T a = T(0), b = T(0);
+      for (int64_t j = p.crow[n]; j < p.crow[n + 1]; ++j) {
+        const T x = in_a[p.col[j]];
+        a += values[j * vs] * x;
+        if (out_b != nullptr) b += values[j * vs + 1] * (in_b != nullptr ? in_b[p.col[j]] : x * x);
+      }
+      out_a[n] = a + (bias != nullptr ? bias[n] : T(0));
+      if (out_b != nullptr) out_b[n] = b;
+    }
+  });
+}
+
 template <typename T>
 void linear(const CsrParams& p, int64_t k_in, const T* in_a, const T* in_b, T* out_a, T* out_b) {
   const int64_t B = p.batch;
+  if (B == 1) return gather_dots(p, in_a, in_b, out_a, out_b);
   std::vector<T> ta, tb;
   if (B > 1) {  // batch-contiguous copies of the inputs
     ta.resize(static_cast<size_t>(k_in * B));
@@ -191,7 +231,12 @@ void linear(const CsrParams& p, int64_t k_in, const T* in_a, const T* in_b, T* o
       in_b = tb.data();
     }
   }
-  at::parallel_for(0, (p.rows + kRowBlock - 1) / kRowBlock, 1, [&](int64_t g0, int64_t g1) {
+  // Tasks of at least kMinTaskWork multiply-adds: a small layer runs on one thread, where the
+  // fork/join would cost more than the products.
+  const int64_t groups = (p.rows + kRowBlock - 1) / kRowBlock;
+  const int64_t work_per_group = std::max<int64_t>(1, p.crow[p.rows] / groups * B);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / work_per_group);
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     const int64_t n0 = g0 * kRowBlock, n1 = std::min(p.rows, g1 * kRowBlock);
     if constexpr (std::is_same_v<T, float>) {
       rows_f32(p, n0, n1, in_a, in_b, out_a, out_b);

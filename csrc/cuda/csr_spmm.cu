@@ -56,9 +56,10 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      const T b = p.bias != nullptr ? static_cast<const T*>(p.bias)[n] : T(0);
       VecT<T, V> oa, ob;
       for (int e = 0; e < V; ++e) {
-        oa.v[e] = acc_a[e];
+        oa.v[e] = acc_a[e] + b;
         ob.v[e] = acc_b[e];
       }
       *reinterpret_cast<VecT<T, V>*>(out_a + n * B + b0) = oa;

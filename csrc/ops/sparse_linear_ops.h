@@ -125,6 +125,7 @@ struct SparseLinearOps {
     p.values = w.values.const_data_ptr();
     p.value_stride = w.stride;
     p.row_order = nullptr;
+    p.bias = nullptr;
     if (order.has_value()) {
       TORCH_CHECK(order->scalar_type() == at::kLong && order->dim() == 1 &&
                       order->numel() == w.rows && order->device() == like.device(),
@@ -176,9 +177,9 @@ struct SparseLinearOps {
     const Csr w = check_csr(crow, col, values, x.size(1), x, false, op);
     const std::optional<at::Tensor> b = check_bias(bias, w.rows, x, op);
     at::Tensor y = at::empty({x.size(0), w.rows}, x.options());
-    spmm(params(w, x.size(0), row_order, x, op), x.size(1), x.contiguous(), std::nullopt, y,
-         std::nullopt);
-    if (b.has_value()) y.add_(*b);
+    CsrParams prm = params(w, x.size(0), row_order, x, op);
+    prm.bias = b.has_value() ? b->const_data_ptr() : nullptr;  // added as the outputs are written
+    spmm(prm, x.size(1), x.contiguous(), std::nullopt, y, std::nullopt);
     return y;
   }
 

@@ -6,7 +6,7 @@
 // The batch is the contiguous dimension of every dense operand, so each weight is broadcast over a
 // run of the batch that the CPU vectorises and a warp reads in one coalesced load:
 //
-//   out_a_t[n, b] = sum_j theta_j in_a_t[col_j, b]
+//   out_a_t[n, b] = sum_j theta_j in_a_t[col_j, b]  (+ bias[n])
 //   out_b_t[n, b] = sum_j var_j   (in_b_t ? in_b_t[col_j, b] : in_a_t[col_j, b]^2)   (if out_b_t)
 //
 // Forward: in_a_t = x^T [K, B] gives mu^T and (squared) var^T. The gradient of x runs the same
@@ -29,6 +29,7 @@ struct CsrParams {
   const void* values;     // [nnz * value_stride]
   int64_t value_stride;   // 1 (theta) or 2 (theta, var interleaved)
   const int64_t* row_order;  // [N]: the order rows are handed to warps (CUDA), or nullptr
+  const void* bias;       // [N] added to out_a, or nullptr
   DType dtype;            // float32 or float64
   void* stream;
 };
