@@ -30,6 +30,11 @@ PhiloxBatchFn default_philox_batch();
 // out[j] = word (begin + j) of `stream`, j < count: any start, any length, SIMD batches.
 void stream_words(const PhiloxStream& stream, uint64_t begin, int64_t count, uint32_t* out);
 PhiloxBatchFn philox_batch_fn(SimdPath path);
+
+// z[2k], z[2k + 1] = the standard normals of stream words (2k, 2k + 1), k < pairs: Box-Muller on
+// lane pairs as random.h's box_muller, with the vectorised float32 math of vec_math.h (defined in
+// rng_cpu.cpp; a few ulp from libm).
+void normals_f32(int64_t pairs, const uint32_t* words, float* z);
 const char* simd_path_name(SimdPath path);
 
 }  // namespace cpu

@@ -126,21 +126,6 @@ BDLKERN_SIMD_FUNCTION(void, kl_backward_f32,
                       (int64_t n, float g, const float* th, const float* ls, float* gt, float* gs),
                       kl_backward_body, (n, g, th, ls, gt, gs))
 
-// z[2k], z[2k + 1] = Box-Muller of words (2k, 2k + 1): the normals of whole Philox blocks.
-inline __attribute__((always_inline)) void normals_body(int64_t pairs, const uint32_t* words,
-                                                        float* z) {
-  for (int64_t k = 0; k < pairs; ++k) {
-    const uint32_t a = words[2 * k], b = words[2 * k + 1];
-    const float r = cpu::vec::sqrt_positive(-2.0f * cpu::vec::log(cpu::vec::uniform(a)));
-    float c, sn;
-    cpu::vec::sincos_2pi(cpu::vec::uniform(b), &c, &sn);
-    z[2 * k] = r * c;
-    z[2 * k + 1] = r * sn;
-  }
-}
-BDLKERN_SIMD_FUNCTION(void, normals_f32, (int64_t pairs, const uint32_t* words, float* z),
-                      normals_body, (pairs, words, z))
-
 // out[j] = the standard normal of stream element begin + j, j < count (Box-Muller on the lane
 // pairs of each block). `words` is scratch.
 template <typename T>
@@ -153,11 +138,11 @@ void stream_normals(const PhiloxStream& stream, uint64_t begin, int64_t count, T
   cpu::stream_words(stream, first, n_words, words.data());
   if constexpr (std::is_same_v<T, float>) {
     if (skip == 0 && count == n_words) {  // whole blocks: straight into out
-      normals_f32(n_words / 2, words.data(), out);
+      cpu::normals_f32(n_words / 2, words.data(), out);
       return;
     }
     std::vector<float> z(static_cast<size_t>(n_words));
-    normals_f32(n_words / 2, words.data(), z.data());
+    cpu::normals_f32(n_words / 2, words.data(), z.data());
     std::copy(z.begin() + skip, z.begin() + skip + count, out);
     return;
   }
