@@ -7,6 +7,7 @@ sample and carry an explicit leading sample dimension ``S``.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -94,10 +95,13 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-class _ConcreteDropoutMixin:
+class _ConcreteDropoutMixin(abc.ABC):
     """What every Concrete-dropout module shares: the learnt rate, the regulariser, and the three
     regimes of forward (training: relaxed masks; eval: deterministic; ``sampling(S)``: hard
-    Bernoulli masks with the learnt rate, or relaxed ones with ``relaxed_eval``)."""
+    Bernoulli masks with the learnt rate, or relaxed ones with ``relaxed_eval``).
+
+    A module provides the three abstract hooks: the weight and bias of the layer behind the
+    dropout (for the regulariser) and that layer's forward."""
 
     p_logit: nn.Parameter
 
@@ -137,11 +141,13 @@ class _ConcreteDropoutMixin:
         """The learnt drop probability ``sigmoid(p_logit)`` (0-dim, or one per input feature)."""
         return torch.sigmoid(self.p_logit.detach())
 
+    @abc.abstractmethod
     def _dropout_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The weight ``[out, in, *]`` of the layer behind the dropout."""
 
+    @abc.abstractmethod
     def _dropout_bias(self) -> torch.Tensor | None:
-        raise NotImplementedError
+        """Its bias, or None."""
 
     def regularization(self) -> torch.Tensor:
         """``concrete_dropout_regularizer`` of the wrapped weight (D = input features / channels),
@@ -170,8 +176,9 @@ class _ConcreteDropoutMixin:
         p = p.to(x.dtype)
         return torch.where(u >= p, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
 
+    @abc.abstractmethod
     def _layer(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer's forward on the (dropped) input."""
 
     def _fused_mc(self, x: torch.Tensor, num_samples: int | None, rng_state: torch.Tensor) -> torch.Tensor | None:
         """The fused MC-dropout kernel, where the layer allows it (Linear with one rate)."""

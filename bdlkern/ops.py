@@ -180,6 +180,35 @@ def normal(
 
 
 # ---- MC-dropout linear -----------------------------------------------------------------------------
+def _sample_dim_input(
+    x: torch.Tensor, in_features: int | None, num_samples: int | None, op: str, weight: str = "the weights expect"
+):
+    """(x as the op takes it, S, batch shape) under the explicit sample-dimension rule, shared by
+    every sampling op: ``num_samples=S`` with ``x [*batch, in]`` (x as ``[rows, in]``), or
+    ``num_samples=None`` with ``x [S, *batch, in]`` (x as ``[S, rows, in]``). ``in_features=None``
+    leaves the feature check to the op."""
+    if num_samples is None:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{op}: x has no sample dimension (shape {tuple(x.shape)}): pass num_samples=S for an input "
+                "shared by all samples, or x of shape [S, *batch, in_features]"
+            )
+        samples, batch = x.shape[0], x.shape[1:-1]
+        x_op = x.reshape(samples, -1, x.shape[-1]) if x.dim() != 3 else x
+    else:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise TypeError(f"{op}: num_samples must be an int or None, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"{op}: num_samples must be >= 1, got {num_samples}")
+        if x.dim() < 1:
+            raise ValueError(f"{op}: x must have a feature dimension")
+        samples, batch = num_samples, x.shape[:-1]
+        x_op = x.reshape(-1, x.shape[-1])
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features but {weight} in_features = {in_features}")
+    return x_op, samples, batch
+
+
 def mc_dropout_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -223,31 +252,7 @@ def mc_dropout_linear(
         raise TypeError("mc_dropout_linear: x and weight must be tensors")
     if weight.dim() != 2:
         raise ValueError(f"mc_dropout_linear: weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
-    in_features = weight.shape[1]
-    if num_samples is None:
-        if x.dim() < 2:
-            raise ValueError(
-                "mc_dropout_linear: x has no sample dimension (shape "
-                f"{tuple(x.shape)}): pass num_samples=S for an input shared by all samples, or "
-                "x of shape [S, *batch, in_features]"
-            )
-        samples = x.shape[0]
-        batch = x.shape[1:-1]
-        x_op = x.reshape(samples, -1, x.shape[-1]) if x.dim() != 3 else x
-    else:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-            raise TypeError(f"mc_dropout_linear: num_samples must be an int or None, got {type(num_samples).__name__}")
-        if num_samples < 1:
-            raise ValueError(f"mc_dropout_linear: num_samples must be >= 1, got {num_samples}")
-        if x.dim() < 1:
-            raise ValueError("mc_dropout_linear: x must have a feature dimension")
-        samples = num_samples
-        batch = x.shape[:-1]
-        x_op = x.reshape(-1, x.shape[-1])
-    if x.shape[-1] != in_features:
-        raise ValueError(
-            f"mc_dropout_linear: x has {x.shape[-1]} features but weight expects in_features = {in_features}"
-        )
+    x_op, samples, batch = _sample_dim_input(x, weight.shape[1], num_samples, "mc_dropout_linear", "weight expects")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
     y = torch.ops.bdlkern.mc_dropout_linear(x_op, weight, bias, state, float(p), samples, bool(shared_mask))
     return y.reshape(samples, *batch, weight.shape[0])
@@ -409,28 +414,6 @@ def concrete_dropout_regularizer(
 
 
 # ---- sparse variational dropout -----------------------------------------------------------------------
-def _sample_dim_input(x: torch.Tensor, in_features: int, num_samples: int | None, op: str):
-    """(x as the op takes it, S, batch shape) under the explicit sample-dimension rule."""
-    if num_samples is None:
-        if x.dim() < 2:
-            raise ValueError(
-                f"{op}: x has no sample dimension (shape {tuple(x.shape)}): pass num_samples=S for an input "
-                "shared by all samples, or x of shape [S, *batch, in_features]"
-            )
-        samples, batch = x.shape[0], x.shape[1:-1]
-        x_op = x.reshape(samples, -1, x.shape[-1]) if x.dim() != 3 else x
-    else:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-            raise TypeError(f"{op}: num_samples must be an int or None, got {type(num_samples).__name__}")
-        if num_samples < 1:
-            raise ValueError(f"{op}: num_samples must be >= 1, got {num_samples}")
-        if x.dim() < 1:
-            raise ValueError(f"{op}: x must have a feature dimension")
-        samples, batch = num_samples, x.shape[:-1]
-        x_op = x.reshape(-1, x.shape[-1])
-    if x.shape[-1] != in_features:
-        raise ValueError(f"{op}: x has {x.shape[-1]} features but the weights expect in_features = {in_features}")
-    return x_op, samples, batch
 
 
 def lrt_linear(
@@ -579,10 +562,10 @@ def sparse_linear(
             raise ValueError("sparse_linear: num_samples needs stochastic=True (the deterministic layer has no samples)")
         if x.dim() < 1:
             raise ValueError("sparse_linear: x must have a feature dimension")
-        rows = crow.shape[0] - 1 if crow.dim() == 1 else -1
         y = torch.ops.bdlkern.sparse_linear(x.reshape(-1, x.shape[-1]), crow, col, values, bias, row_order)
-        return y.reshape(*x.shape[:-1], rows if rows >= 0 else y.shape[-1])
-    x_op, samples, batch = _sample_dim_input(x, x.shape[-1] if x.dim() else -1, num_samples, "sparse_linear")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    # in_features is whatever the CSR's columns allow: the op checks col against x's last dim.
+    x_op, samples, batch = _sample_dim_input(x, None, num_samples, "sparse_linear")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
     y, _ = torch.ops.bdlkern.sparse_linear_lrt(x_op, crow, col, values, bias, row_order, state, samples)
     return y.reshape(samples, *batch, y.shape[-1])

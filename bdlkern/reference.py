@@ -224,12 +224,18 @@ def lrt_linear(x, theta, log_sigma2, bias=None, num_samples=None, *, rng_state=N
     if num_samples is not None:
         x = x.unsqueeze(0).expand(num_samples, *x.shape)
     alpha_theta2 = torch.exp(log_alpha(theta, log_sigma2)) * theta**2
-    mu = torch.nn.functional.linear(x, theta, bias)
-    var = torch.nn.functional.linear(x * x, alpha_theta2)
+    return _lrt_sample(x, theta, alpha_theta2, bias, rng_state, stream=3)
+
+
+def _lrt_sample(x, weight, variance, bias, rng_state, stream: int) -> torch.Tensor:
+    """``mu + sqrt(v + 1e-8) * eps`` with ``mu = x W^T + b``, ``v = x^2 V^T``; eps from the bdlkern
+    stream ``stream`` over the output's row-major index when ``rng_state`` is given, else randn."""
+    mu = torch.nn.functional.linear(x, weight, bias)
+    var = torch.nn.functional.linear(x * x, variance)
     if rng_state is None:
         eps = torch.randn_like(mu)
     else:
-        eps = normal(rng_state, tuple(mu.shape), stream=3, dtype=mu.dtype).to(mu.device)
+        eps = normal(rng_state, tuple(mu.shape), stream=stream, dtype=mu.dtype).to(mu.device)
     return mu + torch.sqrt(var + 1e-8) * eps
 
 
@@ -263,10 +269,4 @@ def sparse_linear(x, crow, col, values, bias=None, num_samples=None, *, stochast
         return torch.nn.functional.linear(x, w, bias)
     if num_samples is not None:
         x = x.unsqueeze(0).expand(num_samples, *x.shape)
-    mu = torch.nn.functional.linear(x, w, bias)
-    var = torch.nn.functional.linear(x * x, v)
-    if rng_state is None:
-        eps = torch.randn_like(mu)
-    else:
-        eps = normal(rng_state, tuple(mu.shape), stream=4, dtype=mu.dtype).to(mu.device)
-    return mu + torch.sqrt(var + 1e-8) * eps
+    return _lrt_sample(x, w, v, bias, rng_state, stream=4)

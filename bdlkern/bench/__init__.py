@@ -246,37 +246,7 @@ def time_fn(
         dict with ``median_s`` and ``min_s`` (seconds per call over the repeats), ``times_s`` (every
         measurement, per call), ``number`` and ``repeats``.
     """
-    if repeats < 1 or target_s <= 0:
-        raise ValueError(f"need repeats >= 1 and target_s > 0, got {repeats} and {target_s}")
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-
-    def measure(number: int) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        synchronize(device)
-        return (time.perf_counter() - start) / number
-
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        once = measure(1)
-        number = max(1, math.ceil(target_s / max(once, 1e-9)))
-        times = [measure(number) for _ in range(repeats)]
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "times_s": times,
-        "number": number,
-        "repeats": repeats,
-    }
+    return time_fns({"fn": fn}, device, target_s=target_s, repeats=repeats, warmup=warmup)["fn"]
 
 
 def time_fns(

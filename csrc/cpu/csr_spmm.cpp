@@ -115,6 +115,24 @@ inline __attribute__((always_inline)) void row_tile_f32(const CsrParams& p, int6
   }
 }
 
+// `width` columns of one row from b0: the widest register tile that fits (kVecs vectors of 8),
+// then the narrower ones (one pass over the row's entries each), then a scalar tail of < 8.
+template <int kVecs, bool kSecond, bool kSquare>
+inline __attribute__((always_inline)) void row_tiles_f32(const CsrParams& p, int64_t n, int64_t b0,
+                                                         int64_t width, const float* in_a,
+                                                         const float* in_b, float* da, float* db) {
+  int64_t e = 0;
+  if (width >= 8 * kVecs) {
+    row_tile_f32<kVecs, kSecond, kSquare>(p, n, b0, in_a, in_b, da, db);
+    e = 8 * kVecs;
+  }
+  if constexpr (kVecs > 1) {
+    row_tiles_f32<kVecs / 2, kSecond, kSquare>(p, n, b0 + e, width - e, in_a, in_b, da + e, db + e);
+  } else if (e < width) {
+    row_tile<float, kSecond, kSquare>(p, n, b0 + e, width - e, in_a, in_b, da + e, db + e);
+  }
+}
+
 // Output rows [n0, n1) (at most kRowBlock) of the batch-contiguous inputs, written row-major into
 // out_a / out_b [B, N] through the per-task block buffers buf_a / buf_b [kRowBlock, kTile].
 template <typename T, bool kSecond, bool kSquare>
@@ -128,28 +146,7 @@ inline __attribute__((always_inline)) void row_block(const CsrParams& p, int64_t
       T* da = buf_a + (n - n0) * kTile;
       T* db = buf_b + (n - n0) * kTile;
       if constexpr (std::is_same_v<T, float>) {
-        // The widest register tiles that fit (one pass over the row's entries each), then the
-        // scalar tail of fewer than 8 columns.
-        int64_t e = 0;
-        if (width - e >= 64) {
-          row_tile_f32<8, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
-          e += 64;
-        }
-        if (width - e >= 32) {
-          row_tile_f32<4, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
-          e += 32;
-        }
-        if (width - e >= 16) {
-          row_tile_f32<2, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
-          e += 16;
-        }
-        if (width - e >= 8) {
-          row_tile_f32<1, kSecond, kSquare>(p, n, b0 + e, in_a, in_b, da + e, db + e);
-          e += 8;
-        }
-        if (e < width) {
-          row_tile<float, kSecond, kSquare>(p, n, b0 + e, width - e, in_a, in_b, da + e, db + e);
-        }
+        row_tiles_f32<kTile / 8, kSecond, kSquare>(p, n, b0, width, in_a, in_b, da, db);
       } else {
         row_tile<T, kSecond, kSquare>(p, n, b0, width, in_a, in_b, da, db);
       }

@@ -126,14 +126,21 @@ BDLKERN_SIMD_FUNCTION(void, kl_backward_f32,
                       (int64_t n, float g, const float* th, const float* ls, float* gt, float* gs),
                       kl_backward_body, (n, g, th, ls, gt, gs))
 
+// Per-task scratch of stream_normals, reused from row to row (no allocation per row).
+struct NormalScratch {
+  std::vector<uint32_t> words;
+  std::vector<float> z;
+};
+
 // out[j] = the standard normal of stream element begin + j, j < count (Box-Muller on the lane
-// pairs of each block). `words` is scratch.
+// pairs of each block).
 template <typename T>
 void stream_normals(const PhiloxStream& stream, uint64_t begin, int64_t count, T* out,
-                    std::vector<uint32_t>& words) {
+                    NormalScratch& scratch) {
   const uint64_t first = begin & ~uint64_t{3};
   const int64_t skip = static_cast<int64_t>(begin - first);
   const int64_t n_words = (skip + count + 3) & ~int64_t{3};
+  std::vector<uint32_t>& words = scratch.words;
   words.resize(static_cast<size_t>(n_words));
   cpu::stream_words(stream, first, n_words, words.data());
   if constexpr (std::is_same_v<T, float>) {
@@ -141,9 +148,9 @@ void stream_normals(const PhiloxStream& stream, uint64_t begin, int64_t count, T
       cpu::normals_f32(n_words / 2, words.data(), out);
       return;
     }
-    std::vector<float> z(static_cast<size_t>(n_words));
-    cpu::normals_f32(n_words / 2, words.data(), z.data());
-    std::copy(z.begin() + skip, z.begin() + skip + count, out);
+    scratch.z.resize(static_cast<size_t>(n_words));
+    cpu::normals_f32(n_words / 2, words.data(), scratch.z.data());
+    std::copy(scratch.z.begin() + skip, scratch.z.begin() + skip + count, out);
     return;
   }
   for (int64_t b = 0; b < n_words; b += 4) {
@@ -216,14 +223,18 @@ void lrt_noise_forward(CpuTag, const LrtParams& p, const void* mu, const void* v
     });
     const PhiloxStream stream = make_stream(p.rng_state, p.tag);
     at::parallel_for(0, p.num_samples * R, kRowGrain, [&](int64_t r0, int64_t r1) {
-      std::vector<uint32_t> words;
+      NormalScratch scratch;
       std::vector<T> eps(static_cast<size_t>(N));
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t src = (p.shared_input ? r % R : r) * N;
-        stream_normals(stream, static_cast<uint64_t>(r * N), N, eps.data(), words);
+        stream_normals(stream, static_cast<uint64_t>(r * N), N, eps.data(), scratch);
         T* yr = out + r * N;
-        for (int64_t o = 0; o < N; ++o) {
-          yr[o] = m[src + o] + (bs != nullptr ? bs[o] : T(0)) + sd[src + o] * eps[o];
+        const T* mr = m + src;
+        const T* sr = sd + src;
+        if (bs != nullptr) {
+          for (int64_t o = 0; o < N; ++o) yr[o] = mr[o] + bs[o] + sr[o] * eps[o];
+        } else {
+          for (int64_t o = 0; o < N; ++o) yr[o] = mr[o] + sr[o] * eps[o];
         }
       }
     });
@@ -243,7 +254,7 @@ void lrt_noise_backward(CpuTag, const LrtParams& p, const void* grad_y, const vo
     const PhiloxStream stream = make_stream(p.rng_state, p.tag);
     // Parallel over destination rows; a shared input's samples are added in ascending order.
     at::parallel_for(0, dst_rows, kRowGrain, [&](int64_t r0, int64_t r1) {
-      std::vector<uint32_t> words;
+      NormalScratch scratch;
       std::vector<T> eps(static_cast<size_t>(N));
       for (int64_t r = r0; r < r1; ++r) {
         T* gmr = gm + r * N;
@@ -252,7 +263,7 @@ void lrt_noise_backward(CpuTag, const LrtParams& p, const void* grad_y, const vo
         std::fill(gvr, gvr + N, T(0));
         for (int64_t s = 0; s < samples; ++s) {
           const int64_t row = s * R + r;  // the output row (s, r) when shared, else r itself
-          stream_normals(stream, static_cast<uint64_t>(row * N), N, eps.data(), words);
+          stream_normals(stream, static_cast<uint64_t>(row * N), N, eps.data(), scratch);
           const T* gr = g + row * N;
           for (int64_t o = 0; o < N; ++o) {
             gmr[o] += gr[o];

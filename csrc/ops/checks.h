@@ -24,6 +24,15 @@ inline void check_rng_state(const at::Tensor& rng_state, c10::DeviceType device,
               c10::DeviceTypeName(device, /*lower_case=*/true), ", got ", rng_state.device());
 }
 
+// `name` has the dtype and the device of `ref_name` (the tensor it is combined with).
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name, "'s device (",
+              ref.device(), "), got ", t.device());
+}
+
 inline uint32_t check_stream(int64_t stream, const char* op) {
   TORCH_CHECK(stream >= 0 && stream < kNumStreams, op, ": stream must be a registered stream tag in [0, ",
               static_cast<int>(kNumStreams), "), got ", stream);

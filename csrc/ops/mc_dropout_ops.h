@@ -43,14 +43,6 @@ struct MCDropoutOps {
     }
   }
 
-  static void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                          const char* ref_name, const char* op) {
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
-                ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name, "'s device (",
-                ref.device(), "), got ", t.device());
-  }
-
   static void check_p(double p, const char* op) {
     TORCH_CHECK(std::isfinite(p) && p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
   }

@@ -155,7 +155,8 @@ struct SparseLinearOps {
   }
 
   // The CSR of W^T [K, N] (rows = input features), values permuted alike: the gradient of x is
-  // then the same row-parallel kernel, with no scattered (racing) updates.
+  // then the same row-parallel kernel, with no scattered (racing) updates. Made per backward call
+  // (a sort of nnz indices): the op is functional and the gradient of x is the rare path.
   static Csr transpose(const Csr& w, int64_t K) {
     const at::Tensor lengths = w.crow.slice(0, 1).sub(w.crow.slice(0, 0, w.rows));
     const at::Tensor rows = at::repeat_interleave(at::arange(w.rows, w.crow.options()), lengths);

@@ -39,14 +39,6 @@ struct SparseVDOps {
                 c10::DeviceTypeName(Traits::device_type, true), ", got ", t.device());
   }
 
-  static void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                         const char* ref_name, const char* op) {
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
-                ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name,
-                "'s device (", ref.device(), "), got ", t.device());
-  }
-
   // theta and log_sigma2: the same shape, dtype and device.
   static DType check_weights(const at::Tensor& theta, const at::Tensor& log_sigma2,
                              const char* op) {
@@ -159,6 +151,9 @@ struct SparseVDOps {
     at::Tensor grad_var = at::empty({src_rows, N}, theta.options());
     lrt_noise_backward(Tag{}, l.prm, g.const_data_ptr(), sd.const_data_ptr(), grad_mu.data_ptr(),
                        grad_var.data_ptr());
+    // alpha theta^2 and x^2 are made again rather than saved by the forward: one pass over the
+    // weights and one over x here, against keeping a weight-sized and an input-sized tensor alive
+    // between forward and backward for every layer.
     const at::Tensor A = variance_weights(l);
     const at::Tensor x2 = l.x.square();
     at::Tensor grad_x = at::mm(grad_mu, l.theta);
