@@ -50,23 +50,6 @@ inline Shape make_shape(const ConcreteDropoutParams& p) {
   return s;
 }
 
-// Word of stream element i for the up-to-4 consecutive elements i0 .. i0 + valid - 1.
-__device__ __forceinline__ void words4(const PhiloxStream& stream, uint64_t i0, int valid,
-                                       uint32_t w[4]) {
-  const int lane0 = static_cast<int>(i0 & 3);
-  const PhiloxBlock lo = stream.block(i0 >> 2);
-  if (lane0 == 0) {
-    for (int j = 0; j < 4; ++j) w[j] = lo.w[j];
-    return;
-  }
-  PhiloxBlock hi = lo;
-  if (lane0 + valid > 4) hi = stream.block((i0 >> 2) + 1);
-  for (int j = 0; j < 4; ++j) {
-    const int lane = lane0 + j;
-    w[j] = lane < 4 ? lo.w[lane] : hi.w[lane - 4];
-  }
-}
-
 // factor = keep / q and dfactor = d factor / d p_logit of mask value (m, c) with word w.
 template <typename T>
 __device__ __forceinline__ void mask_factors(uint32_t w, T p_logit, T inv_t, T* f, T* df) {
@@ -93,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t m_end = (tile + 1) * sh.tile_rows < sh.M ? (tile + 1) * sh.tile_rows : sh.M;
   for (int64_t m = tile * sh.tile_rows; m < m_end; ++m) {
     uint32_t w[4];
-    words4(stream, static_cast<uint64_t>(m * sh.C + c0), valid, w);
+    stream.words4(static_cast<uint64_t>(m * sh.C + c0), valid, w);
     for (int j = 0; j < valid; ++j) {
       const int64_t c = c0 + j;
       T f, df;

@@ -38,16 +38,6 @@ __device__ __forceinline__ int64_t grid_threads() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
-// Standard normal of logical stream element i (Box-Muller on its lane pair).
-template <typename T>
-__device__ __forceinline__ T normal_at(const PhiloxStream& stream, uint64_t i) {
-  const PhiloxBlock blk = stream.block(i >> 2);
-  const int pair = static_cast<int>(i & 2);
-  T z0, z1;
-  box_muller(blk.w[pair], blk.w[pair + 1], &z0, &z1);
-  return (i & 1) ? z1 : z0;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     weight_variance_kernel(int64_t n, const T* __restrict__ theta, const T* __restrict__ ls2,

@@ -38,19 +38,9 @@ struct MCDropoutMask {
   // multiple of 4 (K % 4 == 0 and k0 % 4 == 0), else two. Flags past the row end (k >= K) belong
   // to the next row's stream elements and must be ignored by the caller.
   BDL_HDI void keep4(int64_t s, int64_t b, int64_t k0, bool keep[4]) const {
-    const uint64_t i0 = index(s, b, k0);
-    const uint64_t first = i0 >> 2;
-    const int lane0 = static_cast<int>(i0 & 3);
-    const PhiloxBlock lo = stream.block(first);
-    if (lane0 == 0) {
-      for (int l = 0; l < 4; ++l) keep[l] = keep_element(lo.w[l], threshold);
-      return;
-    }
-    const PhiloxBlock hi = stream.block(first + 1);
-    for (int l = 0; l < 4; ++l) {
-      const int lane = lane0 + l;
-      keep[l] = keep_element(lane < 4 ? lo.w[lane] : hi.w[lane - 4], threshold);
-    }
+    uint32_t w[4];
+    stream.words4(index(s, b, k0), 4, w);
+    for (int l = 0; l < 4; ++l) keep[l] = keep_element(w[l], threshold);
   }
 };
 

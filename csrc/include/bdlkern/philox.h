@@ -84,6 +84,23 @@ struct PhiloxStream {
 
   // The 32-bit word of logical element i (costs a whole block: use block() in loops).
   BDL_HDI uint32_t word(uint64_t i) const { return block(i >> 2).w[i & 3]; }
+
+  // Words of the `valid` (1..4) consecutive logical elements i0, i0 + 1, ... into w[0..valid).
+  // One block when they share it (always when i0 % 4 == 0), else two; w[valid..4) is unspecified.
+  BDL_HDI void words4(uint64_t i0, int valid, uint32_t w[4]) const {
+    const int lane0 = static_cast<int>(i0 & 3);
+    const PhiloxBlock lo = block(i0 >> 2);
+    if (lane0 == 0) {
+      for (int j = 0; j < 4; ++j) w[j] = lo.w[j];
+      return;
+    }
+    // Block i0/4 + 1 carries into the high counter word (and wraps mod 2^64) like any other.
+    const PhiloxBlock hi = lane0 + valid > 4 ? block((i0 >> 2) + 1) : lo;
+    for (int j = 0; j < 4; ++j) {
+      const int lane = lane0 + j;
+      w[j] = lane < 4 ? lo.w[lane] : hi.w[lane - 4];
+    }
+  }
 };
 
 // Reads the (seed, offset) pair of an int64[2] rng_state tensor's storage.

@@ -89,6 +89,17 @@ BDL_HDI void normal4(const PhiloxBlock& blk, T out[4]) {
   box_muller(blk.w[2], blk.w[3], &out[2], &out[3]);
 }
 
+// The standard normal of logical stream element i: Box-Muller on the lane pair of its block
+// (lanes 0,1 or 2,3), so element i has the value normal4 gives it when filling whole blocks.
+template <typename T>
+BDL_HDI T normal_at(const PhiloxStream& stream, uint64_t i) {
+  const PhiloxBlock blk = stream.block(i >> 2);
+  const int pair = static_cast<int>(i & 2);
+  T z0, z1;
+  box_muller(blk.w[pair], blk.w[pair + 1], &z0, &z1);
+  return (i & 1) ? z1 : z0;
+}
+
 }  // namespace bdlkern
 
 namespace bdlkern {
