@@ -4,6 +4,8 @@
 #   make test    - build, run the test suite, then build and run the CMake/ctest smoke test
 #   make demo    - build and run the main job, the demo (python -m bdlkern.demo; writes results/)
 #   make bench   - build and run the benchmark harness (python -m bdlkern.bench)
+#   make sanitize - the op tests under AddressSanitizer+UBSan (CPU-only and SIMT extensions) and
+#                  ThreadSanitizer (SIMT extension), each a separate build (tools/sanitize.sh)
 #   make build   - only set up and build
 #   make clean   - remove build outputs (keeps .venv)
 
@@ -13,7 +15,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: all venv build test pytest ctest demo bench clean distclean
+.PHONY: all venv build test pytest ctest demo bench sanitize clean distclean
 
 all: build
 
@@ -47,6 +49,11 @@ demo: build
 
 bench: build
 	$(PY) -m bdlkern.bench
+
+# Needs the normal build too: the TSan run links its uninstrumented _C next to the instrumented SIMT
+# extension.
+sanitize: build
+	bash tools/sanitize.sh $(PY)
 
 clean:
 	rm -rf build bdlkern/*.so *.egg-info .pytest_cache
