@@ -1,8 +1,12 @@
 """Functional API of bdlkern's operators.
 
 Every random op is driven by an ``rng_state``: an int64 tensor ``[seed, offset]`` on the device the
-op runs on. Given the same ``rng_state`` an op returns the same bits on the CPU, on CUDA and under
-the SIMT emulator, for any thread count (DESIGN.md section 2). When ``rng_state`` is omitted it is
+op runs on. Given the same ``rng_state`` an op draws the same random bits (masks, uniforms, noise)
+on the CPU, on CUDA and under the SIMT emulator, for any thread count (DESIGN.md section 2), and
+bdlkern's own kernels and reductions return the same bits for any thread count. Matrix products
+that an op hands to torch's BLAS (the CPU MC-dropout and LRT paths) carry the BLAS's rounding,
+which for MKL's float32 GEMM changes in the last bits with the thread count. When ``rng_state`` is
+omitted it is
 drawn from torch's generator (:func:`new_rng_state`), so ``torch.manual_seed`` makes every bdlkern
 op reproducible.
 """
@@ -10,6 +14,9 @@ op reproducible.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import math
+import operator
 
 import torch
 
@@ -30,13 +37,38 @@ if hasattr(torch.ops, "bdlkern_simt") and hasattr(torch.ops.bdlkern_simt, "philo
 ShapeLike = int | Sequence[int] | torch.Size
 
 
-def _shape(shape: ShapeLike, name: str = "shape") -> list[int]:
-    if isinstance(shape, int):
-        return [shape]
+def _is_int(v) -> bool:
+    """An integer index (int, NumPy integer, SymInt), not a bool or a float."""
+    if isinstance(v, bool):
+        return False
     try:
-        return [int(s) for s in shape]
+        operator.index(v)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(shape).__name__}") from None
+        return False
+    return True
+
+
+def _shape(shape: ShapeLike, name: str = "shape") -> list[int]:
+    if _is_int(shape):
+        return [shape if isinstance(shape, (int, torch.SymInt)) else operator.index(shape)]
+    if not isinstance(shape, (str, bytes)):
+        try:
+            dims = list(shape)
+        except TypeError:
+            dims = None
+        if dims is not None and all(_is_int(d) for d in dims):
+            return [d if isinstance(d, (int, torch.SymInt)) else operator.index(d) for d in dims]
+    raise TypeError(f"{name} must be an int or a sequence of ints, got {shape!r}")
+
+
+def _number(value, name: str, op: str) -> float:
+    """A real-valued argument as a Python float, with an error naming it."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}") from None
 
 
 def _stream(stream: int | str) -> int:
@@ -135,7 +167,7 @@ def dropout_mask(
         bool tensor of ``shape`` on ``rng_state``'s device.
     """
     state = _resolve_state(rng_state, generator, device)
-    return torch.ops.bdlkern.dropout_mask(state, _shape(shape), float(p), _stream(stream))
+    return torch.ops.bdlkern.dropout_mask(state, _shape(shape), _number(p, "p", "dropout_mask"), _stream(stream))
 
 
 def uniform(
@@ -194,7 +226,8 @@ def _sample_dim_input(
                 "shared by all samples, or x of shape [S, *batch, in_features]"
             )
         samples, batch = x.shape[0], x.shape[1:-1]
-        x_op = x.reshape(samples, -1, x.shape[-1]) if x.dim() != 3 else x
+        # Explicit sizes: reshape(..., -1, K) is ambiguous for K == 0.
+        x_op = x.reshape(samples, math.prod(batch), x.shape[-1]) if x.dim() != 3 else x
     else:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int):
             raise TypeError(f"{op}: num_samples must be an int or None, got {type(num_samples).__name__}")
@@ -203,7 +236,7 @@ def _sample_dim_input(
         if x.dim() < 1:
             raise ValueError(f"{op}: x must have a feature dimension")
         samples, batch = num_samples, x.shape[:-1]
-        x_op = x.reshape(-1, x.shape[-1])
+        x_op = x.reshape(math.prod(batch), x.shape[-1])
     if in_features is not None and x.shape[-1] != in_features:
         raise ValueError(f"{op}: x has {x.shape[-1]} features but {weight} in_features = {in_features}")
     return x_op, samples, batch
@@ -254,7 +287,8 @@ def mc_dropout_linear(
         raise ValueError(f"mc_dropout_linear: weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
     x_op, samples, batch = _sample_dim_input(x, weight.shape[1], num_samples, "mc_dropout_linear", "weight expects")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
-    y = torch.ops.bdlkern.mc_dropout_linear(x_op, weight, bias, state, float(p), samples, bool(shared_mask))
+    p = _number(p, "p", "mc_dropout_linear")
+    y = torch.ops.bdlkern.mc_dropout_linear(x_op, weight, bias, state, p, samples, bool(shared_mask))
     return y.reshape(samples, *batch, weight.shape[0])
 
 
@@ -286,6 +320,8 @@ def _mc_dropout_linear_backward_for(ops):
 
 # ---- Concrete dropout -----------------------------------------------------------------------------
 def _channel_dim(channel_dim: int | None, x: torch.Tensor, op: str) -> int:
+    if channel_dim is not None and not _is_int(channel_dim):
+        raise TypeError(f"{op}: channel_dim must be None, 1 or -1, got {channel_dim!r}")
     if channel_dim == 1:
         return 1
     if channel_dim is None or channel_dim == -1 or (not isinstance(channel_dim, bool) and channel_dim == x.dim() - 1):
@@ -335,7 +371,7 @@ def concrete_dropout(
     """
     if not isinstance(x, torch.Tensor) or not isinstance(p_logit, torch.Tensor):
         raise TypeError("concrete_dropout: x and p_logit must be tensors")
-    temperature = float(temperature)
+    temperature = _number(temperature, "temperature", "concrete_dropout")
     if not (temperature > 0.0 and temperature != float("inf")):
         raise ValueError(f"concrete_dropout: temperature must be a finite number > 0, got {temperature}")
     cd = _channel_dim(channel_dim, x, "concrete_dropout")
@@ -562,7 +598,9 @@ def sparse_linear(
             raise ValueError("sparse_linear: num_samples needs stochastic=True (the deterministic layer has no samples)")
         if x.dim() < 1:
             raise ValueError("sparse_linear: x must have a feature dimension")
-        y = torch.ops.bdlkern.sparse_linear(x.reshape(-1, x.shape[-1]), crow, col, values, bias, row_order)
+        y = torch.ops.bdlkern.sparse_linear(
+            x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), crow, col, values, bias, row_order
+        )
         return y.reshape(*x.shape[:-1], y.shape[-1])
     # in_features is whatever the CSR's columns allow: the op checks col against x's last dim.
     x_op, samples, batch = _sample_dim_input(x, None, num_samples, "sparse_linear")
@@ -606,6 +644,7 @@ def _sparse_linear_lrt_backward_for(ops):
 def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::philox4x32")
     def _philox4x32_fake(counter, key):
+        _check_devices("philox4x32", "counter", counter, key=key)
         return torch.empty_like(counter)
 
     @torch.library.register_fake(f"{ns}::philox_bits")
@@ -641,12 +680,14 @@ def _register_mc_dropout(ns: str) -> None:
 
     @torch.library.register_fake(f"{ns}::mc_dropout_linear_grad_input")
     def _grad_input_fake(grad_out, weight, rng_state, p, shared_mask, sum_samples):
+        _check_devices("mc_dropout_linear_grad_input", "grad_out", grad_out, weight=weight, rng_state=rng_state)
         samples, batch = grad_out.shape[0], grad_out.shape[1]
         shape = (batch, weight.shape[1]) if sum_samples else (samples, batch, weight.shape[1])
         return weight.new_empty(shape)
 
     @torch.library.register_fake(f"{ns}::mc_dropout_linear_grad_weight")
     def _grad_weight_fake(grad_out, x, rng_state, p, shared_mask):
+        _check_devices("mc_dropout_linear_grad_weight", "grad_out", grad_out, x=x, rng_state=rng_state)
         return x.new_empty((grad_out.shape[2], x.shape[-1]))
 
     torch.library.register_autograd(
@@ -664,6 +705,7 @@ def _register_concrete(ns: str) -> None:
 
     @torch.library.register_fake(f"{ns}::concrete_dropout_backward")
     def _concrete_backward_fake(grad_out, x, p_logit, rng_state, temperature, channel_dim):
+        _check_devices("concrete_dropout_backward", "x", x, grad_out=grad_out, p_logit=p_logit, rng_state=rng_state)
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(p_logit)
 
     torch.library.register_autograd(
@@ -683,6 +725,10 @@ def _register_sparse_vd(ns: str) -> None:
 
     @torch.library.register_fake(f"{ns}::lrt_linear_backward")
     def _lrt_backward_fake(grad_out, x, theta, log_sigma2, std, rng_state):
+        _check_devices(
+            "lrt_linear_backward", "x", x, grad_out=grad_out, theta=theta, log_sigma2=log_sigma2, std=std,
+            rng_state=rng_state,
+        )
         return (
             torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(theta),
@@ -697,6 +743,7 @@ def _register_sparse_vd(ns: str) -> None:
 
     @torch.library.register_fake(f"{ns}::sparse_vd_kl_backward")
     def _kl_backward_fake(grad, theta, log_sigma2):
+        _check_devices("sparse_vd_kl_backward", "theta", theta, grad=grad, log_sigma2=log_sigma2)
         return torch.empty_like(theta), torch.empty_like(log_sigma2)
 
     torch.library.register_autograd(
@@ -710,16 +757,20 @@ def _register_sparse_vd(ns: str) -> None:
 def _register_sparse_linear(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::sparse_linear")
     def _fake(x, crow, col, values, bias=None, row_order=None):
-        _check_devices("sparse_linear", "x", x, crow=crow, col=col, values=values, bias=bias)
+        _check_devices("sparse_linear", "x", x, crow=crow, col=col, values=values, bias=bias, row_order=row_order)
         return x.new_empty((x.shape[0], crow.shape[0] - 1))
 
     @torch.library.register_fake(f"{ns}::sparse_linear_backward")
     def _fake_backward(grad_out, crow, col, values, in_features):
+        _check_devices("sparse_linear_backward", "grad_out", grad_out, crow=crow, col=col, values=values)
         return grad_out.new_empty((grad_out.shape[0], in_features))
 
     @torch.library.register_fake(f"{ns}::sparse_linear_lrt")
     def _fake_lrt(x, crow, col, values, bias, row_order, rng_state, num_samples):
-        _check_devices("sparse_linear", "x", x, crow=crow, col=col, values=values, bias=bias, rng_state=rng_state)
+        _check_devices(
+            "sparse_linear_lrt", "x", x, crow=crow, col=col, values=values, bias=bias, row_order=row_order,
+            rng_state=rng_state,
+        )
         n = crow.shape[0] - 1
         rows = x.shape[-2]
         std_rows = rows if x.dim() == 2 else num_samples * rows
@@ -727,6 +778,10 @@ def _register_sparse_linear(ns: str) -> None:
 
     @torch.library.register_fake(f"{ns}::sparse_linear_lrt_backward")
     def _fake_lrt_backward(grad_out, x, crow, col, values, std, rng_state):
+        _check_devices(
+            "sparse_linear_lrt_backward", "x", x, grad_out=grad_out, crow=crow, col=col, values=values, std=std,
+            rng_state=rng_state,
+        )
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     ops = getattr(torch.ops, ns)

@@ -5,6 +5,8 @@
 * ``cuda`` - the real CUDA kernels, only where a GPU is present (the only allowed skip).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -53,3 +55,23 @@ def threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+# ---- hypothesis: the profile of the property-based tests (tests/test_properties.py) --------------
+# Derandomized (the same examples every run), no deadline (the SIMT emulator is slow and its speed
+# varies with the machine's load), no example database, and few examples: each test sets its own
+# max_examples to keep the whole file near a minute and a half on two cores. The function-scoped
+# `threads` fixture is safe to share between examples (it only restores the thread count at the
+# end). HYPOTHESIS_PROFILE picks another registered profile.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "bdlkern",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bdlkern"))

@@ -65,7 +65,7 @@ inline __attribute__((always_inline)) void weight_variance_backward_body(
     const float t = th[i], g = ga[i], g_t = gt[i];
     const float t2e = t * t + kThEps;
     const float raw = ls[i] - cpu::vec::log(t2e);
-    const bool clamped = raw < kLaMin || raw > kLaMax;
+    const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
     const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
     const float alpha = cpu::vec::exp(la);
     const float value = alpha * t * t;
@@ -113,7 +113,7 @@ inline __attribute__((always_inline)) void kl_backward_body(int64_t n, float g, 
     const float t = th[i];
     const float t2e = t * t + kThEps;
     const float raw = ls[i] - cpu::vec::log(t2e);
-    const bool clamped = raw < kLaMin || raw > kLaMax;
+    const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
     const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
     const float sg = cpu::vec::sigmoid(kK2 + kK3 * la);
     const float dkl = -(kK1 * kK3 * sg * (1.0f - sg) + 0.5f * cpu::vec::sigmoid(-la));

@@ -22,6 +22,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../cpu/csr_cpu.h"
 #include "backend_traits.h"
@@ -35,6 +36,7 @@ struct Csr {
   at::Tensor crow, col, values;
   int64_t rows;
   int64_t stride;
+  at::Tensor order;  // validated contiguous row_order, or undefined (set by params)
 };
 
 template <class Tag>
@@ -64,20 +66,23 @@ struct SparseLinearOps {
 
   // Checks the CSR structure of W [N, K] on the host (a copy for device tensors): every malformed
   // input is an exception that names the argument, before a kernel could read out of bounds.
+  // `like` (named like_name in messages) fixes the device and dtype: x, or grad_out in the
+  // backward of the deterministic op.
   static Csr check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                       int64_t K, const at::Tensor& like, bool need_variance, const char* op) {
+                       int64_t K, const at::Tensor& like, bool need_variance, const char* op,
+                       const char* like_name = "x") {
     for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{crow, "crow"},
                                   std::pair<const at::Tensor&, const char*>{col, "col"}}) {
       TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name,
                   " must be an int64 (torch.long) index tensor, got ", t.scalar_type());
       TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-d, got shape ", t.sizes());
-      TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on x's device (",
-                  like.device(), "), got ", t.device());
+      TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like_name,
+                  "'s device (", like.device(), "), got ", t.device());
     }
     TORCH_CHECK(crow.numel() >= 1, op, ": crow must have N + 1 >= 1 entries, got none");
     TORCH_CHECK(values.scalar_type() == like.scalar_type() && values.device() == like.device(), op,
-                ": values must have x's dtype and device (", like.scalar_type(), ", ", like.device(),
-                "), got ", values.scalar_type(), ", ", values.device());
+                ": values must have ", like_name, "'s dtype and device (", like.scalar_type(), ", ",
+                like.device(), "), got ", values.scalar_type(), ", ", values.device());
     TORCH_CHECK(values.dim() == 1 || (values.dim() == 2 && values.size(1) == 2), op,
                 ": values must be [nnz] (theta) or [nnz, 2] (theta, alpha theta^2 interleaved), got "
                 "shape ",
@@ -115,7 +120,30 @@ struct SparseLinearOps {
                values.dim() == 2 ? 2 : 1};
   }
 
-  static CsrParams params(const Csr& w, int64_t batch, const std::optional<at::Tensor>& order,
+  // row_order must be a permutation of [0, rows): a repeated or out-of-range row would leave
+  // output rows unwritten or read outside crow. Checked on the host like the CSR structure.
+  static at::Tensor check_row_order(const at::Tensor& order, int64_t rows, const at::Tensor& like,
+                                    const char* op) {
+    TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.numel() == rows &&
+                    order.device() == like.device(),
+                op, ": row_order must be an int64 [", rows, "] permutation on x's device (",
+                like.device(), "), got ", order.scalar_type(), " ", order.sizes(), " on ",
+                order.device());
+    const at::Tensor order_c = order.contiguous();
+    const at::Tensor host = order_c.cpu();
+    const int64_t* o = host.const_data_ptr<int64_t>();
+    std::vector<char> seen(static_cast<size_t>(rows), 0);
+    for (int64_t i = 0; i < rows; ++i) {
+      TORCH_CHECK(o[i] >= 0 && o[i] < rows, op, ": row_order[", i, "] = ", o[i],
+                  " is out of range for ", rows, " rows");
+      TORCH_CHECK(!seen[static_cast<size_t>(o[i])], op, ": row_order must be a permutation, but row ",
+                  o[i], " appears twice");
+      seen[static_cast<size_t>(o[i])] = 1;
+    }
+    return order_c;
+  }
+
+  static CsrParams params(Csr& w, int64_t batch, const std::optional<at::Tensor>& order,
                           const at::Tensor& like, const char* op) {
     CsrParams p;
     p.rows = w.rows;
@@ -127,10 +155,8 @@ struct SparseLinearOps {
     p.row_order = nullptr;
     p.bias = nullptr;
     if (order.has_value()) {
-      TORCH_CHECK(order->scalar_type() == at::kLong && order->dim() == 1 &&
-                      order->numel() == w.rows && order->device() == like.device(),
-                  op, ": row_order must be an int64 [", w.rows, "] permutation on x's device");
-      p.row_order = order->const_data_ptr<int64_t>();
+      w.order = check_row_order(*order, w.rows, like, op);
+      p.row_order = w.order.const_data_ptr<int64_t>();
     }
     p.dtype = like.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
     p.stream = Traits::stream(like);
@@ -175,7 +201,7 @@ struct SparseLinearOps {
     check_x(x, op);
     TORCH_CHECK(x.dim() == 2, op, ": x must be [B, in_features], got shape ", x.sizes());
     at::OptionalDeviceGuard guard(x.device());
-    const Csr w = check_csr(crow, col, values, x.size(1), x, false, op);
+    Csr w = check_csr(crow, col, values, x.size(1), x, false, op);
     const std::optional<at::Tensor> b = check_bias(bias, w.rows, x, op);
     at::Tensor y = at::empty({x.size(0), w.rows}, x.options());
     CsrParams prm = params(w, x.size(0), row_order, x, op);
@@ -189,14 +215,17 @@ struct SparseLinearOps {
                              const at::Tensor& col, const at::Tensor& values,
                              int64_t in_features) {
     const char* op = "sparse_linear_backward";
+    TORCH_CHECK(grad_y.scalar_type() == at::kFloat || grad_y.scalar_type() == at::kDouble, op,
+                ": grad_out must be float32 or float64, got ", grad_y.scalar_type());
+    TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
     check_x(grad_y, op);
     TORCH_CHECK(grad_y.dim() == 2, op, ": grad_out must be [B, out_features], got shape ",
                 grad_y.sizes());
     at::OptionalDeviceGuard guard(grad_y.device());
-    const Csr w = check_csr(crow, col, values, in_features, grad_y, false, op);
+    const Csr w = check_csr(crow, col, values, in_features, grad_y, false, op, "grad_out");
     TORCH_CHECK(grad_y.size(1) == w.rows, op, ": grad_out has ", grad_y.size(1),
                 " features but W has ", w.rows, " rows");
-    const Csr wt = transpose(w, in_features);
+    Csr wt = transpose(w, in_features);
     at::Tensor grad_x = at::empty({grad_y.size(0), in_features}, grad_y.options());
     spmm(params(wt, grad_y.size(0), std::nullopt, grad_y, op), w.rows, grad_y.contiguous(),
          std::nullopt, grad_x, std::nullopt);
@@ -237,14 +266,15 @@ struct SparseLinearOps {
       const at::Tensor& values, const std::optional<at::Tensor>& bias,
       const std::optional<at::Tensor>& row_order, const at::Tensor& rng_state,
       int64_t num_samples) {
-    const char* op = "sparse_linear";
+    const char* op = "sparse_linear_lrt";
     check_lrt(x, rng_state, num_samples, op);
     at::OptionalDeviceGuard guard(x.device());
-    const Csr w = check_csr(crow, col, values, x.size(-1), x, true, op);
+    Csr w = check_csr(crow, col, values, x.size(-1), x, true, op);
     const std::optional<at::Tensor> b = check_bias(bias, w.rows, x, op);
     const bool shared = x.dim() == 2;
-    const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    const int64_t rows = x2.size(0), R = shared ? rows : x.size(1);
+    // Explicit row count: reshape(-1, K) is ambiguous when K == 0.
+    const int64_t rows = shared ? x.size(0) : x.size(0) * x.size(1), R = x.size(-2);
+    const at::Tensor x2 = x.reshape({rows, x.size(-1)});
     at::Tensor mu = at::empty({rows, w.rows}, x.options());
     std::optional<at::Tensor> var = at::empty({rows, w.rows}, x.options());
     spmm(params(w, rows, row_order, x, op), x.size(-1), x2.contiguous(), std::nullopt, mu, var);
@@ -262,17 +292,19 @@ struct SparseLinearOps {
                                  const at::Tensor& crow, const at::Tensor& col,
                                  const at::Tensor& values, const at::Tensor& std,
                                  const at::Tensor& rng_state) {
-    const char* op = "sparse_linear_backward";
+    const char* op = "sparse_linear_lrt_backward";
     TORCH_CHECK(grad_y.dim() == 3, op, ": grad_out must be [S, B, out_features], got shape ",
                 grad_y.sizes());
     const int64_t S = grad_y.size(0);
+    TORCH_CHECK(x.dim() != 3 || x.size(0) == S, op, ": grad_out has ", S,
+                " samples but x has ", x.size(0));
     check_lrt(x, rng_state, S, op);
     at::OptionalDeviceGuard guard(x.device());
     const int64_t K = x.size(-1);
     const Csr w = check_csr(crow, col, values, K, x, true, op);
     const bool shared = x.dim() == 2;
-    const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-    const int64_t rows = x2.size(0), R = shared ? rows : x.size(1);
+    const int64_t rows = shared ? x.size(0) : x.size(0) * x.size(1), R = x.size(-2);
+    const at::Tensor x2 = x.reshape({rows, K}).contiguous();
     TORCH_CHECK(grad_y.size(1) == R && grad_y.size(2) == w.rows, op, ": grad_out must be [", S,
                 ", ", R, ", ", w.rows, "], got ", grad_y.sizes());
     TORCH_CHECK(std.dim() == 2 && std.size(0) == rows && std.size(1) == w.rows &&
@@ -285,7 +317,7 @@ struct SparseLinearOps {
     at::Tensor grad_var = at::empty({rows, w.rows}, x.options());
     lrt_noise_backward(Tag{}, lrt_params(S, R, w.rows, shared, state, x), g.const_data_ptr(),
                        sd.const_data_ptr(), grad_mu.data_ptr(), grad_var.data_ptr());
-    const Csr wt = transpose(w, K);
+    Csr wt = transpose(w, K);
     at::Tensor grad_x = at::empty({rows, K}, x.options());
     std::optional<at::Tensor> out_b = at::empty({rows, K}, x.options());
     spmm(params(wt, rows, std::nullopt, x, op), w.rows, grad_mu, grad_var, grad_x, out_b);

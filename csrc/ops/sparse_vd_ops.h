@@ -77,7 +77,9 @@ struct SparseVDOps {
                 x.device(), "), got ", rng_state.device());
     // A 2-d x is shared by the samples: mu and var are computed once for all of them.
     const bool shared = x.dim() == 2;
-    const at::Tensor xs = shared ? x.contiguous() : x.reshape({-1, x.size(-1)}).contiguous();
+    // Explicit row count: reshape(-1, K) is ambiguous when K == 0.
+    const at::Tensor xs =
+        shared ? x.contiguous() : x.reshape({x.size(0) * x.size(1), x.size(-1)}).contiguous();
     Layer l{xs, theta.contiguous(), log_sigma2.contiguous(), LrtParams{}};
     l.prm.num_samples = num_samples;
     l.prm.rows = shared ? xs.size(0) : x.size(1);
@@ -134,6 +136,8 @@ struct SparseVDOps {
     at::OptionalDeviceGuard guard(x.device());
     TORCH_CHECK(grad_y.dim() == 3, op, ": grad_out must be [S, B, out_features], got shape ",
                 grad_y.sizes());
+    TORCH_CHECK(x.dim() != 3 || x.size(0) == grad_y.size(0), op, ": grad_out has ",
+                grad_y.size(0), " samples but x has ", x.size(0));
     Layer l = layer(x, theta, log_sigma2, rng_state, grad_y.size(0), op);
     check_like(grad_y, "grad_out", theta, "theta", op);
     check_like(std, "std", theta, "theta", op);

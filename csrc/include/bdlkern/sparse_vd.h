@@ -29,7 +29,7 @@ constexpr double kKlK3 = 1.48695;
 template <typename T>
 struct LogAlpha {
   T value;       // clamped log alpha
-  bool clamped;  // the unclamped value lay outside [-8, 8]: no gradient through the clamp
+  bool clamped;  // the unclamped value lay outside [-8, 8] or was NaN: no gradient through the clamp
 };
 
 template <typename T>
@@ -37,7 +37,8 @@ BDL_HDI LogAlpha<T> log_alpha_of(T theta, T log_sigma2) {
   const T raw = log_sigma2 - log(theta * theta + static_cast<T>(kThetaEps));
   const T lo = static_cast<T>(kLogAlphaMin), hi = static_cast<T>(kLogAlphaMax);
   LogAlpha<T> la;
-  la.clamped = raw < lo || raw > hi;
+  // As torch.clamp's gradient: only a value inside [lo, hi] passes it, so a NaN passes none.
+  la.clamped = !(raw >= lo && raw <= hi);
   la.value = raw < lo ? lo : (raw > hi ? hi : raw);
   return la;
 }
