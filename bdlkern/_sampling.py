@@ -12,9 +12,11 @@ The rule that tells a sample dimension apart is explicit, never a guess from sha
 * when an MC layer that already ran in the block runs again, a new forward pass has begun and the
   rule starts over: ``with sampling(S): a = model(x1); b = model(x2)`` works as two passes.
 
-Each MC layer call draws a fresh ``rng_state`` from torch's generator of the input's device, or,
-with ``seed``, from a generator the block seeds once per device: the same seed gives the same
-samples whatever ran before.
+Each MC layer call draws a fresh ``rng_state`` from torch's generator of the input's device. With
+``seed``, call k of the block reads the Philox stream of that seed from block ``k * 2**40`` on: a
+pure function of (seed, k), so the same seed gives the same samples whatever ran before, on every
+device (the stream is bit-identical on CPU and CUDA), and under ``torch.export`` /
+``torch.compile``, which have no generator state to capture.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from . import ops
 
 _local = threading.local()
+_CALL_STRIDE_BITS = 40  # log2 of the Philox blocks each seeded call owns
 
 
 class SamplingState:
@@ -34,7 +37,7 @@ class SamplingState:
     def __init__(self, num_samples: int, seed: int | None):
         self.num_samples = num_samples
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._seeded_calls = 0  # k of the next seeded call (module docstring)
         self._seen: set[int] = set()  # ids of the MC layers that ran in the current pass
         #: MC layer calls in this block so far (0 after a pass: the model has no MC layer).
         self.mc_layer_calls = 0
@@ -74,12 +77,12 @@ class SamplingState:
         """A fresh rng_state for one MC layer call on ``device``."""
         if self.seed is None:
             return ops.new_rng_state(device=device)
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self.seed)
-            self._generators[device] = generator
-        return ops.new_rng_state(generator, device)
+        # Each call owns 2**40 Philox blocks (2**42 random words, more than any tensor a call can
+        # fill), so the calls of a block never share a counter.
+        k = self._seeded_calls
+        self._seeded_calls += 1
+        words = [self.seed % 2**64, (k << _CALL_STRIDE_BITS) % 2**64]
+        return torch.tensor([w - 2**64 if w >= 2**63 else w for w in words], dtype=torch.int64, device=device)
 
 
 class sampling:  # noqa: N801  (used like a function: `with bdlkern.sampling(32):`)

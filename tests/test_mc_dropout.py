@@ -433,14 +433,19 @@ def test_sampling_seed_reproducible_and_repeated_passes():
 
 
 def test_sampling_matches_functional_with_same_states():
-    layer = bdlkern.nn.MCDropoutLinear(6, 4, p=0.3, shared_mask=True).eval()
+    """Seeded call k of a block uses rng_state [seed, k * 2**40] (bdlkern._sampling), on any device."""
+    first = bdlkern.nn.MCDropoutLinear(6, 4, p=0.3, shared_mask=True).eval()
+    second = bdlkern.nn.MCDropoutLinear(4, 3, p=0.6).eval()
     x = torch.randn(5, 6)
-    with bdlkern.sampling(7, seed=9):
-        y = layer(x)
-    g = torch.Generator().manual_seed(9)
-    state = bdlkern.ops.new_rng_state(g)
-    expected = ref.mc_dropout_linear(x, layer.weight, layer.bias, 0.3, 7, shared_mask=True, rng_state=state)
-    torch.testing.assert_close(y, expected.detach())
+    seed = 2**64 - 9  # any int: reduced mod 2**64 and stored as int64
+    with bdlkern.sampling(7, seed=seed):
+        h = first(x)
+        y = second(h)
+    s64 = seed - 2**64
+    h_ref = ref.mc_dropout_linear(x, first.weight, first.bias, 0.3, 7, shared_mask=True, rng_state=torch.tensor([s64, 0]))
+    y_ref = ref.mc_dropout_linear(h_ref, second.weight, second.bias, 0.6, None, rng_state=torch.tensor([s64, 2**40]))
+    torch.testing.assert_close(h, h_ref.detach())
+    torch.testing.assert_close(y, y_ref.detach())
 
 
 def test_sampling_rejects_wrong_sample_dim():
