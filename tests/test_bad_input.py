@@ -154,6 +154,16 @@ case("philox4x32", "key", lambda a: a["key"].float(), "key must be int64", "floa
 case("philox4x32", "key", _meta("key"), "key must be on", "meta")
 
 # MC-dropout linear
+def sampling_cases(op: str, bad_samples) -> None:
+    """The cases every sampling forward shares: num_samples, x's sample dimension, rng_state."""
+    for n in bad_samples:
+        case(op, "num_samples", n, "num_samples must be >= 1")
+    case(op, "x", torch.randn(3, 3, 4), "x has 3 samples in its leading dimension but num_samples = 2", "3 samples vs 2")
+    for label, value, match in STATE_CASES_FULL:
+        case(op, "rng_state", value, match, label)
+    case(op, "rng_state", lambda a: a["rng_state"].to(META), "rng_state must be on x's device", "meta")
+
+
 op = "mc_dropout_linear"
 case(op, "x", torch.randn(4), r"x must be \[B, in_features\]", "1-d")
 case(op, "x", torch.randn(2, 2, 3, 4), r"x must be \[B, in_features\]", "4-d")
@@ -171,12 +181,7 @@ case(op, "bias", torch.randn(5, dtype=F64), "bias must have the dtype of x", "fl
 case(op, "bias", _meta("bias"), "bias must be on x's device", "meta")
 for p in P_OPEN_BAD:
     case(op, "p", p, r"p must be in \[0, 1\)")
-for n in (0, -1, -(2**40)):
-    case(op, "num_samples", n, "num_samples must be >= 1")
-case(op, "x", torch.randn(3, 3, 4), "x has 3 samples in its leading dimension but num_samples = 2", "3 samples vs 2")
-for label, value, match in STATE_CASES_FULL:
-    case(op, "rng_state", value, match, label)
-case(op, "rng_state", lambda a: a["rng_state"].to(META), "rng_state must be on x's device", "meta")
+sampling_cases(op, (0, -1, -(2**40)))
 
 op = "mc_dropout_linear_grad_input"
 case(op, "grad_out", torch.randn(1, 2, 3, 5), r"grad_out must be \[S, B, out_features\]", "4-d")
@@ -241,12 +246,7 @@ case(op, "log_sigma2", _meta("log_sigma2"), "log_sigma2 must be on", "meta")
 case(op, "bias", torch.randn(5, 1), r"bias must be \[out_features\]", "[5, 1]")
 case(op, "bias", torch.randn(5, dtype=F64), "bias must have the dtype of theta", "float64")
 case(op, "bias", _meta("bias"), "bias must be on x's device", "meta")
-for n in (0, -2):
-    case(op, "num_samples", n, "num_samples must be >= 1")
-case(op, "x", torch.randn(3, 3, 4), "x has 3 samples in its leading dimension but num_samples = 2", "3 samples vs 2")
-for label, value, match in STATE_CASES_FULL:
-    case(op, "rng_state", value, match, label)
-case(op, "rng_state", lambda a: a["rng_state"].to(META), "rng_state must be on x's device", "meta")
+sampling_cases(op, (0, -2))
 
 op = "lrt_linear_backward"
 case(op, "grad_out", torch.randn(3, 5), r"grad_out must be \[S, B, out_features\]", "2-d")
