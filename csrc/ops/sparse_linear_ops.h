@@ -163,11 +163,12 @@ struct SparseLinearOps {
     return p;
   }
 
-  static void check_x(const at::Tensor& x, const char* op) {
-    TORCH_CHECK(x.device().type() == Traits::device_type, op, ": x must be on ",
+  // The dense operand (x, or grad_out in the deterministic backward), named in the messages.
+  static void check_x(const at::Tensor& x, const char* op, const char* name = "x") {
+    TORCH_CHECK(x.device().type() == Traits::device_type, op, ": ", name, " must be on ",
                 c10::DeviceTypeName(Traits::device_type, true), ", got ", x.device());
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                ": x must be float32 or float64, got ", x.scalar_type());
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": ", name,
+                " must be float32 or float64, got ", x.scalar_type());
   }
 
   static std::optional<at::Tensor> check_bias(const std::optional<at::Tensor>& bias, int64_t N,
@@ -215,10 +216,8 @@ struct SparseLinearOps {
                              const at::Tensor& col, const at::Tensor& values,
                              int64_t in_features) {
     const char* op = "sparse_linear_backward";
-    TORCH_CHECK(grad_y.scalar_type() == at::kFloat || grad_y.scalar_type() == at::kDouble, op,
-                ": grad_out must be float32 or float64, got ", grad_y.scalar_type());
     TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
-    check_x(grad_y, op);
+    check_x(grad_y, op, "grad_out");
     TORCH_CHECK(grad_y.dim() == 2, op, ": grad_out must be [B, out_features], got shape ",
                 grad_y.sizes());
     at::OptionalDeviceGuard guard(grad_y.device());
