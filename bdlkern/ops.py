@@ -533,19 +533,38 @@ def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
         KL ~= -(k1 sigmoid(k2 + k3 log_alpha) - 0.5 log1p(exp(-log_alpha)) - k1)
 
     with ``k1, k2, k3 = 0.63576, 1.87320, 1.48695`` and the clamped ``log_alpha`` of
-    :func:`lrt_linear`. One fused reduction forward (chunk sums in double, added in a fixed order)
-    and one fused elementwise pass backward.
+    :func:`lrt_linear`. One fused reduction (chunk sums in double, added in a fixed order). When a
+    gradient will be needed (grad mode on and an input requiring grad), the same pass also writes
+    the KL's gradient (``sparse_vd_kl_with_grad``; on the CPU from the exponentials the KL computes
+    anyway), held until backward, which only scales it: the memory of ``theta`` and
+    ``log_sigma2`` once more, for half the transcendental work of recomputing it.
 
     Args:
         theta, log_sigma2: any shape (the same), float32 or float64.
     """
     if not isinstance(theta, torch.Tensor) or not isinstance(log_sigma2, torch.Tensor):
         raise TypeError("sparse_vd_kl: theta and log_sigma2 must be tensors")
+    if torch.is_grad_enabled() and (theta.requires_grad or log_sigma2.requires_grad):
+        return torch.ops.bdlkern.sparse_vd_kl_with_grad(theta, log_sigma2)[0]
     return torch.ops.bdlkern.sparse_vd_kl(theta, log_sigma2)
 
 
 def _sparse_vd_kl_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
+
+
+def _sparse_vd_kl_with_grad_setup_context(ctx, inputs, output):
+    _, grad_theta, grad_log_sigma2 = output
+    ctx.mark_non_differentiable(grad_theta, grad_log_sigma2)
+    ctx.save_for_backward(grad_theta, grad_log_sigma2)
+
+
+def _sparse_vd_kl_with_grad_backward(ctx, grad, _grad_theta, _grad_log_sigma2):
+    grad_theta, grad_log_sigma2 = ctx.saved_tensors
+    return (
+        grad * grad_theta if ctx.needs_input_grad[0] else None,
+        grad * grad_log_sigma2 if ctx.needs_input_grad[1] else None,
+    )
 
 
 def _sparse_vd_kl_backward_for(ops):
@@ -749,8 +768,16 @@ def _register_sparse_vd(ns: str) -> None:
     torch.library.register_autograd(
         f"{ns}::lrt_linear", _lrt_linear_backward_for(getattr(torch.ops, ns)), setup_context=_lrt_linear_setup_context
     )
+    @torch.library.register_fake(f"{ns}::sparse_vd_kl_with_grad")
+    def _kl_with_grad_fake(theta, log_sigma2):
+        _check_devices("sparse_vd_kl_with_grad", "theta", theta, log_sigma2=log_sigma2)
+        return theta.new_empty(()), theta.new_empty(theta.shape), log_sigma2.new_empty(log_sigma2.shape)
+
     torch.library.register_autograd(
         f"{ns}::sparse_vd_kl", _sparse_vd_kl_backward_for(getattr(torch.ops, ns)), setup_context=_sparse_vd_kl_setup_context
+    )
+    torch.library.register_autograd(
+        f"{ns}::sparse_vd_kl_with_grad", _sparse_vd_kl_with_grad_backward, setup_context=_sparse_vd_kl_with_grad_setup_context
     )
 
 

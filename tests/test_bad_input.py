@@ -66,6 +66,7 @@ def valid_args(op: str) -> dict:
         "lrt_linear_backward": dict(grad_out=torch.randn(2, 3, 5), x=x, theta=w, log_sigma2=torch.randn(5, 4), std=torch.ones(3, 5), rng_state=st),
         "sparse_vd_kl": dict(theta=w, log_sigma2=torch.randn(5, 4)),
         "sparse_vd_kl_backward": dict(grad=torch.tensor(1.0), theta=w, log_sigma2=torch.randn(5, 4)),
+        "sparse_vd_kl_with_grad": dict(theta=w, log_sigma2=torch.randn(5, 4)),
         "sparse_linear": dict(x=xs, crow=crow, col=col, values=values[:, 0], bias=torch.randn(4), row_order=torch.tensor([2, 0, 3, 1])),
         "sparse_linear_backward": dict(grad_out=torch.randn(3, 4), crow=crow, col=col, values=values[:, 0], in_features=6),
         "sparse_linear_lrt": dict(x=xs, crow=crow, col=col, values=values, bias=torch.randn(4), row_order=None, rng_state=st, num_samples=2),
@@ -77,7 +78,7 @@ RAW_OPS = [
     "philox4x32", "philox_bits", "dropout_mask", "uniform", "normal",
     "mc_dropout_linear", "mc_dropout_linear_grad_input", "mc_dropout_linear_grad_weight",
     "concrete_dropout", "concrete_dropout_backward",
-    "lrt_linear", "lrt_linear_backward", "sparse_vd_kl", "sparse_vd_kl_backward",
+    "lrt_linear", "lrt_linear_backward", "sparse_vd_kl", "sparse_vd_kl_backward", "sparse_vd_kl_with_grad",
     "sparse_linear", "sparse_linear_backward", "sparse_linear_lrt", "sparse_linear_lrt_backward",
 ]  # fmt: skip
 
@@ -263,12 +264,12 @@ case(op, "rng_state", lambda a: a["rng_state"].to(META), "rng_state must be on",
 # no num_samples argument: S is grad_out's leading size).
 case(op, "*", dict(x=torch.randn(2, 3, 4), std=torch.ones(6, 5), grad_out=torch.randn(3, 3, 5)), "grad_out", "grad_out 3 samples vs x 2")
 
-op = "sparse_vd_kl"
-case(op, "theta", lambda a: a["theta"].int(), "theta must be float32 or float64", "int32")
-case(op, "theta", lambda a: a["theta"].half(), "theta must be float32 or float64", "float16")
-case(op, "theta", _meta("theta"), "log_sigma2 must be on theta's device", "meta")
-case(op, "log_sigma2", torch.randn(5, 4, 1), "log_sigma2 must have theta's shape", "[5, 4, 1]")
-case(op, "log_sigma2", lambda a: a["log_sigma2"].double(), "log_sigma2 must have the dtype of theta", "float64")
+for op in ("sparse_vd_kl", "sparse_vd_kl_with_grad"):
+    case(op, "theta", lambda a: a["theta"].int(), "theta must be float32 or float64", "int32")
+    case(op, "theta", lambda a: a["theta"].half(), "theta must be float32 or float64", "float16")
+    case(op, "theta", _meta("theta"), "log_sigma2 must be on theta's device", "meta")
+    case(op, "log_sigma2", torch.randn(5, 4, 1), "log_sigma2 must have theta's shape", "[5, 4, 1]")
+    case(op, "log_sigma2", lambda a: a["log_sigma2"].double(), "log_sigma2 must have the dtype of theta", "float64")
 
 op = "sparse_vd_kl_backward"
 case(op, "grad", torch.tensor(1.0, dtype=F64), "grad must have the dtype of theta", "float64")

@@ -109,6 +109,47 @@ def test_opcheck():
     opcheck(ops.lrt_linear_backward, (torch.randn_like(y), x.detach(), theta.detach(), log_sigma2.detach(), std, state))
     opcheck(ops.sparse_vd_kl, (theta.detach().requires_grad_(), log_sigma2.detach().requires_grad_()))
     opcheck(ops.sparse_vd_kl_backward, (torch.tensor(2.0), theta.detach(), log_sigma2.detach()))
+    opcheck(ops.sparse_vd_kl_with_grad, (theta.detach().requires_grad_(), log_sigma2.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ns", ["bdlkern", "bdlkern_simt"])
+def test_kl_with_grad_is_the_kl_and_its_unit_gradient(ns, dtype):
+    """The fused pass (CPU) and the composed one (SIMT) give the KL of sparse_vd_kl and the gradient
+    of sparse_vd_kl_backward at grad 1, including weights clamped at both ends and a NaN."""
+    g = torch.Generator().manual_seed(5)
+    theta = torch.randn(37, 29, generator=g, dtype=dtype)
+    log_sigma2 = torch.randn(37, 29, generator=g, dtype=dtype) * 12
+    log_sigma2[0, :3] = torch.tensor([-100.0, 100.0, float("nan")], dtype=dtype)
+    ops = getattr(torch.ops, ns)
+    kl, gt, gs = ops.sparse_vd_kl_with_grad(theta, log_sigma2)
+    kl_ref = ops.sparse_vd_kl(theta[1:], log_sigma2[1:])
+    gt_ref, gs_ref = ops.sparse_vd_kl_backward(torch.tensor(1.0, dtype=dtype), theta, log_sigma2)
+    assert torch.isnan(kl)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ops.sparse_vd_kl_with_grad(theta[1:], log_sigma2[1:])[0], kl_ref, **tol)
+    torch.testing.assert_close(gt, gt_ref, **tol)
+    torch.testing.assert_close(gs, gs_ref, **tol)
+    assert (gs[0, :3] == 0).all() and (gt[0, :3] == 0).all()
+
+
+def test_public_kl_saves_its_gradient_and_scales_it():
+    """bdlkern.ops.sparse_vd_kl takes the fused path when a gradient is needed: the graph holds
+    sparse_vd_kl_with_grad, gradcheck passes through it, and no-grad calls return the same value."""
+    _, theta, log_sigma2, _ = make_layer(1, 1, 7, 6, shared_input=True, seed=9)
+    t, s = theta.clone().requires_grad_(), log_sigma2.clone().requires_grad_()
+    kl = bdlkern.ops.sparse_vd_kl(t, s)
+    assert "SparseVdKlWithGrad" in type(kl.grad_fn).__name__ or "sparse_vd_kl_with_grad" in str(kl.grad_fn)
+    with torch.no_grad():
+        assert bdlkern.ops.sparse_vd_kl(t, s).item() == pytest.approx(kl.item(), rel=1e-14)
+    assert torch.autograd.gradcheck(bdlkern.ops.sparse_vd_kl, (t, s))
+    assert torch.autograd.gradcheck(lambda a: bdlkern.ops.sparse_vd_kl(a, s.detach()), (t,))
+    # retain_graph: the saved gradient is not consumed by the first backward
+    (3.0 * kl).backward(retain_graph=True)
+    first = t.grad.clone()
+    t.grad = None
+    (3.0 * kl).backward()
+    torch.testing.assert_close(t.grad, first, rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph():

@@ -83,16 +83,28 @@ BDLKERN_SIMD_FUNCTION(void, weight_variance_backward_f32,
 constexpr float kK1 = static_cast<float>(kKlK1), kK2 = static_cast<float>(kKlK2),
                 kK3 = static_cast<float>(kKlK3);
 
-// KL of a chunk of at most kKlChunk weights, summed in 8 double lanes combined in a fixed order.
+// KL of a chunk of at most kKlChunk weights, summed in 8 double lanes combined in a fixed order;
+// with kGrad also its gradient at grad 1 (gt, gs: d/dtheta, d/dlog_sigma2), from the same
+// exponentials: sigmoid(-la) = e / (1 + e) with e = exp(-la), which the term needs anyway.
+template <bool kGrad>
 inline __attribute__((always_inline)) double kl_chunk_body(int64_t n, const float* th,
-                                                           const float* ls) {
+                                                           const float* ls, float* gt, float* gs) {
   alignas(64) float term[4096];
   for (int64_t i = 0; i < n; ++i) {
     const float t = th[i];
-    const float raw = ls[i] - cpu::vec::log(t * t + kThEps);
+    const float t2e = t * t + kThEps;
+    const float raw = ls[i] - cpu::vec::log(t2e);
     const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
-    term[i] = -(kK1 * cpu::vec::sigmoid(kK2 + kK3 * la) -
-                0.5f * cpu::vec::log(1.0f + cpu::vec::exp(-la)) - kK1);
+    const float sg = cpu::vec::sigmoid(kK2 + kK3 * la);
+    const float e = cpu::vec::exp(-la);
+    term[i] = -(kK1 * sg - 0.5f * cpu::vec::log(1.0f + e) - kK1);
+    if constexpr (kGrad) {
+      const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
+      const float dkl = -(kK1 * kK3 * sg * (1.0f - sg) + 0.5f * e / (1.0f + e));
+      const float d = clamped ? 0.0f : dkl;
+      gt[i] = d * (-2.0f * t / t2e);
+      gs[i] = d;
+    }
   }
   double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
@@ -103,8 +115,15 @@ inline __attribute__((always_inline)) double kl_chunk_body(int64_t n, const floa
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
+inline __attribute__((always_inline)) double kl_only_body(int64_t n, const float* th,
+                                                          const float* ls) {
+  return kl_chunk_body<false>(n, th, ls, nullptr, nullptr);
+}
 BDLKERN_SIMD_FUNCTION(double, kl_chunk_f32, (int64_t n, const float* th, const float* ls),
-                      kl_chunk_body, (n, th, ls))
+                      kl_only_body, (n, th, ls))
+BDLKERN_SIMD_FUNCTION(double, kl_grad_chunk_f32,
+                      (int64_t n, const float* th, const float* ls, float* gt, float* gs),
+                      kl_chunk_body<true>, (n, th, ls, gt, gs))
 
 inline __attribute__((always_inline)) void kl_backward_body(int64_t n, float g, const float* th,
                                                             const float* ls, float* gt,
@@ -279,24 +298,30 @@ void lrt_noise_backward(CpuTag, const LrtParams& p, const void* grad_y, const vo
 
 int64_t sparse_vd_kl_workspace(CpuTag, int64_t, DType) { return 0; }
 
-void sparse_vd_kl(CpuTag, int64_t n, const void* theta, const void* log_sigma2, void* out, void*,
-                  DType dtype, void*) {
+// The KL (and with grads, its gradient at grad 1): parallel over fixed chunks, each summed in
+// double, the chunk sums added in order (the bits do not depend on the thread count).
+static void kl_sum(int64_t n, const void* theta, const void* log_sigma2, void* out,
+                   void* grad_theta, void* grad_log_sigma2, DType dtype) {
   dispatch(dtype, "sparse_vd_kl", [&]<typename T>() {
     const T* th = static_cast<const T*>(theta);
     const T* ls = static_cast<const T*>(log_sigma2);
+    T* gt = static_cast<T*>(grad_theta);
+    T* gs = static_cast<T*>(grad_log_sigma2);
     const int64_t chunks = (n + kKlChunk - 1) / kKlChunk;
     std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t end = std::min(n, (c + 1) * kKlChunk);
+        const int64_t b = c * kKlChunk, end = std::min(n, b + kKlChunk);
         if constexpr (std::is_same_v<T, float>) {
-          partial[static_cast<size_t>(c)] = kl_chunk_f32(end - c * kKlChunk, th + c * kKlChunk,
-                                                         ls + c * kKlChunk);
+          partial[static_cast<size_t>(c)] = gt != nullptr
+              ? kl_grad_chunk_f32(end - b, th + b, ls + b, gt + b, gs + b)
+              : kl_chunk_f32(end - b, th + b, ls + b);
           continue;
         }
         double sum = 0.0;
-        for (int64_t i = c * kKlChunk; i < end; ++i) {
+        for (int64_t i = b; i < end; ++i) {
           sum += static_cast<double>(sparse_vd_kl_term<T>(log_alpha_of<T>(th[i], ls[i]).value));
+          if (gt != nullptr) sparse_vd_kl_grads<T>(th[i], ls[i], T(1), &gt[i], &gs[i]);
         }
         partial[static_cast<size_t>(c)] = sum;
       }
@@ -305,6 +330,16 @@ void sparse_vd_kl(CpuTag, int64_t n, const void* theta, const void* log_sigma2, 
     for (const double v : partial) total += v;
     *static_cast<T*>(out) = static_cast<T>(total);
   });
+}
+
+void sparse_vd_kl(CpuTag, int64_t n, const void* theta, const void* log_sigma2, void* out, void*,
+                  DType dtype, void*) {
+  kl_sum(n, theta, log_sigma2, out, nullptr, nullptr, dtype);
+}
+
+void sparse_vd_kl_with_grad(CpuTag, int64_t n, const void* theta, const void* log_sigma2,
+                            void* out, void* grad_theta, void* grad_log_sigma2, DType dtype) {
+  kl_sum(n, theta, log_sigma2, out, grad_theta, grad_log_sigma2, dtype);
 }
 
 void sparse_vd_kl_backward(CpuTag, int64_t n, const void* grad, const void* theta,

@@ -45,6 +45,7 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
       "Tensor rng_state) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
   m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
+  m.def("sparse_vd_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");
   m.def(
       "sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
       "Tensor? row_order) -> Tensor");

@@ -65,6 +65,10 @@ struct LrtParams {
                              DType dtype, void* stream);
 
 BDLKERN_DECLARE_SPARSE_VD_KERNELS(CpuTag)
+// CPU: the summed KL and its gradient at grad 1 in one pass (grad_theta, grad_log_sigma2 [n]);
+// the other backends compose sparse_vd_kl and sparse_vd_kl_backward.
+void sparse_vd_kl_with_grad(CpuTag, int64_t n, const void* theta, const void* log_sigma2,
+                            void* out, void* grad_theta, void* grad_log_sigma2, DType dtype);
 BDLKERN_DECLARE_SPARSE_VD_KERNELS(CudaTag)
 BDLKERN_DECLARE_SPARSE_VD_KERNELS(SimtTag)
 
