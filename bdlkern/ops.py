@@ -617,6 +617,8 @@ def sparse_linear(
             raise ValueError("sparse_linear: num_samples needs stochastic=True (the deterministic layer has no samples)")
         if x.dim() < 1:
             raise ValueError("sparse_linear: x must have a feature dimension")
+        if x.dim() == 2:  # the usual [B, K]: no views (two reshapes cost more than a small layer)
+            return torch.ops.bdlkern.sparse_linear(x, crow, col, values, bias, row_order)
         y = torch.ops.bdlkern.sparse_linear(
             x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), crow, col, values, bias, row_order
         )

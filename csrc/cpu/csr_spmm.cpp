@@ -104,8 +104,10 @@ inline __attribute__((always_inline)) void transpose_body(const T* src, int64_t 
   if constexpr (std::is_same_v<T, float>) {
     r8 = rows & ~int64_t{7};
     c8 = cols & ~int64_t{7};
-    for (int64_t c = 0; c < c8; c += 8) {
-      for (int64_t r = 0; r < r8; r += 8) transpose8x8(src + r * cols + c, cols, dst + c * ld + r, ld);
+    // Eight source rows at a time, swept along: rows of x are k_in apart (often 4 KiB, one cache
+    // set), so a column strip over more than 8 rows would evict its own lines before their use.
+    for (int64_t r = 0; r < r8; r += 8) {
+      for (int64_t c = 0; c < c8; c += 8) transpose8x8(src + r * cols + c, cols, dst + c * ld + r, ld);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -228,8 +230,8 @@ inline __attribute__((always_inline)) void write_back(const T* buf, int64_t rows
   if constexpr (std::is_same_v<T, float>) {
     r8 = rows & ~int64_t{7};
     w8 = width & ~int64_t{7};
-    for (int64_t r = 0; r < r8; r += 8) {
-      for (int64_t b = 0; b < w8; b += 8) {
+    for (int64_t b = 0; b < w8; b += 8) {  // both halves of an output line back to back
+      for (int64_t r = 0; r < r8; r += 8) {
         transpose8x8(buf + r * kTile + b, kTile, out + b * N + r, N, bias != nullptr ? bias + r : nullptr);
       }
     }
