@@ -45,13 +45,30 @@ void dispatch(DType dtype, const char* op, F f) {
 constexpr float kLaMin = static_cast<float>(kLogAlphaMin), kLaMax = static_cast<float>(kLogAlphaMax);
 constexpr float kThEps = static_cast<float>(kThetaEps);
 
+// The weight passes need alpha, not log alpha: alpha = exp(log_sigma2) / (theta^2 + eps), clamped
+// to [e^-8, e^8] (the log alpha clamp, moved through the monotone exp), costs one exponential and
+// a division instead of a logarithm and an exponential. NaN fails both bounds, as in the clamp of
+// log alpha. exp's argument clamp (87, 88) decides nothing unless |theta| > e^40.
+constexpr float kAlphaMin = static_cast<float>(__builtin_exp(kLogAlphaMin)),
+                kAlphaMax = static_cast<float>(__builtin_exp(kLogAlphaMax));
+
+// alpha before the clamp; clamped_alpha(r) and outside(r) (no gradient through the clamp: NaN
+// included, like torch.clamp) finish it. Plain floats and bools: a struct stops GCC vectorising.
+inline __attribute__((always_inline)) float raw_alpha(float ls, float t2e) {
+  return cpu::vec::exp(ls) / t2e;
+}
+inline __attribute__((always_inline)) float clamped_alpha(float r) {
+  return r < kAlphaMin ? kAlphaMin : (r > kAlphaMax ? kAlphaMax : r);
+}
+inline __attribute__((always_inline)) bool outside(float r) {
+  return !(r >= kAlphaMin && r <= kAlphaMax);
+}
+
 inline __attribute__((always_inline)) void weight_variance_body(int64_t n, const float* th,
                                                                  const float* ls, float* a) {
   for (int64_t i = 0; i < n; ++i) {
     const float t = th[i];
-    const float raw = ls[i] - cpu::vec::log(t * t + kThEps);
-    const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
-    a[i] = cpu::vec::exp(la) * t * t;
+    a[i] = clamped_alpha(raw_alpha(ls[i], t * t + kThEps)) * t * t;
   }
 }
 BDLKERN_SIMD_FUNCTION(void, weight_variance_f32,
@@ -64,12 +81,10 @@ inline __attribute__((always_inline)) void weight_variance_backward_body(
   for (int64_t i = 0; i < n; ++i) {
     const float t = th[i], g = ga[i], g_t = gt[i];
     const float t2e = t * t + kThEps;
-    const float raw = ls[i] - cpu::vec::log(t2e);
-    const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
-    const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
-    const float alpha = cpu::vec::exp(la);
+    const float r = raw_alpha(ls[i], t2e);
+    const float alpha = clamped_alpha(r);
     const float value = alpha * t * t;
-    const float through = clamped ? 0.0f : value;
+    const float through = outside(r) ? 0.0f : value;
     const float d_theta = through * (-2.0f * t / t2e) + 2.0f * alpha * t;
     out_s[i] = g * through;
     out_t[i] = g_t + g * d_theta;

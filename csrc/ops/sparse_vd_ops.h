@@ -160,12 +160,14 @@ struct SparseVDOps {
     // alpha theta^2 and x^2 are made again rather than saved by the forward: one pass over the
     // weights and one over x here, against keeping a weight-sized and an input-sized tensor alive
     // between forward and backward for every layer.
-    const at::Tensor A = variance_weights(l);
+    at::Tensor A = variance_weights(l);
     const at::Tensor x2 = l.x.square();
     at::Tensor grad_x = at::mm(grad_mu, l.theta);
     grad_x.addcmul_(l.x, at::mm(grad_var, A), 2);
     at::Tensor grad_theta = at::mm(grad_mu.t(), l.x);
-    at::Tensor grad_ls2 = at::mm(grad_var.t(), x2);  // G_A, turned into grad_log_sigma2 in place
+    // G_A, turned into grad_log_sigma2 in place; written over A, which is no longer needed (one
+    // weight-sized allocation less: fresh large blocks cost page faults on every call)
+    at::Tensor grad_ls2 = at::mm_out(A, grad_var.t(), x2);
     weight_variance_backward(Tag{}, l.theta.numel(), l.theta.const_data_ptr(),
                              l.log_sigma2.const_data_ptr(), grad_theta.const_data_ptr(),
                              grad_ls2.const_data_ptr(), grad_theta.data_ptr(), grad_ls2.data_ptr(),
