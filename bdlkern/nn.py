@@ -499,9 +499,10 @@ class SparseLinear(nn.Module):
 
     #: (largest batch, density) rows: above that density the dense GEMM is faster at that batch
     #: size. Measured on the 2-core AVX2 benchmark VM with W [1024, 1024], float32, 2 threads
-    #: (the sparse_linear.b* cases of ``python -m bdlkern.bench`` and sweeps of 1-256 rows): a single row's GEMV is overhead-bound on both paths and the CSR kernel only wins
-    #: below ~3%; from 16 rows up it wins up to ~25-35%; the table keeps a margin below those.
-    crossover_table: tuple[tuple[float, float], ...] = ((4, 0.03), (32, 0.2), (math.inf, 0.25))
+    #: (a sweep of densities 0.02-0.4 at 1-256 rows against ``F.linear``): a single row's GEMV is
+    #: overhead-bound on both paths and the CSR kernel wins below ~6%; from 4 to 64 rows it wins up
+    #: to 33-40%, at 256 rows up to ~30%. The table keeps a margin below those.
+    crossover_table: tuple[tuple[float, float], ...] = ((1, 0.04), (64, 0.28), (256, 0.25), (math.inf, 0.2))
 
     def crossover_density(self, batch: int) -> float:
         """The density above which a batch of ``batch`` rows takes the dense GEMM."""
