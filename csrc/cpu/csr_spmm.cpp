@@ -332,7 +332,8 @@ void gather_dots(const CsrParams& p, int64_t k_in, const T* in_a, const T* in_b,
     }
   };
   if (B == 1) {
-    const int64_t grain = std::max<int64_t>(16, kMinTaskWork / std::max<int64_t>(1, nnz / std::max<int64_t>(1, N)));
+    // A gathered entry costs ~1 ns, ten times a tiled multiply-add: tasks of kMinTaskWork / 8.
+    const int64_t grain = std::max<int64_t>(16, kMinTaskWork / 8 / std::max<int64_t>(1, nnz / std::max<int64_t>(1, N)));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(0, n0, n1); });
     return;
   }
