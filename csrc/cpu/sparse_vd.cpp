@@ -98,6 +98,12 @@ BDLKERN_SIMD_FUNCTION(void, weight_variance_backward_f32,
 constexpr float kK1 = static_cast<float>(kKlK1), kK2 = static_cast<float>(kKlK2),
                 kK3 = static_cast<float>(kKlK3);
 
+// d KL / d log alpha from sg = sigmoid(k2 + k3 la) and e = exp(-la) (sigmoid(-la) = e / (1 + e)):
+// the one float32 definition behind both the fused KL + gradient pass and the backward kernel.
+inline __attribute__((always_inline)) float kl_dlog_alpha(float sg, float e) {
+  return -(kK1 * kK3 * sg * (1.0f - sg) + 0.5f * e / (1.0f + e));
+}
+
 // KL of a chunk of at most kKlChunk weights, summed in 8 double lanes combined in a fixed order;
 // with kGrad also its gradient at grad 1 (gt, gs: d/dtheta, d/dlog_sigma2), from the same
 // exponentials: sigmoid(-la) = e / (1 + e) with e = exp(-la), which the term needs anyway.
@@ -115,8 +121,7 @@ inline __attribute__((always_inline)) double kl_chunk_body(int64_t n, const floa
     term[i] = -(kK1 * sg - 0.5f * cpu::vec::log(1.0f + e) - kK1);
     if constexpr (kGrad) {
       const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
-      const float dkl = -(kK1 * kK3 * sg * (1.0f - sg) + 0.5f * e / (1.0f + e));
-      const float d = clamped ? 0.0f : dkl;
+      const float d = clamped ? 0.0f : kl_dlog_alpha(sg, e);
       gt[i] = d * (-2.0f * t / t2e);
       gs[i] = d;
     }
@@ -150,8 +155,7 @@ inline __attribute__((always_inline)) void kl_backward_body(int64_t n, float g, 
     const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
     const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
     const float sg = cpu::vec::sigmoid(kK2 + kK3 * la);
-    const float dkl = -(kK1 * kK3 * sg * (1.0f - sg) + 0.5f * cpu::vec::sigmoid(-la));
-    const float d = clamped ? 0.0f : g * dkl;
+    const float d = clamped ? 0.0f : g * kl_dlog_alpha(sg, cpu::vec::exp(-la));
     gt[i] = d * (-2.0f * t / t2e);
     gs[i] = d;
   }
