@@ -35,6 +35,9 @@ PhiloxBatchFn philox_batch_fn(SimdPath path);
 // lane pairs as random.h's box_muller, with the vectorised float32 math of vec_math.h (defined in
 // rng_cpu.cpp; a few ulp from libm).
 void normals_f32(int64_t pairs, const uint32_t* words, float* z);
+// out[i] = mean[i] + scale[i] * z[i], z the normals normals_f32 would write (i < 2 pairs).
+void normals_affine_f32(int64_t pairs, const uint32_t* words, const float* mean,
+                        const float* scale, float* out);
 const char* simd_path_name(SimdPath path);
 
 }  // namespace cpu

@@ -168,6 +168,7 @@ BDLKERN_SIMD_FUNCTION(void, kl_backward_f32,
 struct NormalScratch {
   std::vector<uint32_t> words;
   std::vector<float> z;
+  std::vector<float> eps;
 };
 
 // out[j] = the standard normal of stream element begin + j, j < count (Box-Muller on the lane
@@ -199,6 +200,22 @@ void stream_normals(const PhiloxStream& stream, uint64_t begin, int64_t count, T
       if (j >= 0 && j < count) out[j] = z[l];
     }
   }
+}
+
+// out[j] = mean[j] + scale[j] * (the standard normal of stream element begin + j), j < count:
+// whole blocks straight from the words (no pass over a row of normals), else through eps.
+void stream_normals_affine(const PhiloxStream& stream, uint64_t begin, int64_t count,
+                           const float* mean, const float* scale, float* out,
+                           NormalScratch& scratch) {
+  if (begin % 4 == 0 && count % 4 == 0) {
+    scratch.words.resize(static_cast<size_t>(count));
+    cpu::stream_words(stream, begin, count, scratch.words.data());
+    cpu::normals_affine_f32(count / 2, scratch.words.data(), mean, scale, out);
+    return;
+  }
+  scratch.eps.resize(static_cast<size_t>(count));
+  stream_normals(stream, begin, count, scratch.eps.data(), scratch);
+  for (int64_t j = 0; j < count; ++j) out[j] = mean[j] + scale[j] * scratch.eps[j];
 }
 
 }  // namespace
@@ -255,24 +272,34 @@ void lrt_noise_forward(CpuTag, const LrtParams& p, const void* mu, const void* v
     T* sd = static_cast<T*>(std);
     const int64_t R = p.rows, N = p.out_features;
     const int64_t src_rows = p.shared_input ? R : p.num_samples * R;
-    // std once per element of mu / var.
-    at::parallel_for(0, src_rows * N, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) sd[i] = std::sqrt(v[i] + static_cast<T>(kVarianceEps));
+    // std once per element of mu / var; float32 also folds the bias into the mean once, so the
+    // samples are mean + std * eps straight from the stream words.
+    constexpr bool kFused = std::is_same_v<T, float>;
+    std::vector<T> mean_bias(kFused && bs != nullptr ? static_cast<size_t>(src_rows * N) : 0);
+    at::parallel_for(0, src_rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * N; i < r1 * N; ++i) sd[i] = std::sqrt(v[i] + static_cast<T>(kVarianceEps));
+      if (!mean_bias.empty()) {
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t o = 0; o < N; ++o) mean_bias[r * N + o] = m[r * N + o] + bs[o];
+        }
+      }
     });
+    const T* mean = mean_bias.empty() ? m : mean_bias.data();
     const PhiloxStream stream = make_stream(p.rng_state, p.tag);
     at::parallel_for(0, p.num_samples * R, kRowGrain, [&](int64_t r0, int64_t r1) {
       NormalScratch scratch;
-      std::vector<T> eps(static_cast<size_t>(N));
+      std::vector<T> eps(kFused ? 0 : static_cast<size_t>(N));
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t src = (p.shared_input ? r % R : r) * N;
-        stream_normals(stream, static_cast<uint64_t>(r * N), N, eps.data(), scratch);
         T* yr = out + r * N;
-        const T* mr = m + src;
-        const T* sr = sd + src;
-        if (bs != nullptr) {
-          for (int64_t o = 0; o < N; ++o) yr[o] = mr[o] + bs[o] + sr[o] * eps[o];
+        if constexpr (kFused) {
+          stream_normals_affine(stream, static_cast<uint64_t>(r * N), N, mean + src, sd + src, yr, scratch);
         } else {
-          for (int64_t o = 0; o < N; ++o) yr[o] = mr[o] + sr[o] * eps[o];
+          stream_normals(stream, static_cast<uint64_t>(r * N), N, eps.data(), scratch);
+          const T* mr = m + src;
+          const T* sr = sd + src;
+          for (int64_t o = 0; o < N; ++o) yr[o] = mr[o] + (bs != nullptr ? bs[o] : T(0)) + sr[o] * eps[o];
         }
       }
     });

@@ -15,10 +15,15 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "philox_simd.h"
 
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
+// f8 values passed between always-inline functions never cross an ABI boundary.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace bdlkern {
 namespace cpu {
@@ -26,18 +31,54 @@ namespace vec {
 
 #define BDL_VEC_INLINE inline __attribute__((always_inline))
 
+// Eight float32 lanes as a GCC vector type: explicit SIMD where the data layout needs shuffles the
+// vectoriser would not find (the Box-Muller lanes of rng_cpu.cpp). Compiled for the baseline it
+// is two SSE registers; for AVX2 and AVX-512, one ymm.
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+
+// The functions below are templates over F = float or f8, one definition for both: the same
+// operations in the same order, lane by lane. Lanes<F> names the integer types of F's bits.
+template <typename F>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using I = int32_t;
+  using U = uint32_t;
+};
+template <>
+struct Lanes<f8> {
+  using I = i8;
+  using U = u8;
+};
+
+BDL_VEC_INLINE float to_float(int32_t v) { return static_cast<float>(v); }
+BDL_VEC_INLINE f8 to_float(i8 v) { return __builtin_convertvector(v, f8); }
+// Conversion toward zero (a cast between vector types would reinterpret the bits instead).
+BDL_VEC_INLINE int32_t to_int(float v) { return static_cast<int32_t>(v); }
+BDL_VEC_INLINE i8 to_int(f8 v) { return __builtin_convertvector(v, i8); }
+// floor(v) for |v| < 2^31 (vectors: truncate, then step down where that rounded up).
+BDL_VEC_INLINE float floor_small(float v) { return __builtin_floorf(v); }
+BDL_VEC_INLINE f8 floor_small(f8 v) {
+  const f8 t = to_float(to_int(v));
+  return t > v ? t - 1.0f : t;
+}
+
 // log(v) for positive normal v: v = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a polynomial
 // in m - 1 (Cephes logf), plus e log(2) in two parts.
-BDL_VEC_INLINE float log(float v) {
-  const uint32_t bits = __builtin_bit_cast(uint32_t, v);
-  int e = static_cast<int>((bits >> 23) & 0xffu) - 126;
-  float m = __builtin_bit_cast(float, (bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
+template <typename F>
+BDL_VEC_INLINE F log(F v) {
+  using I = typename Lanes<F>::I;
+  using U = typename Lanes<F>::U;
+  const U bits = __builtin_bit_cast(U, v);
+  I e = (I)(bits >> 23) - 126;  // v > 0: the sign bit is clear
+  F m = __builtin_bit_cast(F, (U)((bits & 0x007fffffu) | 0x3f000000u));  // [0.5, 1)
+  const auto small = m < 0.707106781186547524f;
   e = small ? e - 1 : e;
   m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
+  const F z = m * m;
+  F y = m * 7.0376836292e-2f - 1.1514610310e-1f;
   y = y * m + 1.1676998740e-1f;
   y = y * m - 1.2420140846e-1f;
   y = y * m + 1.4249322787e-1f;
@@ -46,7 +87,7 @@ BDL_VEC_INLINE float log(float v) {
   y = y * m - 2.4999993993e-1f;
   y = y * m + 3.3333331174e-1f;
   y = y * m * z;
-  const float fe = static_cast<float>(e);
+  const F fe = to_float(e);
   y += -2.12194440e-4f * fe;
   y += -0.5f * z;
   return m + y + 0.693359375f * fe;
@@ -54,67 +95,80 @@ BDL_VEC_INLINE float log(float v) {
 
 // exp(v), v clamped to [-87, 88] (the float range): v = n log(2) + r, exp(r) by a polynomial, times
 // 2^n built from the bits.
-BDL_VEC_INLINE float exp(float v) {
+template <typename F>
+BDL_VEC_INLINE F exp(F v) {
+  using U = typename Lanes<F>::U;
   v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
-  const float n = __builtin_floorf(v * 1.44269504088896341f + 0.5f);
-  float r = v - n * 0.693359375f;
+  const F n = floor_small(v * 1.44269504088896341f + 0.5f);
+  F r = v - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
+  const F z = r * r;
+  F y = r * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  const uint32_t scale = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;
-  return y * __builtin_bit_cast(float, scale);
+  const U scale = (U)(to_int(n) + 127) << 23;
+  return y * __builtin_bit_cast(F, scale);
 }
 
-BDL_VEC_INLINE float sigmoid(float v) { return 1.0f / (1.0f + exp(-v)); }
+template <typename F>
+BDL_VEC_INLINE F sigmoid(F v) {
+  return 1.0f / (1.0f + exp(-v));
+}
 
 // sqrt(v) for positive normal v. __builtin_sqrtf keeps errno semantics (a call for v < 0) unless
 // the whole build says -fno-math-errno, which the optimize pragma cannot, so: the bit-level guess
 // of 1 / sqrt(v), three Newton steps (relative error below 1e-9 before rounding), times v.
-BDL_VEC_INLINE float sqrt_positive(float v) {
-  float y = __builtin_bit_cast(float, 0x5f3759dfu - (__builtin_bit_cast(uint32_t, v) >> 1));
-  const float h = 0.5f * v;
+template <typename F>
+BDL_VEC_INLINE F sqrt_positive(F v) {
+  using U = typename Lanes<F>::U;
+  F y = __builtin_bit_cast(F, (U)(0x5f3759dfu - (__builtin_bit_cast(U, v) >> 1)));
+  const F h = 0.5f * v;
   y = y * (1.5f - h * y * y);
   y = y * (1.5f - h * y * y);
   y = y * (1.5f - h * y * y);
   return v * y;
 }
 
-// cos(2 pi u) and sin(2 pi u) for any float u: reduce to t = u - round(u) in [-1/2, 1/2], then to a
-// quadrant q = round(4 t) and b = 2 pi (t - q / 4) in [-pi/4, pi/4], where Cephes' sinf / cosf
-// polynomials hold, and rotate by q quarter turns.
-BDL_VEC_INLINE void sincos_2pi(float u, float* c, float* s) {
-  const float t = u - __builtin_floorf(u + 0.5f);
-  const float q = __builtin_floorf(4.0f * t + 0.5f);  // -2 .. 2
-  const float b = (t - 0.25f * q) * 6.28318530717958647692f;
-  const float b2 = b * b;
-  const float sb = b + b * b2 * (-1.6666654611e-1f + b2 * (8.3321608736e-3f + b2 * -1.9515295891e-4f));
-  const float cb = 1.0f - 0.5f * b2 +
-                   b2 * b2 * (4.166664568298827e-2f + b2 * (-1.388731625493765e-3f + b2 * 2.443315711809948e-5f));
-  const int quadrant = static_cast<int>(q) & 3;  // -2 -> 2, -1 -> 3
-  const bool swap = (quadrant & 1) != 0;
-  const float cc = swap ? sb : cb;
-  const float ss = swap ? cb : sb;
-  *c = (quadrant == 1 || quadrant == 2) ? -cc : cc;
-  *s = (quadrant == 2 || quadrant == 3) ? -ss : ss;
+// cos(2 pi u) and sin(2 pi u) for u in [0, 1] (a uniform): the quadrant q = round(4 u) and
+// b = 2 pi (u - q / 4) in [-pi/4, pi/4] (u - q / 4 is exact), where Cephes' sinf / cosf
+// polynomials hold, then a rotation by q quarter turns: quadrants 1 and 3 swap the two, and a
+// sign bit flips cos in quadrants 1 and 2, sin in 2 and 3.
+template <typename F>
+BDL_VEC_INLINE void sincos_2pi(F u, F* c, F* s) {
+  using U = typename Lanes<F>::U;
+  const F q = floor_small(4.0f * u + 0.5f);  // 0 .. 4
+  const F b = (u - 0.25f * q) * 6.28318530717958647692f;
+  const F b2 = b * b;
+  const F sb = b + b * b2 * (-1.6666654611e-1f + b2 * (8.3321608736e-3f + b2 * -1.9515295891e-4f));
+  const F cb = 1.0f - 0.5f * b2 +
+               b2 * b2 * (4.166664568298827e-2f + b2 * (-1.388731625493765e-3f + b2 * 2.443315711809948e-5f));
+  const U quadrant = (U)to_int(q) & 3u;
+  const auto swap = (quadrant & 1u) != 0u;
+  const F cc = swap ? sb : cb;
+  const F ss = swap ? cb : sb;
+  *c = __builtin_bit_cast(F, __builtin_bit_cast(U, cc) ^ (((quadrant + 1u) & 2u) << 30));
+  *s = __builtin_bit_cast(F, __builtin_bit_cast(U, ss) ^ ((quadrant & 2u) << 30));
 }
 
 // uniform_float of random.h: (w >> 8) 2^-24 + 2^-25, capped below 1. (w >> 8) < 2^24 converts
 // exactly through int32, which the vector units do in one instruction.
-BDL_VEC_INLINE float uniform(uint32_t w) {
-  const float u = static_cast<float>(static_cast<int32_t>(w >> 8)) * 0x1p-24f + 0x1p-25f;
+template <typename U>
+BDL_VEC_INLINE auto uniform(U w) {
+  using F = std::conditional_t<std::is_same_v<U, u8>, f8, float>;
+  using I = typename Lanes<F>::I;
+  const F u = to_float((I)(w >> 8)) * 0x1p-24f + 0x1p-25f;
   return u < 0x1.fffffep-1f ? u : 0x1.fffffep-1f;
 }
 
-// Box-Muller on one lane pair (random.h box_muller, these polynomials instead of libm).
-BDL_VEC_INLINE void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
-  const float r = sqrt_positive(-2.0f * log(uniform(a)));
-  float c, s;
+// Box-Muller on lane pairs (random.h box_muller, these polynomials instead of libm): a, b one
+// pair's words, or eight pairs' in the lanes of u8.
+template <typename U, typename F>
+BDL_VEC_INLINE void box_muller(U a, U b, F* z0, F* z1) {
+  const F r = sqrt_positive(-2.0f * log(uniform(a)));
+  F c, s;
   sincos_2pi(uniform(b), &c, &s);
   *z0 = r * c;
   *z1 = r * s;
@@ -140,6 +194,7 @@ Fn pick_simd(Fn baseline, Fn avx2, Fn avx512) {
 }  // namespace cpu
 }  // namespace bdlkern
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 // Defines `ret name params` that runs `body args` (an always-inline function, or a template
