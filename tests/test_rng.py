@@ -113,6 +113,26 @@ def test_cpu_and_simt_agree(shape):
         )
 
 
+def test_float32_normals_do_not_depend_on_where_a_call_starts_or_ends():
+    """A float32 normal's bits are a function of its stream element alone: the CPU Box-Muller runs
+    whole vectors and a zero-padded tail through the same code. Rows of 7 outputs start and end
+    inside Philox blocks and vectors, so the stochastic sparse layer's noise rows (all weights
+    zero: y = sqrt(1e-8) * eps exactly) must match one long `normal` call bit for bit."""
+    S, B, N, K = 3, 5, 7, 4
+    crow = torch.arange(0, 2 * N + 1, 2)
+    col = torch.tensor([0, 2] * N)
+    values = torch.zeros(2 * N, 2)
+    rs = torch.tensor([77, 3])
+    y = bdlkern.ops.sparse_linear(torch.randn(B, K), crow, col, values, num_samples=S, stochastic=True, rng_state=rs)
+    eps = bdlkern.ops.normal([S, B, N], rng_state=rs, stream="sparse_lrt")
+    std = torch.tensor(1e-8).double().sqrt().float()  # correctly rounded, like sqrtf (torch.sqrt is not)
+    assert torch.equal(y, std * eps)
+    # and a stream that starts k blocks later is the same normals 4k elements on
+    full = bdlkern.ops.normal([2000], rng_state=rs, stream=1)
+    for k in (1, 5, 301):
+        assert torch.equal(bdlkern.ops.normal([333], rng_state=torch.tensor([77, 3 + k]), stream=1), full[4 * k : 4 * k + 333])
+
+
 @pytest.mark.parametrize("op", ["philox_bits", "dropout_mask", "uniform", "normal"])
 def test_deterministic_across_thread_counts(threads, op):
     rs = torch.tensor([2024, 7], dtype=torch.int64)

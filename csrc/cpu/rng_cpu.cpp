@@ -21,16 +21,28 @@
 namespace bdlkern {
 namespace {
 
-// z[2k], z[2k + 1] = Box-Muller of words (2k, 2k + 1): the normals of whole Philox blocks; with
-// kAffine, mean + scale * z instead (the LRT noise without a pass over a scratch row).
+// The radius sqrt(-2 log u1): the AVX paths take the vector unit's square root (correctly
+// rounded, and off the multiply pipes the Newton steps of sqrt_positive would occupy).
+template <cpu::SimdPath kPath>
+struct RadiusSqrt {
+  __attribute__((always_inline)) cpu::vec::f8 operator()(cpu::vec::f8 v) const {
+    if constexpr (kPath == cpu::SimdPath::kScalar) {
+      return cpu::vec::sqrt_positive(v);
+    } else {
+      return cpu::vec::sqrt_avx(v);
+    }
+  }
+};
+
+// z[i .. i + 15] = Box-Muller of words i .. i + 15 (pairs (i + 2k, i + 2k + 1)); with kAffine,
+// mean + scale * z instead (the LRT noise without a pass over a scratch row). mean and scale are
+// null without kAffine: no offsets are taken from them.
 //
 // Eight pairs per vector: two vectors of words hold them interleaved (a0 b0 a1 b1 ...); one
 // in-lane shuffle (shufps) splits them into the a's and the b's, in the lane order
 // 0 1 4 5 | 2 3 6 7, and the unpacks that interleave cos and sin invert exactly that order, so
-// the pairs need no cross-lane permutes. Two vectors per step give the scheduler two
-// independent polynomial chains (the pragma above).
-// Elements i .. i + 15 (mean and scale are null without kAffine: no offsets taken from them).
-template <bool kAffine>
+// the pairs need no cross-lane permutes.
+template <cpu::SimdPath kPath, bool kAffine>
 inline __attribute__((always_inline)) void normals_x8(int64_t i, const uint32_t* words,
                                                       const float* mean, const float* scale,
                                                       float* z) {
@@ -42,7 +54,7 @@ inline __attribute__((always_inline)) void normals_x8(int64_t i, const uint32_t*
   const u8 a = __builtin_shufflevector(w0, w1, 0, 2, 8, 10, 4, 6, 12, 14);
   const u8 b = __builtin_shufflevector(w0, w1, 1, 3, 9, 11, 5, 7, 13, 15);
   f8 zc, zs;
-  cpu::vec::box_muller(a, b, &zc, &zs);
+  cpu::vec::box_muller(a, b, &zc, &zs, RadiusSqrt<kPath>{});
   f8 out[2] = {__builtin_shufflevector(zc, zs, 0, 8, 1, 9, 4, 12, 5, 13),
                __builtin_shufflevector(zc, zs, 2, 10, 3, 11, 6, 14, 7, 15)};
   for (int h = 0; h < 2; ++h) {
@@ -56,33 +68,45 @@ inline __attribute__((always_inline)) void normals_x8(int64_t i, const uint32_t*
   }
 }
 
-template <bool kAffine>
+// Every pair goes through the same vector code, the last < 8 from zero-padded copies: a
+// normal's bits do not depend on where a call starts or ends.
+template <cpu::SimdPath kPath, bool kAffine>
 inline __attribute__((always_inline)) void normals_body(int64_t pairs, const uint32_t* words,
                                                         const float* mean, const float* scale,
                                                         float* z) {
-  int64_t k = 0;
-  for (; k + 8 <= pairs; k += 8) normals_x8<kAffine>(2 * k, words, mean, scale, z);
-  for (; k < pairs; ++k) {
-    float z0, z1;
-    cpu::vec::box_muller(words[2 * k], words[2 * k + 1], &z0, &z1);
+  int64_t i = 0;
+  for (; i + 16 <= 2 * pairs; i += 16) normals_x8<kPath, kAffine>(i, words, mean, scale, z);
+  const int64_t rest = 2 * pairs - i;
+  if (rest == 0) return;
+  uint32_t w[16] = {};
+  float m[16] = {}, sc[16] = {}, out[16];
+  for (int64_t j = 0; j < rest; ++j) {
+    w[j] = words[i + j];
     if constexpr (kAffine) {
-      z0 = mean[2 * k] + scale[2 * k] * z0;
-      z1 = mean[2 * k + 1] + scale[2 * k + 1] * z1;
+      m[j] = mean[i + j];
+      sc[j] = scale[i + j];
     }
-    z[2 * k] = z0;
-    z[2 * k + 1] = z1;
   }
+  normals_x8<kPath, kAffine>(0, w, m, sc, out);
+  for (int64_t j = 0; j < rest; ++j) z[i + j] = out[j];
 }
+template <cpu::SimdPath kPath>
 inline __attribute__((always_inline)) void normals_plain(int64_t pairs, const uint32_t* words,
                                                          float* z) {
-  normals_body<false>(pairs, words, nullptr, nullptr, z);
+  normals_body<kPath, false>(pairs, words, nullptr, nullptr, z);
 }
-BDLKERN_SIMD_FUNCTION(void, normals_f32_impl, (int64_t pairs, const uint32_t* words, float* z),
-                      normals_plain, (pairs, words, z))
-BDLKERN_SIMD_FUNCTION(void, normals_affine_f32_impl,
-                      (int64_t pairs, const uint32_t* words, const float* mean, const float* scale,
-                       float* out),
-                      normals_body<true>, (pairs, words, mean, scale, out))
+template <cpu::SimdPath kPath>
+inline __attribute__((always_inline)) void normals_affine(int64_t pairs, const uint32_t* words,
+                                                          const float* mean, const float* scale,
+                                                          float* out) {
+  normals_body<kPath, true>(pairs, words, mean, scale, out);
+}
+BDLKERN_SIMD_FUNCTION_PATH(void, normals_f32_impl, (int64_t pairs, const uint32_t* words, float* z),
+                           normals_plain, (pairs, words, z))
+BDLKERN_SIMD_FUNCTION_PATH(void, normals_affine_f32_impl,
+                           (int64_t pairs, const uint32_t* words, const float* mean,
+                            const float* scale, float* out),
+                           normals_affine, (pairs, words, mean, scale, out))
 
 // 4096 blocks (16K elements) per task: enough work to amortise a task, small enough to balance.
 constexpr int64_t kGrainBlocks = 4096;

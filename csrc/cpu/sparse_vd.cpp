@@ -164,6 +164,24 @@ BDLKERN_SIMD_FUNCTION(void, kl_backward_f32,
                       (int64_t n, float g, const float* th, const float* ls, float* gt, float* gs),
                       kl_backward_body, (n, g, th, ls, gt, gs))
 
+// sd[i] = sqrt(v[i] + eps), i < n: vsqrtps on the AVX paths, std::sqrt on the baseline (the same
+// correctly rounded bits either way).
+template <cpu::SimdPath kPath>
+inline __attribute__((always_inline)) void std_body(int64_t n, const float* v, float eps, float* sd) {
+  int64_t i = 0;
+  if constexpr (kPath != cpu::SimdPath::kScalar) {
+    for (; i + 8 <= n; i += 8) {
+      cpu::vec::f8 x;
+      __builtin_memcpy(&x, v + i, sizeof(x));
+      x = cpu::vec::sqrt_avx(x + eps);
+      __builtin_memcpy(sd + i, &x, sizeof(x));
+    }
+  }
+  for (; i < n; ++i) sd[i] = std::sqrt(v[i] + eps);
+}
+BDLKERN_SIMD_FUNCTION_PATH(void, std_f32, (int64_t n, const float* v, float eps, float* sd),
+                           std_body, (n, v, eps, sd))
+
 // Per-task scratch of stream_normals, reused from row to row (no allocation per row).
 struct NormalScratch {
   std::vector<uint32_t> words;
@@ -278,7 +296,11 @@ void lrt_noise_forward(CpuTag, const LrtParams& p, const void* mu, const void* v
     std::vector<T> mean_bias(kFused && bs != nullptr ? static_cast<size_t>(src_rows * N) : 0);
     at::parallel_for(0, src_rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N)),
                      [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0 * N; i < r1 * N; ++i) sd[i] = std::sqrt(v[i] + static_cast<T>(kVarianceEps));
+      if constexpr (kFused) {
+        std_f32((r1 - r0) * N, v + r0 * N, static_cast<float>(kVarianceEps), sd + r0 * N);
+      } else {
+        for (int64_t i = r0 * N; i < r1 * N; ++i) sd[i] = std::sqrt(v[i] + static_cast<T>(kVarianceEps));
+      }
       if (!mean_bias.empty()) {
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t o = 0; o < N; ++o) mean_bias[r * N + o] = m[r * N + o] + bs[o];

@@ -132,6 +132,16 @@ BDL_VEC_INLINE F sqrt_positive(F v) {
   return v * y;
 }
 
+// The IEEE square root of every lane (sqrtf's bits, NaN below zero) in one vsqrtps. Only for code
+// compiled for AVX (the AVX2 / AVX-512 instances of a BDLKERN_SIMD_FUNCTION_PATH body): inline asm,
+// because a target("avx") builtin cannot be inlined through these target-less always-inline
+// helpers, and GCC will not vectorise sqrtf itself under -fmath-errno.
+BDL_VEC_INLINE f8 sqrt_avx(f8 v) {
+  f8 r;
+  asm("vsqrtps %1, %0" : "=x"(r) : "x"(v));
+  return r;
+}
+
 // cos(2 pi u) and sin(2 pi u) for u in [0, 1] (a uniform): the quadrant q = round(4 u) and
 // b = 2 pi (u - q / 4) in [-pi/4, pi/4] (u - q / 4 is exact), where Cephes' sinf / cosf
 // polynomials hold, then a rotation by q quarter turns: quadrants 1 and 3 swap the two, and a
@@ -163,11 +173,18 @@ BDL_VEC_INLINE auto uniform(U w) {
   return u < 0x1.fffffep-1f ? u : 0x1.fffffep-1f;
 }
 
+struct NewtonSqrt {
+  template <typename F>
+  BDL_VEC_INLINE F operator()(F v) const {
+    return sqrt_positive(v);
+  }
+};
+
 // Box-Muller on lane pairs (random.h box_muller, these polynomials instead of libm): a, b one
-// pair's words, or eight pairs' in the lanes of u8.
-template <typename U, typename F>
-BDL_VEC_INLINE void box_muller(U a, U b, F* z0, F* z1) {
-  const F r = sqrt_positive(-2.0f * log(uniform(a)));
+// pair's words, or eight pairs' in the lanes of u8; `sqrt` takes the square root of the radius.
+template <typename U, typename F, typename Sqrt = NewtonSqrt>
+BDL_VEC_INLINE void box_muller(U a, U b, F* z0, F* z1, Sqrt sqrt = {}) {
+  const F r = sqrt(-2.0f * log(uniform(a)));
   F c, s;
   sincos_2pi(uniform(b), &c, &s);
   *z0 = r * c;
@@ -212,7 +229,25 @@ Fn pick_simd(Fn baseline, Fn avx2, Fn avx512) {
                                                      &name##_avx512);                             \
     return fn args;                                                                               \
   }
+// The same for a body template over the cpu::SimdPath it is compiled for: `body<path> args`, for
+// bodies that use an instruction only some paths have.
+#define BDLKERN_SIMD_FUNCTION_PATH(ret, name, params, body, args)                                 \
+  static ret name##_baseline params { return body<::bdlkern::cpu::SimdPath::kScalar> args; }    \
+  __attribute__((target("avx2,fma"))) static ret name##_avx2 params {                            \
+    return body<::bdlkern::cpu::SimdPath::kAvx2> args;                                          \
+  }                                                                                               \
+  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))) static ret name##_avx512     \
+      params {                                                                                    \
+    return body<::bdlkern::cpu::SimdPath::kAvx512> args;                                        \
+  }                                                                                               \
+  static ret name params {                                                                        \
+    static const auto fn = ::bdlkern::cpu::pick_simd(&name##_baseline, &name##_avx2,              \
+                                                     &name##_avx512);                             \
+    return fn args;                                                                               \
+  }
 #else
 #define BDLKERN_SIMD_FUNCTION(ret, name, params, body, args) \
   static ret name params { return body args; }
+#define BDLKERN_SIMD_FUNCTION_PATH(ret, name, params, body, args) \
+  static ret name params { return body<::bdlkern::cpu::SimdPath::kScalar> args; }
 #endif
