@@ -198,6 +198,11 @@ void stream_words(const PhiloxStream& stream, uint64_t begin, int64_t count, uin
   uint64_t block = begin >> 2;
   int64_t skip = static_cast<int64_t>(begin & 3);
   for (int64_t done = 0; done < count; block += kBatchBlocks, skip = 0) {
+    if (skip == 0 && count - done >= kBatchWords) {  // a whole batch: straight into out
+      batch(stream, block, out + done);
+      done += kBatchWords;
+      continue;
+    }
     batch(stream, block, words);
     const int64_t take = count - done < kBatchWords - skip ? count - done : kBatchWords - skip;
     memcpy(out + done, words + skip, static_cast<size_t>(take) * sizeof(uint32_t));
