@@ -503,6 +503,7 @@ def _lrt_linear_setup_context(ctx, inputs, output):
     std = output[1]
     ctx.mark_non_differentiable(std)
     ctx.save_for_backward(x, theta, log_sigma2, std, rng_state)
+    ctx.set_materialize_grads(False)  # std takes no gradient: no zeros of its size per backward
     ctx.has_bias = bias is not None
 
 
@@ -510,6 +511,8 @@ def _lrt_linear_backward_for(ops):
     """Backward of ``ops.lrt_linear``: the noise is re-made from the saved rng_state."""
 
     def backward(ctx, grad, _grad_std):
+        if grad is None:
+            return (None,) * 6
         x, theta, log_sigma2, std, rng_state = ctx.saved_tensors
         gx, gt, gs, gb = ops.lrt_linear_backward(grad, x, theta, log_sigma2, std, rng_state)
         needs = ctx.needs_input_grad
@@ -549,6 +552,18 @@ def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     return torch.ops.bdlkern.sparse_vd_kl(theta, log_sigma2)
 
 
+def _is_plain_cpu_one(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` is an ordinary CPU scalar tensor equal to 1 that no graph hangs on (no tracing
+    subclass such as a fake tensor, no double backward, no device sync to find out)."""
+    return (
+        type(grad) is torch.Tensor
+        and grad.device.type == "cpu"
+        and grad.numel() == 1
+        and not grad.requires_grad
+        and grad.item() == 1.0
+    )
+
+
 def _sparse_vd_kl_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -557,10 +572,23 @@ def _sparse_vd_kl_with_grad_setup_context(ctx, inputs, output):
     _, grad_theta, grad_log_sigma2 = output
     ctx.mark_non_differentiable(grad_theta, grad_log_sigma2)
     ctx.save_for_backward(grad_theta, grad_log_sigma2)
+    # No gradient ever flows into the two non-differentiable outputs: without this, autograd would
+    # fill two theta-sized tensors of zeros for them on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _sparse_vd_kl_with_grad_backward(ctx, grad, _grad_theta, _grad_log_sigma2):
     grad_theta, grad_log_sigma2 = ctx.saved_tensors
+    if grad is None:
+        return None, None
+    if _is_plain_cpu_one(grad):
+        # The loss is the KL itself: the saved gradient as it is, with no pass over it and no fresh
+        # tensors to fault in. Saved tensors are version-checked, so a caller who modifies it in
+        # place and backwards through the graph again gets autograd's error, not a wrong gradient.
+        return (
+            grad_theta if ctx.needs_input_grad[0] else None,
+            grad_log_sigma2 if ctx.needs_input_grad[1] else None,
+        )
     return (
         grad * grad_theta if ctx.needs_input_grad[0] else None,
         grad * grad_log_sigma2 if ctx.needs_input_grad[1] else None,
@@ -650,12 +678,14 @@ def _sparse_linear_lrt_setup_context(ctx, inputs, output):
     std = output[1]
     ctx.mark_non_differentiable(std)
     ctx.save_for_backward(x, crow, col, values, std, rng_state)
+    ctx.set_materialize_grads(False)  # std takes no gradient: no zeros of its size per backward
 
 
 def _sparse_linear_lrt_backward_for(ops):
     def backward(ctx, grad, _grad_std):
         x, crow, col, values, std, rng_state = ctx.saved_tensors
-        grad_x = ops.sparse_linear_lrt_backward(grad, x, crow, col, values, std, rng_state) if ctx.needs_input_grad[0] else None
+        needed = grad is not None and ctx.needs_input_grad[0]
+        grad_x = ops.sparse_linear_lrt_backward(grad, x, crow, col, values, std, rng_state) if needed else None
         return grad_x, None, None, None, None, None, None, None
 
     return backward

@@ -152,6 +152,30 @@ def test_public_kl_saves_its_gradient_and_scales_it():
     torch.testing.assert_close(t.grad, first, rtol=0, atol=0)
 
 
+def test_kl_backward_of_the_kl_itself_hands_back_the_saved_gradient_safely():
+    """A loss that is the KL itself (grad 1) gets the saved gradient without a pass over it; any
+    other scale multiplies. Modifying that gradient in place and then backwarding through the
+    graph again is caught by autograd's version check, never a silently wrong gradient."""
+    _, theta, log_sigma2, _ = make_layer(1, 1, 9, 5, shared_input=True, seed=4)
+    t, s = theta.clone().requires_grad_(), log_sigma2.clone().requires_grad_()
+    expected = ref.sparse_vd_kl(t, s)
+    want_t, want_s = torch.autograd.grad(expected, (t, s))
+    kl = bdlkern.ops.sparse_vd_kl(t, s)
+    gt, gs = torch.autograd.grad(kl, (t, s), retain_graph=True)
+    torch.testing.assert_close(gt, want_t)
+    torch.testing.assert_close(gs, want_s)
+    gt2, gs2 = torch.autograd.grad(-2.5 * kl, (t, s), retain_graph=True)
+    torch.testing.assert_close(gt2, -2.5 * gt, rtol=0, atol=0)
+    torch.testing.assert_close(gs2, -2.5 * gs, rtol=0, atol=0)
+    gt.zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(kl, (t, s))
+    # the raw op: a gradient reaches only its KL output, none its two non-differentiable ones
+    kl2, _, _ = torch.ops.bdlkern.sparse_vd_kl_with_grad(t, s)
+    (g,) = torch.autograd.grad(3.0 * kl2, (t,))
+    torch.testing.assert_close(g, 3.0 * want_t)
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     x, theta, log_sigma2, b = make_layer(4, 6, 10, 5, shared_input=True, dtype=torch.float32)
