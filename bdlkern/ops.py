@@ -629,7 +629,7 @@ def sparse_linear(
       with ``mu = x W^T + bias`` and ``v = x^2 V^T`` from one pass over the sparse structure, the
       noise from the Philox stream (tag ``"sparse_lrt"``) over the output's logical coordinates, and
       the sample-dimension rule of :func:`mc_dropout_linear` (``num_samples=S`` with ``x [*batch, K]``,
-      or ``x [S, *batch, K]``); needs ``values [nnz, 2]``.
+      or ``x [S, *batch, K]``); needs ``values [nnz, 2]`` with variances ``>= 0``.
 
     Differentiable in ``x`` only (saliency and adversarial uses); no gradient reaches the values.
 

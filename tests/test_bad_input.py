@@ -327,6 +327,8 @@ for op in ("sparse_linear", "sparse_linear_lrt"):
     case(op, "row_order", torch.tensor([2, 0, 3, 1]).to(META), "row_order must be on x's device|row_order", "meta")
 case("sparse_linear", "x", torch.randn(2, 3, 6), r"x must be \[B, in_features\]", "3-d")
 case("sparse_linear_lrt", "values", lambda a: a["values"][:, 0], r"stochastic samples need values \[nnz, 2\]", "[nnz]")
+case("sparse_linear_lrt", "values", lambda a: a["values"] * torch.tensor([1.0, -1.0]), r"variances values\[:, 1\] .* must be >= 0, but values\[0, 1\] = -", "negative variances")
+case("sparse_linear_lrt", "values", lambda a: torch.cat([a["values"][:3], -a["values"][3:]]), r"but values\[3, 1\] = -", "negative from entry 3")
 case("sparse_linear_lrt", "x", torch.randn(2, 2, 3, 6), r"x must be \[B, in_features\]", "4-d")
 case("sparse_linear_lrt", "x", torch.randn(3, 3, 6), "num_samples = 2", "3 samples vs 2")
 for n in (0, -1):

@@ -120,6 +120,18 @@ struct SparseLinearOps {
                values.dim() == 2 ? 2 : 1};
   }
 
+  // The variance column of [nnz, 2] values (alpha theta^2) must not be negative: its square root
+  // would be a NaN standard deviation, silently. (A NaN variance, like a NaN weight, gives NaN
+  // outputs.) One pass over nnz values; on CUDA a sync, like the host check of the structure.
+  static void check_variances(const at::Tensor& values, const char* op) {
+    if (values.size(0) == 0) return;
+    const at::Tensor negative = values.select(1, 1).lt(0);
+    if (!negative.any().item<bool>()) return;
+    const int64_t j = negative.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK(false, op, ": the weight variances values[:, 1] (alpha theta^2) must be >= 0, but values[",
+                j, ", 1] = ", values[j][1].item<double>());
+  }
+
   // row_order must be a permutation of [0, rows): a repeated or out-of-range row would leave
   // output rows unwritten or read outside crow. Checked on the host like the CSR structure.
   static at::Tensor check_row_order(const at::Tensor& order, int64_t rows, const at::Tensor& like,
@@ -269,6 +281,7 @@ struct SparseLinearOps {
     check_lrt(x, rng_state, num_samples, op);
     at::OptionalDeviceGuard guard(x.device());
     Csr w = check_csr(crow, col, values, x.size(-1), x, true, op);
+    check_variances(w.values, op);
     const std::optional<at::Tensor> b = check_bias(bias, w.rows, x, op);
     const bool shared = x.dim() == 2;
     // Explicit row count: reshape(-1, K) is ambiguous when K == 0.
