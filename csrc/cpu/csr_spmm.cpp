@@ -62,7 +62,7 @@ inline __attribute__((always_inline)) void row_tile(const CsrParams& p, int64_t 
 
 // float32 with GCC vector types, so the accumulators are registers whatever the compiler's loop
 // heuristics decide (a plain 64-wide loop got unrolled-and-jammed into scalar code).
-typedef float f8 __attribute__((vector_size(32)));
+using cpu::vec::f8;
 
 inline __attribute__((always_inline)) f8 load8(const float* p) {
   f8 v;

@@ -13,7 +13,7 @@
 #include "philox_simd.h"
 
 // Selects of the vectorised float32 normals may run on every lane (see vec_math.h); the scheduler
-// pass interleaves independent polynomial chains (normals_body).
+// pass interleaves the independent log and sincos polynomial chains of each vector (normals_x8).
 #pragma GCC optimize("no-trapping-math", "schedule-insns")
 
 #include "vec_math.h"

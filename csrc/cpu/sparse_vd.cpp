@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -293,7 +294,8 @@ void lrt_noise_forward(CpuTag, const LrtParams& p, const void* mu, const void* v
     // std once per element of mu / var; float32 also folds the bias into the mean once, so the
     // samples are mean + std * eps straight from the stream words.
     constexpr bool kFused = std::is_same_v<T, float>;
-    std::vector<T> mean_bias(kFused && bs != nullptr ? static_cast<size_t>(src_rows * N) : 0);
+    // Uninitialised: every element is written below (a vector would zero it in a pass of its own).
+    const std::unique_ptr<T[]> mean_bias(kFused && bs != nullptr ? new T[static_cast<size_t>(src_rows * N)] : nullptr);
     at::parallel_for(0, src_rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N)),
                      [&](int64_t r0, int64_t r1) {
       if constexpr (kFused) {
@@ -301,13 +303,13 @@ void lrt_noise_forward(CpuTag, const LrtParams& p, const void* mu, const void* v
       } else {
         for (int64_t i = r0 * N; i < r1 * N; ++i) sd[i] = std::sqrt(v[i] + static_cast<T>(kVarianceEps));
       }
-      if (!mean_bias.empty()) {
+      if (mean_bias != nullptr) {
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t o = 0; o < N; ++o) mean_bias[r * N + o] = m[r * N + o] + bs[o];
         }
       }
     });
-    const T* mean = mean_bias.empty() ? m : mean_bias.data();
+    const T* mean = mean_bias != nullptr ? mean_bias.get() : m;
     const PhiloxStream stream = make_stream(p.rng_state, p.tag);
     at::parallel_for(0, p.num_samples * R, kRowGrain, [&](int64_t r0, int64_t r1) {
       NormalScratch scratch;
