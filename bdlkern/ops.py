@@ -211,6 +211,65 @@ def normal(
     return torch.ops.bdlkern.normal(state, _shape(shape), _stream(stream), dtype)
 
 
+# ---- double backward --------------------------------------------------------------------------------
+# A backward that runs with grad mode on was asked for a graph of its own (create_graph=True:
+# gradient penalties, Hessian-vector products, meta-learning). The fused backward kernels are not
+# differentiable, so there each op's backward instead differentiates a composite form of the op:
+# the same formula in ATen ops, with the op's own random bits re-made from the saved rng_state by
+# the stream ops (same stream tag, same logical index). That graph gives exact gradients of every
+# order; it costs the memory of eager PyTorch, which only that path pays.
+def _composite_grads(fn, inputs, needs, grad):
+    """Gradients of ``fn(*inputs)`` against ``grad`` with a graph (None where ``needs`` is False)."""
+    wrt = [t for t, n in zip(inputs, needs) if n]
+    if not wrt:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        out = fn(*inputs)
+    got = iter(torch.autograd.grad(out, wrt, grad, create_graph=True, allow_unused=True))
+    return [next(got) if n else None for n in needs]
+
+
+def _mc_dropout_composite(ops, x, weight, rng_state, p, num_samples, shared_mask):
+    """``mc_dropout_linear`` without bias in ATen ops: ``(x * M_s / keep) W^T``, ``[S, B, out]``."""
+    rows, features = x.shape[-2], x.shape[-1]
+    size = [num_samples, features] if shared_mask else [num_samples, rows, features]
+    mask = ops.dropout_mask(rng_state, size, p, STREAMS["mc_dropout"])
+    mask = mask.reshape(num_samples, 1 if shared_mask else rows, features).to(x.dtype)
+    return torch.matmul(x * mask * (1.0 / (1.0 - p)), weight.t())
+
+
+def _concrete_composite(ops, x, p_logit, rng_state, temperature, channel_dim):
+    """``concrete_dropout`` in ATen ops, ``u`` re-made from the stream (see its docstring)."""
+    eps = 1e-7
+    if channel_dim == 1:
+        mask_shape = [x.shape[0], x.shape[1]] + [1] * (x.dim() - 2)
+        rate = p_logit.reshape(-1, *([1] * (x.dim() - 2))) if p_logit.dim() == 1 else p_logit
+    else:
+        mask_shape, rate = list(x.shape), p_logit
+    u = ops.uniform(rng_state, [math.prod(mask_shape)], STREAMS["concrete_dropout"], x.dtype).reshape(mask_shape)
+    p = torch.sigmoid(rate)
+    noise = torch.log(p + eps) - torch.log(1 - p + eps) + torch.log(u + eps) - torch.log(1 - u + eps)
+    return x * (1 - torch.sigmoid(noise / temperature)) / (1 - p)
+
+
+def _log_alpha_composite(theta, log_sigma2):
+    return torch.clamp(log_sigma2 - torch.log(theta * theta + 1e-8), -8.0, 8.0)
+
+
+def _lrt_composite(ops, stream, x, weight, variance, rng_state, num_samples):
+    """``mu + sqrt(var + 1e-8) * eps`` without bias, ``[S, B, out]``: mu = x W^T, var = x^2 V^T."""
+    mu = torch.matmul(x, weight.t())
+    std = torch.sqrt(torch.matmul(x * x, variance.t()) + 1e-8)
+    size = [num_samples, x.shape[-2], weight.shape[0]]
+    return mu + std * ops.normal(rng_state, size, STREAMS[stream], x.dtype)
+
+
+def _kl_composite(theta, log_sigma2):
+    la = _log_alpha_composite(theta, log_sigma2)
+    k1, k2, k3 = 0.63576, 1.87320, 1.48695
+    return -(k1 * torch.sigmoid(k2 + k3 * la) - 0.5 * torch.log1p(torch.exp(-la)) - k1).sum()
+
+
 # ---- MC-dropout linear -----------------------------------------------------------------------------
 def _sample_dim_input(
     x: torch.Tensor, in_features: int | None, num_samples: int | None, op: str, weight: str = "the weights expect"
@@ -306,13 +365,21 @@ def _mc_dropout_linear_backward_for(ops):
     def backward(ctx, grad):
         x, weight, rng_state = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 1))
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients
+            grad_x, grad_w = _composite_grads(
+                lambda x_, w_: _mc_dropout_composite(ops, x_, w_, rng_state, ctx.p, grad.shape[0], ctx.shared_mask),
+                (x, weight),
+                ctx.needs_input_grad[:2],
+                grad,
+            )
+            return grad_x, grad_w, grad_b, None, None, None, None
         if ctx.needs_input_grad[0]:
             # A 2-d x was shared by all samples: its gradient sums over them.
             grad_x = ops.mc_dropout_linear_grad_input(grad, weight, rng_state, ctx.p, ctx.shared_mask, x.dim() == 2)
         if ctx.needs_input_grad[1]:
             grad_w = ops.mc_dropout_linear_grad_weight(grad, x, rng_state, ctx.p, ctx.shared_mask)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 1))
         return grad_x, grad_w, grad_b, None, None, None, None
 
     return backward
@@ -391,6 +458,14 @@ def _concrete_dropout_backward_for(ops):
 
     def backward(ctx, grad):
         x, p_logit, rng_state = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients
+            grad_x, grad_p = _composite_grads(
+                lambda x_, p_: _concrete_composite(ops, x_, p_, rng_state, ctx.temperature, ctx.channel_dim),
+                (x, p_logit),
+                ctx.needs_input_grad[:2],
+                grad,
+            )
+            return grad_x, grad_p, None, None, None
         grad_x, grad_p = ops.concrete_dropout_backward(grad, x, p_logit, rng_state, ctx.temperature, ctx.channel_dim)
         return (
             grad_x if ctx.needs_input_grad[0] else None,
@@ -514,8 +589,17 @@ def _lrt_linear_backward_for(ops):
         if grad is None:
             return (None,) * 6
         x, theta, log_sigma2, std, rng_state = ctx.saved_tensors
-        gx, gt, gs, gb = ops.lrt_linear_backward(grad, x, theta, log_sigma2, std, rng_state)
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients
+
+            def composite(x_, theta_, log_sigma2_):
+                variance = torch.exp(_log_alpha_composite(theta_, log_sigma2_)) * theta_ * theta_
+                return _lrt_composite(ops, "lrt", x_, theta_, variance, rng_state, grad.shape[0])
+
+            gx, gt, gs = _composite_grads(composite, (x, theta, log_sigma2), needs[:3], grad)
+            gb = grad.sum((0, 1)) if ctx.has_bias and needs[3] else None
+            return gx, gt, gs, gb, None, None
+        gx, gt, gs, gb = ops.lrt_linear_backward(grad, x, theta, log_sigma2, std, rng_state)
         return (
             gx if needs[0] else None,
             gt if needs[1] else None,
@@ -571,16 +655,20 @@ def _sparse_vd_kl_setup_context(ctx, inputs, output):
 def _sparse_vd_kl_with_grad_setup_context(ctx, inputs, output):
     _, grad_theta, grad_log_sigma2 = output
     ctx.mark_non_differentiable(grad_theta, grad_log_sigma2)
-    ctx.save_for_backward(grad_theta, grad_log_sigma2)
+    # theta and log_sigma2 too, for a double backward only: saving inputs copies nothing, and the
+    # version counter catches in-place changes.
+    ctx.save_for_backward(grad_theta, grad_log_sigma2, *inputs)
     # No gradient ever flows into the two non-differentiable outputs: without this, autograd would
     # fill two theta-sized tensors of zeros for them on every backward.
     ctx.set_materialize_grads(False)
 
 
 def _sparse_vd_kl_with_grad_backward(ctx, grad, _grad_theta, _grad_log_sigma2):
-    grad_theta, grad_log_sigma2 = ctx.saved_tensors
+    grad_theta, grad_log_sigma2, theta, log_sigma2 = ctx.saved_tensors
     if grad is None:
         return None, None
+    if torch.is_grad_enabled():  # create_graph: differentiable gradients
+        return tuple(_composite_grads(_kl_composite, (theta, log_sigma2), ctx.needs_input_grad, grad))
     if _is_plain_cpu_one(grad):
         # The loss is the KL itself: the saved gradient as it is, with no pass over it and no fresh
         # tensors to fault in. Saved tensors are version-checked, so a caller who modifies it in
@@ -598,6 +686,8 @@ def _sparse_vd_kl_with_grad_backward(ctx, grad, _grad_theta, _grad_log_sigma2):
 def _sparse_vd_kl_backward_for(ops):
     def backward(ctx, grad):
         theta, log_sigma2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients
+            return tuple(_composite_grads(_kl_composite, (theta, log_sigma2), ctx.needs_input_grad, grad))
         gt, gs = ops.sparse_vd_kl_backward(grad, theta, log_sigma2)
         return (gt if ctx.needs_input_grad[0] else None, gs if ctx.needs_input_grad[1] else None)
 
@@ -681,10 +771,43 @@ def _sparse_linear_lrt_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # std takes no gradient: no zeros of its size per backward
 
 
+def _sparse_linear_backward_backward_for(ops):
+    """``sparse_linear_backward`` is linear in ``grad_out``: its own gradient is the forward product
+    (no bias), so gradients of every order stay on the CSR kernels."""
+
+    def backward(ctx, grad):
+        crow, col, values = ctx.saved_tensors
+        grad_out = ops.sparse_linear(grad, crow, col, values, None, None) if ctx.needs_input_grad[0] else None
+        return grad_out, None, None, None, None
+
+    return backward
+
+
+def _sparse_linear_backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:4])
+
+
+def _csr_dense(crow, col, values, in_features):
+    """(W, V) of a CSR weight with ``values [nnz, 2]`` as dense ``[N, K]`` matrices."""
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+    dense = values.new_zeros(2, crow.numel() - 1, in_features)
+    dense[:, rows, col] = values.t()
+    return dense[0], dense[1]
+
+
 def _sparse_linear_lrt_backward_for(ops):
     def backward(ctx, grad, _grad_std):
         x, crow, col, values, std, rng_state = ctx.saved_tensors
         needed = grad is not None and ctx.needs_input_grad[0]
+        if needed and torch.is_grad_enabled():  # create_graph: differentiable gradients
+            weight, variance = _csr_dense(crow, col, values, x.shape[-1])
+            (grad_x,) = _composite_grads(
+                lambda x_: _lrt_composite(ops, "sparse_lrt", x_, weight, variance, rng_state, grad.shape[0]),
+                (x,),
+                (True,),
+                grad,
+            )
+            return grad_x, None, None, None, None, None, None, None
         grad_x = ops.sparse_linear_lrt_backward(grad, x, crow, col, values, std, rng_state) if needed else None
         return grad_x, None, None, None, None, None, None, None
 
@@ -846,6 +969,11 @@ def _register_sparse_linear(ns: str) -> None:
     ops = getattr(torch.ops, ns)
     torch.library.register_autograd(
         f"{ns}::sparse_linear", _sparse_linear_backward_for(ops), setup_context=_sparse_linear_setup_context
+    )
+    torch.library.register_autograd(
+        f"{ns}::sparse_linear_backward",
+        _sparse_linear_backward_backward_for(ops),
+        setup_context=_sparse_linear_backward_setup_context,
     )
     torch.library.register_autograd(
         f"{ns}::sparse_linear_lrt", _sparse_linear_lrt_backward_for(ops), setup_context=_sparse_linear_lrt_setup_context

@@ -33,6 +33,17 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
               ref.device(), "), got ", t.device());
 }
 
+// A buffer an op made with ATen (a GEMM result, a cast) before a raw-pointer kernel reads it: the
+// kernel reads `dtype`, contiguous. A mismatch is a bdlkern bug (e.g. an ATen call that autocast
+// reached), caught here instead of read as the wrong type.
+inline void check_buffer(const at::Tensor& t, at::ScalarType dtype, const char* name,
+                         const char* op) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), op, ": internal error: buffer ", name,
+              " is ", t.scalar_type(), t.is_contiguous() ? "" : " (strided)",
+              " but the kernel reads contiguous ", dtype,
+              "; please report this at bdlkern's issue tracker");
+}
+
 inline uint32_t check_stream(int64_t stream, const char* op) {
   TORCH_CHECK(stream >= 0 && stream < kNumStreams, op, ": stream must be a registered stream tag in [0, ",
               static_cast<int>(kNumStreams), "), got ", stream);

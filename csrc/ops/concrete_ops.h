@@ -17,6 +17,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "autocast.h"
 #include "backend_traits.h"
 #include "checks.h"
 
@@ -82,6 +83,7 @@ struct ConcreteOps {
                             const at::Tensor& rng_state, double temperature,
                             int64_t channel_dim) {
     const char* op = "concrete_dropout";
+    const NoAutocast no_ac = no_autocast();
     ConcreteDropoutParams prm = params(x, p_logit, rng_state, temperature, channel_dim, op);
     at::OptionalDeviceGuard guard(x.device());
     const at::Tensor xc = x.contiguous();
@@ -101,6 +103,7 @@ struct ConcreteOps {
                                                      const at::Tensor& rng_state,
                                                      double temperature, int64_t channel_dim) {
     const char* op = "concrete_dropout_backward";
+    const NoAutocast no_ac = no_autocast();
     ConcreteDropoutParams prm = params(x, p_logit, rng_state, temperature, channel_dim, op);
     TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
                 ", got ", grad_out.sizes());

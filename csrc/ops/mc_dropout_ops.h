@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "../cpu/mc_dropout_cpu.h"
+#include "autocast.h"
 #include "backend_traits.h"
 #include "checks.h"
 
@@ -79,6 +80,7 @@ struct MCDropoutOps {
                             const std::optional<at::Tensor>& bias, const at::Tensor& rng_state,
                             double p, int64_t num_samples, bool shared_mask) {
     const char* op = "mc_dropout_linear";
+    const NoAutocast no_ac = no_autocast();
     TORCH_CHECK(x.device().type() == Traits::device_type, op, ": x must be on ",
                 c10::DeviceTypeName(Traits::device_type, true), ", got ", x.device());
     TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op,
@@ -150,6 +152,7 @@ struct MCDropoutOps {
                                const at::Tensor& rng_state, double p, bool shared_mask,
                                bool sum_samples) {
     const char* op = "mc_dropout_linear_grad_input";
+    const NoAutocast no_ac = no_autocast();
     check_grad_out(grad_out, weight, "weight", rng_state, p, op);
     TORCH_CHECK(weight.dim() == 2 && weight.size(0) == grad_out.size(2), op,
                 ": weight must be [out_features = ", grad_out.size(2), ", in_features], got shape ",
@@ -181,6 +184,7 @@ struct MCDropoutOps {
   static at::Tensor grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
                                 const at::Tensor& rng_state, double p, bool shared_mask) {
     const char* op = "mc_dropout_linear_grad_weight";
+    const NoAutocast no_ac = no_autocast();
     check_grad_out(grad_out, x, "x", rng_state, p, op);
     TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must be [B, in] or [S, B, in], got shape ",
                 x.sizes());

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../cpu/csr_cpu.h"
+#include "autocast.h"
 #include "backend_traits.h"
 #include "checks.h"
 
@@ -211,6 +212,7 @@ struct SparseLinearOps {
                             const at::Tensor& values, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& row_order) {
     const char* op = "sparse_linear";
+    const NoAutocast no_ac = no_autocast();
     check_x(x, op);
     TORCH_CHECK(x.dim() == 2, op, ": x must be [B, in_features], got shape ", x.sizes());
     at::OptionalDeviceGuard guard(x.device());
@@ -228,6 +230,7 @@ struct SparseLinearOps {
                              const at::Tensor& col, const at::Tensor& values,
                              int64_t in_features) {
     const char* op = "sparse_linear_backward";
+    const NoAutocast no_ac = no_autocast();
     TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
     check_x(grad_y, op, "grad_out");
     TORCH_CHECK(grad_y.dim() == 2, op, ": grad_out must be [B, out_features], got shape ",
@@ -278,6 +281,7 @@ struct SparseLinearOps {
       const std::optional<at::Tensor>& row_order, const at::Tensor& rng_state,
       int64_t num_samples) {
     const char* op = "sparse_linear_lrt";
+    const NoAutocast no_ac = no_autocast();
     check_lrt(x, rng_state, num_samples, op);
     at::OptionalDeviceGuard guard(x.device());
     Csr w = check_csr(crow, col, values, x.size(-1), x, true, op);
@@ -305,6 +309,7 @@ struct SparseLinearOps {
                                  const at::Tensor& values, const at::Tensor& std,
                                  const at::Tensor& rng_state) {
     const char* op = "sparse_linear_lrt_backward";
+    const NoAutocast no_ac = no_autocast();
     TORCH_CHECK(grad_y.dim() == 3, op, ": grad_out must be [S, B, out_features], got shape ",
                 grad_y.sizes());
     const int64_t S = grad_y.size(0);

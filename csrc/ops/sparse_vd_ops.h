@@ -20,6 +20,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "autocast.h"
 #include "backend_traits.h"
 #include "checks.h"
 
@@ -95,7 +96,7 @@ struct SparseVDOps {
   }
 
   static at::Tensor variance_weights(const Layer& l) {
-    at::Tensor A = at::empty_like(l.theta);
+    at::Tensor A = at::empty_like(l.theta, at::MemoryFormat::Contiguous);
     weight_variance(Tag{}, l.theta.numel(), l.theta.const_data_ptr(), l.log_sigma2.const_data_ptr(),
                     A.data_ptr(), l.prm.dtype, l.prm.stream);
     return A;
@@ -108,6 +109,7 @@ struct SparseVDOps {
                                                     const at::Tensor& rng_state,
                                                     int64_t num_samples) {
     const char* op = "lrt_linear";
+    const NoAutocast no_ac = no_autocast();
     at::OptionalDeviceGuard guard(x.device());
     Layer l = layer(x, theta, log_sigma2, rng_state, num_samples, op);
     const int64_t N = l.prm.out_features;
@@ -125,6 +127,8 @@ struct SparseVDOps {
     const at::Tensor var = at::mm(l.x.square(), A.t());
     at::Tensor y = at::empty({num_samples, l.prm.rows, N}, x.options());
     at::Tensor std = at::empty_like(var);
+    check_buffer(mu, l.theta.scalar_type(), "mu", op);
+    check_buffer(var, l.theta.scalar_type(), "var", op);
     lrt_noise_forward(Tag{}, l.prm, mu.const_data_ptr(), var.const_data_ptr(),
                       b.has_value() ? b->const_data_ptr() : nullptr, y.data_ptr(), std.data_ptr());
     return {y, std};
@@ -135,6 +139,7 @@ struct SparseVDOps {
       const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& theta,
       const at::Tensor& log_sigma2, const at::Tensor& std, const at::Tensor& rng_state) {
     const char* op = "lrt_linear_backward";
+    const NoAutocast no_ac = no_autocast();
     at::OptionalDeviceGuard guard(x.device());
     TORCH_CHECK(grad_y.dim() == 3, op, ": grad_out must be [S, B, out_features], got shape ",
                 grad_y.sizes());
@@ -168,6 +173,8 @@ struct SparseVDOps {
     // G_A, turned into grad_log_sigma2 in place; written over A, which is no longer needed (one
     // weight-sized allocation less: fresh large blocks cost page faults on every call)
     at::Tensor grad_ls2 = at::mm_out(A, grad_var.t(), x2);
+    check_buffer(grad_theta, l.theta.scalar_type(), "grad_theta", op);
+    check_buffer(grad_ls2, l.theta.scalar_type(), "grad_log_sigma2", op);
     weight_variance_backward(Tag{}, l.theta.numel(), l.theta.const_data_ptr(),
                              l.log_sigma2.const_data_ptr(), grad_theta.const_data_ptr(),
                              grad_ls2.const_data_ptr(), grad_theta.data_ptr(), grad_ls2.data_ptr(),

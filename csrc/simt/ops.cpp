@@ -2,6 +2,7 @@
 // by the CUDA kernel sources compiled against the SIMT emulator, plus the emulator's self-tests.
 #include <torch/library.h>
 
+#include "../ops/autocast.h"
 #include "../ops/concrete_ops.h"
 #include "../ops/mc_dropout_ops.h"
 #include "../ops/rng_ops.h"
@@ -25,4 +26,14 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
   bdlkern::ops::SparseVDOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SelftestOps<bdlkern::SimtTag>::register_impls(m);
+}
+
+// Autocast on CPU tensors, with the policies of the `bdlkern` namespace (csrc/ops/autocast.h); the
+// emulated CUDA kernels have float16 paths, so float16 autocast runs them natively.
+TORCH_LIBRARY_IMPL(bdlkern_simt, AutocastCPU, m) {
+  using namespace bdlkern::ops;
+  using Tag = bdlkern::SimtTag;
+  AutocastRegistrar<"bdlkern_simt", c10::DeviceType::CPU, true>{m}
+      .register_all<RngOps<Tag>, MCDropoutOps<Tag>, ConcreteOps<Tag>, SparseVDOps<Tag>,
+                    SparseLinearOps<Tag>>();
 }
