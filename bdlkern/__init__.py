@@ -7,7 +7,27 @@ CPU tensors by the emulator in ``csrc/include/bdlkern/simt.h``).
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.bdlkern)
+
+def _check_torch_version() -> None:
+    """The extension links torch's C++ API, whose ABI changes between major.minor releases: say so
+    before loading it, instead of an undefined-symbol error from the loader."""
+    try:
+        from ._build import TORCH_VERSION as built
+    except ImportError:  # built without setup.py (e.g. the CMake library): nothing recorded
+        return
+    running = torch.__version__.split("+")[0]
+    if built.split(".")[:2] != running.split(".")[:2]:
+        major_minor = ".".join(built.split(".")[:2])
+        raise ImportError(
+            f"bdlkern was built against torch {built}, but torch {running} is installed: its compiled "
+            f"extension only loads with torch {major_minor}.x. Install torch=={major_minor}.* or rebuild "
+            "bdlkern against this torch (pip install --no-build-isolation .)"
+        )
+
+
+_check_torch_version()
+
+from . import _C  # noqa: E402,F401  (registers torch.ops.bdlkern)
 
 try:
     from . import _C_simt  # noqa: F401  (registers torch.ops.bdlkern_simt)
@@ -18,7 +38,7 @@ except ImportError:  # built with BDLKERN_SIMT=0 or without CUDA headers
 
 from . import ops  # noqa: E402  (registers the fake kernels)
 from . import nn, reference, uncertainty  # noqa: E402
-from ._sampling import current_sampling, sampling  # noqa: E402
+from ._sampling import NoStochasticLayerWarning, current_sampling, sampling  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -43,4 +63,14 @@ def has_simt() -> bool:
     return _HAS_SIMT
 
 
-__all__ = ["build_info", "has_simt", "ops", "nn", "reference", "uncertainty", "sampling", "current_sampling"]
+__all__ = [
+    "build_info",
+    "has_simt",
+    "ops",
+    "nn",
+    "reference",
+    "uncertainty",
+    "sampling",
+    "current_sampling",
+    "NoStochasticLayerWarning",
+]

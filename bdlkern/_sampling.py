@@ -16,7 +16,14 @@ Each MC layer call draws a fresh ``rng_state`` from torch's generator of the inp
 ``seed``, call k of the block reads the Philox stream of that seed from block ``k * 2**40`` on: a
 pure function of (seed, k), so the same seed gives the same samples whatever ran before, on every
 device (the stream is bit-identical on CPU and CUDA), and under ``torch.export`` /
-``torch.compile``, which have no generator state to capture.
+``torch.compile``, which have no generator state to capture. ``seed`` also forks torch's own
+generators for the block and seeds them from it (the CPU generator and every CUDA device's, when
+CUDA is initialised), so that layers drawing from torch's generator (``F.dropout``, ``nn.Dropout``)
+are reproducible too; their state is restored when the block exits, so the block leaves torch's
+random stream as it found it.
+
+Blocks do not nest: entering ``sampling`` while another block is active on the same thread raises
+a ``RuntimeError`` (see :class:`sampling`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ _local = threading.local()
 _CALL_STRIDE_BITS = 40  # log2 of the Philox blocks each seeded call owns
 
 
+class NoStochasticLayerWarning(UserWarning):
+    """Monte Carlo sampling ran but no bdlkern stochastic layer did, so every sample is the same
+    output and the epistemic uncertainty is exactly zero (see :func:`bdlkern.uncertainty.mc_predict`)."""
+
+
 class SamplingState:
     """The state of one ``sampling`` block (see the module docstring for the rule)."""
 
@@ -41,6 +53,11 @@ class SamplingState:
         self._seen: set[int] = set()  # ids of the MC layers that ran in the current pass
         #: MC layer calls in this block so far (0 after a pass: the model has no MC layer).
         self.mc_layer_calls = 0
+
+    def next_has_sample_dim(self, layer: torch.nn.Module) -> bool:
+        """Whether a call of ``layer`` now would get an input with the sample dimension (it is not
+        the first MC layer of the pass). Registers nothing."""
+        return bool(self._seen) and id(layer) not in self._seen
 
     def input_has_sample_dim(self, layer: torch.nn.Module) -> bool:
         """Registers a call of ``layer``; True when its input carries the sample dimension."""
@@ -90,7 +107,22 @@ class sampling:  # noqa: N801  (used like a function: `with bdlkern.sampling(32)
 
     Args:
         num_samples: S >= 1.
-        seed: if given, the samples of the block are reproducible from it alone.
+        seed: if given, the samples of the block are reproducible from it alone: bdlkern's layers
+            draw from the Philox stream of ``seed`` (a pure function of the seed and the call's
+            index in the block), and torch's generators (CPU, and each CUDA device when CUDA is
+            initialised) are forked and seeded from ``seed`` for the block, so ``F.dropout`` and
+            other torch random ops inside it repeat too. Their previous state is restored on exit.
+            Without ``seed`` nothing is forked: each MC layer call draws its ``rng_state`` from
+            torch's generator, which advances it.
+
+    Raises:
+        RuntimeError: on entry, when a ``sampling`` block is already active on this thread.
+            Blocks do not nest because their meaning would be ambiguous: a tensor made inside the
+            outer block may already carry the outer ``[S_outer, ...]`` sample dimension, and the
+            first MC layer of the inner block would take that as a batch dimension and add
+            ``[S_inner, S_outer, ...]`` (or, if no outer MC layer ran yet, the inner S would
+            silently replace the outer one). Finish one block before starting the next; other
+            threads have their own blocks.
     """
 
     def __init__(self, num_samples: int, seed: int | None = None):
@@ -100,20 +132,51 @@ class sampling:  # noqa: N801  (used like a function: `with bdlkern.sampling(32)
             raise TypeError(f"sampling: seed must be an int or None, got {type(seed).__name__}")
         self.num_samples = num_samples
         self.seed = seed
+        self._saved_rng: list[tuple[torch.Generator, torch.Tensor]] | None = None
 
     def __enter__(self) -> SamplingState:
+        outer = current_sampling()
+        if outer is not None:
+            raise RuntimeError(
+                f"bdlkern.sampling({self.num_samples}) was entered inside an active bdlkern.sampling("
+                f"{outer.num_samples}) on the same thread; sampling blocks do not nest (the inner block "
+                f"would mix its S={self.num_samples} with the outer S={outer.num_samples}). Leave the "
+                "outer block first, or use one block"
+            )
         state = SamplingState(self.num_samples, self.seed)
-        stack = getattr(_local, "stack", None)
-        if stack is None:
-            stack = _local.stack = []
-        stack.append(state)
+        if self.seed is not None:
+            self._saved_rng = _fork_and_seed_torch_generators(self.seed)
+        _local.state = state
         return state
 
     def __exit__(self, *exc) -> None:
-        _local.stack.pop()
+        _local.state = None
+        saved, self._saved_rng = self._saved_rng, None
+        if saved is not None:
+            for generator, rng_state in saved:
+                generator.set_state(rng_state)
+
+
+def _torch_generators() -> list[torch.Generator]:
+    """torch's default generators that a block with a seed forks: the CPU one, and every CUDA
+    device's once CUDA is initialised (before that no CUDA tensor exists, and touching the CUDA
+    generators would initialise CUDA)."""
+    generators = [torch.default_generator]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        generators.extend(torch.cuda.default_generators)
+    return generators
+
+
+def _fork_and_seed_torch_generators(seed: int) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """Saves the state of :func:`_torch_generators` and seeds them from ``seed``; returns what
+    ``sampling.__exit__`` restores."""
+    saved = []
+    for generator in _torch_generators():
+        saved.append((generator, generator.get_state()))
+        generator.manual_seed(seed % 2**64)
+    return saved
 
 
 def current_sampling() -> SamplingState | None:
-    """The innermost active ``sampling`` block of this thread, or None."""
-    stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else None
+    """The active ``sampling`` block of this thread, or None."""
+    return getattr(_local, "state", None)

@@ -37,6 +37,7 @@ import copy
 import json
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -744,9 +745,12 @@ def run_method(method: Method, data: Data, settings: Settings) -> ModelResult:
     model = method.build(widths).to(settings.device)
     history = train(method, model, data, settings)
     post = method.post_train(model) if method.post_train is not None else None
-    evaluation = evaluate(model, data, settings.samples)
-    eager = method.eager_reference(model) if method.eager_reference is not None else None
-    mc_inference = time_mc_inference(model, eager, data, settings)
+    with warnings.catch_warnings():
+        if not method.stochastic:  # deterministic on purpose: its zero uncertainty is the point
+            warnings.simplefilter("ignore", bdlkern.NoStochasticLayerWarning)
+        evaluation = evaluate(model, data, settings.samples)
+        eager = method.eager_reference(model) if method.eager_reference is not None else None
+        mc_inference = time_mc_inference(model, eager, data, settings)
     return ModelResult(method, model, history, evaluation, mc_inference, post)
 
 

@@ -3,6 +3,21 @@
 MC layers follow one convention for the sample dimension, documented in :mod:`bdlkern._sampling`:
 outside ``bdlkern.sampling(S)`` they behave like the PyTorch layers they replace; inside it they
 sample and carry an explicit leading sample dimension ``S``.
+
+Every module checks its input before it reaches a kernel, so that a wrong input gives an error in
+the module's terms (never a silently wrong result or a message about an internal op):
+
+* the width: the input's last dimension must be the layer's ``in_features`` (for a wrapped
+  convolution: dimension 1, after the sample dimension inside ``sampling``, must be its
+  ``in_channels``), as ``nn.Linear`` requires; a ``ValueError`` otherwise;
+* the dtype: the input must have the dtype of the module's parameters, and a path that runs a
+  bdlkern kernel needs a parameter dtype that kernel supports (the MC-dropout kernel: float32,
+  float64, bfloat16 and, on CUDA, float16; the Concrete, LRT, KL and sparse kernels: float32 and
+  float64); a ``TypeError`` otherwise. Under ``torch.autocast`` the dtype checks are skipped: the
+  ops' autocast rules choose the dtypes there.
+
+None of the modules can be compiled by TorchScript (``torch.jit.script`` raises a
+``RuntimeError`` saying so); ``torch.compile`` and ``torch.export`` are the supported routes.
 """
 
 from __future__ import annotations
@@ -17,8 +32,90 @@ from torch import nn
 from . import ops
 from ._sampling import current_sampling
 
+# ---- input checks shared by the modules ------------------------------------------------------------
+#: Parameter dtypes of the kernels: the Concrete, LRT, KL and sparse kernels take float32/float64;
+#: the MC-dropout kernel also bfloat16 (and float16 on CUDA, allowed in :func:`_dtype_error`).
+_F32_F64 = frozenset({torch.float32, torch.float64})
+_MC_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16})
 
-class MCDropoutLinear(nn.Linear):
+
+def _module_label(module: nn.Module) -> str:
+    """``Name(in_features=.., out_features=..)``: how error messages name a module."""
+    name = type(module).__name__
+    if isinstance(module, ConcreteDropout):
+        layer = module.layer
+        if isinstance(layer, nn.Linear):
+            return f"{name}({type(layer).__name__}(in_features={layer.in_features}, out_features={layer.out_features}))"
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return f"{name}({type(layer).__name__}(in_channels={layer.in_channels}, out_channels={layer.out_channels}))"
+        return f"{name}({type(layer).__name__})"
+    return f"{name}(in_features={module.in_features}, out_features={module.out_features})"
+
+
+def _width_error(module: nn.Module, x: torch.Tensor, expected: int) -> ValueError:
+    """The error for an input whose last dimension is not ``expected`` (the layer's in_features)."""
+    if x.dim() == 0:
+        got = "is a 0-dim tensor (a scalar)"
+    else:
+        got = f"has {x.shape[-1]} features in its last dimension"
+    return ValueError(f"{_module_label(module)}: input {got}, expected {expected}")
+
+
+def _check_width(module: nn.Module, x: torch.Tensor, expected: int) -> None:
+    """``x.shape[-1] == expected`` (the check ``nn.Linear`` makes), in the module's terms."""
+    try:
+        ok = x.shape[-1] == expected
+    except IndexError:  # a 0-dim input
+        ok = False
+    if not ok:
+        raise _width_error(module, x, expected)
+
+
+def _check_dtype(
+    module: nn.Module, x: torch.Tensor, param_dtype: torch.dtype, kernel_dtypes=None, kernel: str = ""
+) -> None:
+    """``x`` has the parameters' dtype, which the kernel the call runs supports (``kernel_dtypes``;
+    None: the call runs no bdlkern kernel). The common case is two compares."""
+    if x.dtype != param_dtype or (kernel_dtypes is not None and param_dtype not in kernel_dtypes):
+        _dtype_error(module, x, param_dtype, kernel_dtypes, kernel)
+
+
+def _dtype_error(module, x, param_dtype, kernel_dtypes, kernel) -> None:
+    """The slow path of :func:`_check_dtype`: raises, unless autocast or a CUDA-only dtype allows it."""
+    if torch.is_autocast_enabled(x.device.type):
+        return  # the ops' autocast rules cast the inputs: mixed dtypes are legal here
+    name = type(module).__name__
+    if x.dtype != param_dtype:
+        raise TypeError(
+            f"{name}: input is {x.dtype} but the parameters are {param_dtype}; convert one of them "
+            f"(module.to({x.dtype}) or x.to({param_dtype}))"
+        )
+    if kernel_dtypes is _MC_DTYPES and param_dtype == torch.float16 and x.device.type == "cuda":
+        return
+    supported = ", ".join(str(d) for d in sorted(kernel_dtypes, key=str))
+    if kernel_dtypes is _MC_DTYPES:
+        supported += ", torch.float16 (CUDA only)"
+    raise TypeError(
+        f"{name}: parameters of dtype {param_dtype} are not supported by the {kernel} kernel (it takes "
+        f"{supported}); keep the parameters in torch.float32 and run the model under "
+        f"torch.autocast(\"{x.device.type}\", dtype={param_dtype}) for lower precision"
+    )
+
+
+class _NotScriptable:
+    """TorchScript cannot compile bdlkern's modules (their forward reads the Python-side
+    ``sampling`` state and calls Python op wrappers): ``torch.jit.script`` calls this hook on a
+    module and each of its submodules before it compiles anything, so it fails with a clear
+    message instead of an error from deep inside the compiler."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"bdlkern.nn.{type(self).__name__}: TorchScript (torch.jit.script) is not supported; use "
+            "torch.compile or torch.export (torch.export.export) to compile or serialise the model"
+        )
+
+
+class MCDropoutLinear(_NotScriptable, nn.Linear):
     """``nn.Dropout(p)`` followed by ``nn.Linear``, fused, with Monte Carlo sampling.
 
     * training (outside ``sampling``): exactly dropout then linear, ``[*, in] -> [*, out]``, with
@@ -35,7 +132,8 @@ class MCDropoutLinear(nn.Linear):
             of the batch: each sample is one weight sample applied to the whole batch (joint
             predictions), and the kernel skips the dropped features.
 
-    The state dict is that of ``nn.Linear`` (``weight``, ``bias``).
+    The state dict is that of ``nn.Linear`` (``weight``, ``bias``). The input is checked like
+    ``nn.Linear``'s (last dimension ``in_features``; the parameters' dtype): see :mod:`bdlkern.nn`.
     """
 
     def __init__(
@@ -76,14 +174,19 @@ class MCDropoutLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, in] -> [*, out]``; inside ``sampling(S)`` ``[*, in]`` or ``[S, *, in]`` -> ``[S, *, out]``."""
+        _check_width(self, x, self.in_features)
         state = current_sampling()
         if state is not None:
+            _check_dtype(self, x, self.weight.dtype, _MC_DTYPES, "MC-dropout")
             rng_state, num_samples = state.layer_call(self, x, self.in_features)
             return ops.mc_dropout_linear(
                 x, self.weight, self.bias, self.p, num_samples, shared_mask=self.shared_mask, rng_state=rng_state
             )
         if self.training and self.p > 0.0:
+            _check_dtype(self, x, self.weight.dtype, _MC_DTYPES, "MC-dropout")
             return ops.mc_dropout_linear(x, self.weight, self.bias, self.p, 1)[0]
+        _check_dtype(self, x, self.weight.dtype)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -95,7 +198,7 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-class _ConcreteDropoutMixin(abc.ABC):
+class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
     """What every Concrete-dropout module shares: the learnt rate, the regulariser, and the three
     regimes of forward (training: relaxed masks; eval: deterministic; ``sampling(S)``: hard
     Bernoulli masks with the learnt rate, or relaxed ones with ``relaxed_eval``).
@@ -184,12 +287,36 @@ class _ConcreteDropoutMixin(abc.ABC):
         """The fused MC-dropout kernel, where the layer allows it (Linear with one rate)."""
         return None
 
+    def _fuses(self) -> bool:
+        """Whether :meth:`_fused_mc` takes the call (it must agree with it)."""
+        return False
+
+    def _check_input(self, x: torch.Tensor, sample_dim: bool) -> None:
+        """The width check of the layer behind the dropout (``sample_dim``: ``x`` carries the
+        leading sample dimension of ``sampling``)."""
+
+    def _param_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the input must have: that of the layer's parameters."""
+        return self.p_logit.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer(dropout(x))``; inside ``sampling(S)`` the output has the leading sample dimension
+        (see :mod:`bdlkern._sampling` for when the input has it)."""
         state = current_sampling()
         if state is None:
+            self._check_input(x, False)
             if self.training or self.relaxed_eval:
+                _check_dtype(self, x, self._param_dtype(x), _F32_F64, "Concrete-dropout")
                 return self._layer(self._relaxed(x))
+            _check_dtype(self, x, self._param_dtype(x))
             return self._layer(x)
+        self._check_input(x, state.next_has_sample_dim(self))
+        if self.relaxed_eval:
+            _check_dtype(self, x, self._param_dtype(x), _F32_F64, "Concrete-dropout")
+        elif self._fuses():
+            _check_dtype(self, x, self._param_dtype(x), _MC_DTYPES, "MC-dropout")
+        else:
+            _check_dtype(self, x, self._param_dtype(x), _F32_F64, "Concrete-dropout")
         rng_state, num_samples = state.layer_call(self, x, self.input_dim)
         has_sample_dim = num_samples is None
         S = state.num_samples
@@ -271,6 +398,15 @@ class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
     def _fused_mc(self, x, num_samples, rng_state):
         return _fused_linear_mc(self, x, self.weight, self.bias, num_samples, rng_state)
 
+    def _fuses(self):
+        return self.p_logit.dim() == 0
+
+    def _check_input(self, x, sample_dim):
+        _check_width(self, x, self.in_features)
+
+    def _param_dtype(self, x):
+        return self.weight.dtype
+
     forward = _ConcreteDropoutMixin.forward
 
     def extra_repr(self) -> str:
@@ -341,6 +477,16 @@ class ConcreteDropout(_ConcreteDropoutMixin, nn.Module):
             raise ValueError(
                 f"ConcreteDropout: per-feature rates need input_dim = weight.shape[1] = {weight.shape[1]}, got {self.input_dim}"
             )
+        # What the forward checks of the input, where the layer's type tells it: an nn.Linear takes
+        # in_features in the last dimension; an N-d convolution [B, in_channels, *N spatial].
+        # Other layers are left to check their input themselves.
+        self._in_width: int | None = None
+        self._conv_dims: int | None = None
+        if isinstance(layer, nn.Linear):
+            self._in_width = layer.in_features
+        elif isinstance(layer, nn.modules.conv._ConvNd):
+            self._in_width = layer.in_channels
+            self._conv_dims = len(layer.kernel_size)
 
     def _dropout_weight(self):
         weight = getattr(self.layer, "weight", None)
@@ -367,6 +513,45 @@ class ConcreteDropout(_ConcreteDropoutMixin, nn.Module):
             return _fused_linear_mc(self, x, self.layer.weight, self.layer.bias, num_samples, rng_state)
         return None
 
+    def _fuses(self):
+        return type(self.layer) is nn.Linear and self.p_logit.dim() == 0
+
+    def _check_input(self, x, sample_dim):
+        # getattr: a module pickled whole before these attributes existed has neither
+        width = getattr(self, "_in_width", None)
+        if width is None:
+            return
+        if getattr(self, "_conv_dims", None) is None:
+            _check_width(self, x, width)
+            return
+        # A convolution: [B, C, *spatial], with the sample dimension in front inside sampling.
+        batched = 2 + self._conv_dims + int(sample_dim)
+        channel = 1 + int(sample_dim)
+        if x.dim() != batched or x.shape[channel] != width:
+            self._conv_input_error(x, sample_dim, batched, channel, width)
+
+    def _conv_input_error(self, x, sample_dim, batched, channel, width):
+        label = _module_label(self)
+        spatial = ", ".join(["*"] * self._conv_dims)
+        layout = f"[S, B, {width}, {spatial}]" if sample_dim else f"[B, {width}, {spatial}]"
+        where = "inside sampling, after the first MC layer of the pass" if sample_dim else "a batch"
+        if x.dim() != batched:
+            raise ValueError(
+                f"{label}: expected {where} {layout} ({batched}-d; the mask is spatial, one value per "
+                f"channel, so the input must be batched), got shape {tuple(x.shape)}"
+            )
+        raise ValueError(
+            f"{label}: input has {x.shape[channel]} channels in dimension {channel}, expected {width} "
+            f"(shape {layout}, got {tuple(x.shape)})"
+        )
+
+    def _param_dtype(self, x):
+        weight = getattr(self.layer, "weight", None)
+        if self._in_width is not None and isinstance(weight, torch.Tensor):
+            return weight.dtype
+        # A layer of unknown type: only the dropout's own kernel dtypes are checked.
+        return x.dtype
+
     forward = _ConcreteDropoutMixin.forward
 
     def extra_repr(self) -> str:
@@ -385,7 +570,7 @@ class ConcreteDropout2d(ConcreteDropout):
 
 
 # ---- sparse variational dropout -----------------------------------------------------------------------
-class SparseVDLinear(nn.Module):
+class SparseVDLinear(_NotScriptable, nn.Module):
     """A linear layer trained by sparse variational dropout (Molchanov, Ashukha & Vetrov 2017).
 
     Every weight is ``N(theta, alpha theta^2)``; training maximises the ELBO, i.e. minimises the
@@ -454,17 +639,29 @@ class SparseVDLinear(nn.Module):
 
     def kl(self) -> torch.Tensor:
         """The layer's KL term (``bdlkern.ops.sparse_vd_kl``), a 0-dim tensor."""
+        dtype = self.theta.dtype
+        if dtype not in _F32_F64 and not torch.is_autocast_enabled(self.theta.device.type):
+            raise TypeError(
+                f"SparseVDLinear: parameters of dtype {dtype} are not supported by the KL kernel (it takes "
+                "torch.float32, torch.float64); keep the parameters in torch.float32 and use torch.autocast "
+                "for lower precision"
+            )
         return ops.sparse_vd_kl(self.theta, self.log_sigma2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, in] -> [*, out]``; inside ``sampling(S)`` ``[*, in]`` or ``[S, *, in]`` -> ``[S, *, out]``."""
+        _check_width(self, x, self.in_features)
         state = current_sampling()
         if state is not None:
+            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
             rng_state, num_samples = state.layer_call(self, x, self.in_features)
             return ops.lrt_linear(
                 x, self.theta, self.log_sigma2, self.bias, num_samples=num_samples, rng_state=rng_state
             )
         if self.training:
+            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
             return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1)[0]
+        _check_dtype(self, x, self.theta.dtype)
         return F.linear(x, self.pruned_weight(), self.bias)
 
     def to_sparse(self) -> "SparseLinear":
@@ -483,7 +680,7 @@ class SparseVDLinear(nn.Module):
         )
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(_NotScriptable, nn.Module):
     """A linear layer with a CSR weight, for pruned networks (``SparseVDLinear.to_sparse()``).
 
     * deterministic: ``y = x W^T + bias`` through ``bdlkern.ops.sparse_linear``; above the
@@ -495,6 +692,9 @@ class SparseLinear(nn.Module):
     Buffers (all in the state dict; ``load_state_dict`` takes any nnz): ``crow`` int64 ``[N + 1]``,
     ``col`` int64 ``[nnz]``, ``values`` ``[nnz]`` or ``[nnz, 2]`` (theta, alpha theta^2), ``bias``
     ``[N]`` (optional) and ``row_order`` (rows longest first, for the CUDA kernel's warps).
+    ``values`` is float32 or float64 (the sparse kernels' dtypes, on both paths, so that what runs
+    does not depend on the batch size); the input must have its dtype and ``in_features`` features
+    in its last dimension.
     """
 
     #: (largest batch, density) rows: above that density the dense GEMM is faster at that batch
@@ -523,6 +723,12 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("row_order", self._row_order(crow))
         self.register_buffer("_dense", None, persistent=False)  # the dense weight, made on demand
+        if values.dtype not in _F32_F64:
+            raise TypeError(
+                f"SparseLinear: values of dtype {values.dtype} are not supported by the sparse kernels (they "
+                "take torch.float32, torch.float64); build the layer in torch.float32 and use torch.autocast "
+                "for lower precision around it"
+            )
         # A malformed structure fails here, at construction (the op checks it on every call too).
         probe = torch.zeros(1, self.in_features, dtype=values.dtype, device=values.device)
         torch.ops.bdlkern.sparse_linear(probe, crow, col, values, bias, None)
@@ -581,6 +787,10 @@ class SparseLinear(nn.Module):
         return csr_to_dense(self.crow, self.col, self.values, self.in_features)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, in] -> [*, out]``; inside ``sampling(S)`` with variances ``[*, in]`` or
+        ``[S, *, in]`` -> ``[S, *, out]``."""
+        _check_width(self, x, self.in_features)
+        _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
         state = current_sampling()
         if state is not None and self.has_variance:
             rng_state, num_samples = state.layer_call(self, x, self.in_features)

@@ -18,13 +18,14 @@ curve. Entropies are in nats.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ._sampling import current_sampling, sampling
+from ._sampling import NoStochasticLayerWarning, current_sampling, sampling
 
 if TYPE_CHECKING:  # matplotlib is imported lazily, only by reliability_diagram
     from matplotlib.axes import Axes
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # matplotlib is imported lazily, only by reliability_diagram
 
 __all__ = [
     "MCPrediction",
+    "NoStochasticLayerWarning",
     "mc_predict",
     "entropy",
     "nll",
@@ -188,6 +190,55 @@ def _run_block(
     return out, False
 
 
+#: torch's dropout modules that bdlkern does not sample (their masks are one draw, not S).
+_TORCH_DROPOUTS = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def _no_stochastic_layer_message(model: object, num_samples: int) -> str:
+    """What :func:`mc_predict` says when no bdlkern stochastic layer ran: the torch dropout
+    modules it can see in ``model`` (by name), and that functional dropout is invisible."""
+    found = []
+    if isinstance(model, torch.nn.Module):
+        found = [
+            f"{name or '(the model itself)'} ({type(m).__name__})"
+            for name, m in model.named_modules()
+            if isinstance(m, _TORCH_DROPOUTS)
+        ]
+    message = (
+        f"mc_predict: no bdlkern stochastic layer ran inside sampling({num_samples}), so the "
+        f"{num_samples} samples are one deterministic output repeated and the epistemic uncertainty "
+        "(mutual information, regression variance) is exactly 0."
+    )
+    if found:
+        shown = ", ".join(found[:8]) + (f", ... ({len(found)} in all)" if len(found) > 8 else "")
+        message += (
+            f" The model has torch dropout modules that bdlkern does not sample: {shown}; replace them "
+            "with bdlkern layers (bdlkern.nn.convert fuses nn.Dropout -> nn.Linear pairs into "
+            "MCDropoutLinear; ConcreteDropout / ConcreteDropout2d wrap other layers)."
+        )
+    message += (
+        " Functional dropout (F.dropout and friends) is invisible to bdlkern and is not sampled either."
+        " For a model that is deterministic on purpose, ignore bdlkern.NoStochasticLayerWarning."
+    )
+    return message
+
+
+def _no_stochastic_layer(model: object, num_samples: int, strict: bool) -> None:
+    """Warns (or raises, ``strict``) that the samples of ``mc_predict`` are all the same; called
+    once the output has passed its shape checks, so a malformed output gets its own error."""
+    message = _no_stochastic_layer_message(model, num_samples)
+    if strict:
+        raise RuntimeError(message + " (strict=True)")
+    warnings.warn(message, NoStochasticLayerWarning, stacklevel=3)
+
+
 def mc_predict(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -196,6 +247,7 @@ def mc_predict(
     batch_size: int | None = None,
     seed: int | None = None,
     task: Literal["classification", "regression"] = "classification",
+    strict: bool = False,
 ) -> MCPrediction:
     """Monte Carlo prediction: ``model(x)`` inside ``bdlkern.sampling(num_samples)``, summarised.
 
@@ -206,7 +258,14 @@ def mc_predict(
 
     A model without any bdlkern MC layer (no layer ran in the ``sampling`` block) is treated as
     deterministic: its output ``[N, ...]`` is repeated ``num_samples`` times, so its epistemic
-    uncertainty (mutual information, regression variance) is exactly zero.
+    uncertainty (mutual information, regression variance) is exactly zero. Since that is usually a
+    mistake (torch's ``nn.Dropout*`` modules and ``F.dropout`` are not sampled by bdlkern), it
+    warns with :class:`NoStochasticLayerWarning`, naming the torch dropout modules it finds in the
+    model, or raises with ``strict=True``. Silence the warning for a model that is deterministic
+    on purpose (``warnings.simplefilter("ignore", bdlkern.NoStochasticLayerWarning)``).
+
+    ``mc_predict`` opens its own ``sampling`` block, so it cannot be called inside one (blocks do
+    not nest): it raises a ``RuntimeError`` naming both sample counts.
 
     Args:
         model: a callable (usually an ``nn.Module``) mapping ``x`` to logits ``[N, C]`` for
@@ -218,9 +277,14 @@ def mc_predict(
             the outputs are concatenated along the batch dimension. With ``shared_mask=True``
             layers, sample ``s`` of different chunks then comes from different weight samples.
         seed: if given, the result is reproducible from it alone (chunk ``i`` uses ``seed + i``,
-            so one chunk gives the same result as no chunking); else torch's generator is used.
+            so one chunk gives the same result as no chunking): chunk ``i`` runs in
+            ``sampling(num_samples, seed=seed + i)``, which also forks torch's generators (CPU, and
+            the CUDA devices in use) and seeds them from it, so random torch ops in the model
+            (``F.dropout``, an ``nn.Dropout`` in training mode) repeat too, and torch's random
+            stream is left as it was. Without a seed torch's generator is used (and advanced).
         task: ``"classification"`` (outputs are logits ``[S, N, C]``) or ``"regression"``
             (outputs ``[S, N]`` or ``[S, N, D]``).
+        strict: raise a ``RuntimeError`` instead of warning when no bdlkern stochastic layer ran.
 
     Returns:
         :class:`MCPrediction`; tensors are on the device of the model's output. Probabilities and
@@ -232,6 +296,11 @@ def mc_predict(
     Raises:
         TypeError / ValueError: for invalid arguments, a non-tensor model output, or an output
             whose shape does not fit ``task``.
+        RuntimeError: inside a ``sampling`` block; with ``strict=True``, when no bdlkern
+            stochastic layer ran.
+
+    Warns:
+        NoStochasticLayerWarning: when no bdlkern stochastic layer ran (and not ``strict``).
     """
     fn = "mc_predict"
     if not callable(model):
@@ -248,6 +317,15 @@ def mc_predict(
         raise TypeError(f"{fn}: seed must be an int or None, got {type(seed).__name__}")
     if task not in ("classification", "regression"):
         raise ValueError(f"{fn}: task must be 'classification' or 'regression', got {task!r}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"{fn}: strict must be a bool, got {type(strict).__name__}")
+    outer = current_sampling()
+    if outer is not None:
+        raise RuntimeError(
+            f"{fn}(num_samples={num_samples}) was called inside an active bdlkern.sampling({outer.num_samples}); "
+            "mc_predict opens its own sampling block and blocks do not nest. Call mc_predict outside "
+            "the block (it samples by itself), or call the model directly inside the block"
+        )
 
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     training_flags = [m.training for m in modules]
@@ -271,6 +349,8 @@ def mc_predict(
                 f"{fn}: for task='regression' the model must return [N] or [N, D] per sample "
                 f"(samples [S, N] or [S, N, D]), got samples of shape {tuple(samples.shape)}"
             )
+        if deterministic:
+            _no_stochastic_layer(model, num_samples, strict)
         values = samples if samples.is_floating_point() else samples.double()
         variance = torch.zeros_like(values[0]) if deterministic else values.var(0, unbiased=False)
         return MCPrediction(samples=samples, mean=values.mean(0), variance=variance)
@@ -282,6 +362,8 @@ def mc_predict(
         )
     if not samples.is_floating_point():
         raise TypeError(f"{fn}: the model's logits must be floating point, got dtype {samples.dtype}")
+    if deterministic:
+        _no_stochastic_layer(model, num_samples, strict)
     logits = samples.to(torch.promote_types(samples.dtype, torch.float32))
     probs = logits.softmax(-1)  # [S, N, C]
     mean_probs = probs[0] if deterministic else probs.mean(0)  # [N, C]

@@ -420,7 +420,8 @@ def test_mc_predict_restores_training_flag_on_error():
 def test_mc_predict_deterministic_model(n):
     torch.manual_seed(0)
     model, x = nn.Linear(4, 3), inputs(n)
-    pred = U.mc_predict(model, x, 8)
+    with pytest.warns(bdlkern.NoStochasticLayerWarning, match="no bdlkern stochastic layer ran"):
+        pred = U.mc_predict(model, x, 8)
     assert pred.samples.shape == (8, n, 3)
     with torch.no_grad():
         torch.testing.assert_close(pred.samples, model(x).expand(8, n, 3))
@@ -431,7 +432,8 @@ def test_mc_predict_deterministic_model(n):
 def test_mc_predict_deterministic_regression_with_n_equal_s():
     torch.manual_seed(0)
     model, x = nn.Linear(4, 2), inputs(8)
-    pred = U.mc_predict(model, x, 8, task="regression")
+    with pytest.warns(bdlkern.NoStochasticLayerWarning, match="no bdlkern stochastic layer ran"):
+        pred = U.mc_predict(model, x, 8, task="regression")
     assert pred.samples.shape == (8, 8, 2)
     assert pred.variance.abs().max().item() == 0.0
     with torch.no_grad():

@@ -20,7 +20,11 @@ Memory (:func:`measure_memory`), one separate call per variant:
 * CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated before it,
   i.e. the peak of everything the call allocated (outputs and temporaries);
 * CPU: the peak of torch's CPU allocations during the call, replayed from the profiler's memory
-  records (``profile_memory=True``), outputs and temporaries alike.
+  records (``profile_memory=True``), outputs and temporaries alike. (torch has no CPU allocator
+  statistics, and ``tracemalloc`` does not see torch's allocations.) The profiler's own log lines
+  (libkineto's ``USDT: ... profiler_start`` and, without a GPU, ``ERROR: ... gpuGetDeviceCount``)
+  go to file descriptor 2 and are dropped (:func:`_kineto_quiet`); anything else written there
+  during the call is passed on.
 
 Both also report the bytes of the returned tensors and the peak beyond them (``extra``: what the
 call needed on top of its result, e.g. a materialised ``[S, B, in]`` dropout input).
@@ -31,14 +35,18 @@ variant over each baseline; below 1 means bdlkern is slower.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import math
 import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -328,17 +336,50 @@ def _output_bytes(out: Any) -> int:
     return int(sum(storages.values()))
 
 
+#: A line of libkineto's own log (``LEVEL:date time pid:tid File.cpp:line] text``).
+_KINETO_LOG_LINE = re.compile(rb"^(USDT|VERBOSE|INFO|WARNING|ERROR):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+:\d+\] ")
+
+
+@contextlib.contextmanager
+def _kineto_quiet() -> Iterator[None]:
+    """Drops libkineto's log lines (written by C++ straight to file descriptor 2, so neither
+    ``sys.stderr`` nor ``logging`` can catch them): fd 2 points to a temporary file inside the
+    block, and on exit every line of it that is not a kineto log line is written to the real fd 2.
+
+    Process-wide while it lasts (a file descriptor is), so the harness calls it from one thread.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all: nothing to keep quiet
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(keepends=True) if not _KINETO_LOG_LINE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Peak bytes allocated by torch's CPU allocator during ``fn()``, above the level before it.
 
     Replays the allocation and free records of the profiler (``profile_memory=True``) in time order
-    and takes the maximum of the running sum.
+    and takes the maximum of the running sum. The profiler's log lines are dropped (:func:`_kineto_quiet`).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    with _kineto_quiet():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+        records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     records.sort(key=lambda e: e.start_ns())
     level = peak = 0
     for record in records:
@@ -524,8 +565,15 @@ def run_benchmarks(
     """Run ``cases`` on ``device`` and return the whole report (what ``--json`` writes).
 
     Args:
-        progress: a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
+        progress: ``None`` (default): a tqdm bar on stderr when it is a terminal, else one line per
+            case on stderr (``[i/n] name: k variants``) before the case runs; ``True``: the bar;
+            ``False``: nothing.
         argv: the command line, recorded in the report.
+
+    Only the harness's own output reaches the terminal: the profiler's log lines are dropped (see
+    :func:`measure_memory`) and torch's notice that no CUDA runtime was found (logged when
+    ``torch.compile`` baselines load the C++ extension helpers on a machine without CUDA) is
+    silenced for the run.
 
     Returns:
         dict with ``schema``, ``created`` (UTC, ISO 8601), ``argv``, ``settings`` (device, quick,
@@ -546,9 +594,17 @@ def run_benchmarks(
     ]
     results = []
     total = sum(len(c.variant_names) for c in runnable)
-    with tqdm(total=total, unit="variant", file=sys.stderr, disable=None if progress is None else not progress) as bar:
-        for c in runnable:
+    use_bar = progress is True or (progress is None and sys.stderr.isatty())
+    lines = progress is None and not use_bar
+    with (
+        tqdm(total=total, unit="variant", file=sys.stderr, disable=not use_bar) as bar,
+        _quiet_logger("torch.utils.cpp_extension", logging.ERROR),
+    ):
+        for i, c in enumerate(runnable):
             bar.set_description(c.name)
+            if lines:
+                line = f"[{i + 1}/{len(runnable)}] {c.name}: {len(c.variant_names)} variants"
+                print(line, file=sys.stderr, flush=True)
 
             def advance(variant: str) -> None:
                 bar.set_postfix_str(variant)
@@ -566,6 +622,18 @@ def run_benchmarks(
         "cases": results,
         "skipped": skipped,
     }
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, level: int) -> Iterator[None]:
+    """Raises the level of logger ``name`` to ``level`` for the block."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 # ---- report -------------------------------------------------------------------------------------

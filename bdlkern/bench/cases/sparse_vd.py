@@ -11,6 +11,8 @@ backward products of the same shapes).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import bdlkern
@@ -158,7 +160,9 @@ def _register_sparse_case(batch: int, density: float) -> None:
     )
     def _setup(device: torch.device, quick: bool) -> Workload:
         layer, w, _, bias, x = _sparse_problem(device, quick, density, batch)
-        w_csr = w.to_sparse_csr()
+        with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            w_csr = w.to_sparse_csr()
         bias_col = bias.unsqueeze(1)
 
         def check() -> None:
