@@ -29,9 +29,10 @@ $(STAMP): requirements.txt | $(PY)
 
 venv: $(STAMP)
 
-# Always re-run: ninja recompiles only what changed (build/temp keeps the objects).
+# Always re-run: ninja recompiles only what changed (build/temp keeps the objects). The development
+# build includes the SIMT test extension (BDLKERN_SIMT=1), which release builds leave out.
 build: $(STAMP)
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	BDLKERN_SIMT=1 $(PIP) install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import bdlkern, json; print('bdlkern build:', json.dumps(bdlkern.build_info()))"
 
 pytest: build

@@ -7,8 +7,14 @@
 * ``bdlkern._C_simt``: the same ``.cu`` kernel sources compiled by the host compiler against the
   SIMT emulation header (``csrc/include/bdlkern/simt.h``), registered as ``torch.ops.bdlkern_simt``
   on CPU tensors. It only needs CUDA's host-compilable headers (``cuda_fp16.h``, ...), taken from
-  the toolkit or from the ``nvidia`` wheel that a CUDA build of torch installs.
-  ``BDLKERN_SIMT=0`` skips it.
+  the toolkit or from the ``nvidia`` wheel that a CUDA build of torch installs. Built only with
+  ``BDLKERN_SIMT=1`` (the Makefile's development build sets it): a release build or wheel leaves
+  this test-only extension out.
+
+Release builds carry no debug information (``-g0``, no ``-lineinfo``): ``BDLKERN_DEBUG=1`` gives
+``-O0 -g``, ``BDLKERN_LINEINFO=1`` keeps CUDA line tables for profilers. The build also writes
+``bdlkern/_build.py`` with the torch version it compiled against, so that importing bdlkern with a
+torch of another major.minor raises a clear ImportError instead of an undefined-symbol error.
 
 Other knobs: ``MAX_JOBS`` (ninja parallelism), ``BDLKERN_DEBUG=1`` (-O0 -g),
 ``BDLKERN_SANITIZE=address,undefined`` or ``thread`` (sanitizer flags for the host-compiled code, at
@@ -143,11 +149,13 @@ if with_cuda:
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 debug = _env_flag("BDLKERN_DEBUG")
+lineinfo = _env_flag("BDLKERN_LINEINFO") or debug
 sanitize = os.environ.get("BDLKERN_SANITIZE", "").strip()
 if sanitize and not re.fullmatch(r"[a-z]+(,[a-z]+)*", sanitize):
     raise SystemExit(f"setup.py: BDLKERN_SANITIZE must be a comma-separated list like 'address,undefined', got {sanitize!r}")
 # Sanitizer builds at -O1: fast enough to run the op tests, precise enough for the reports.
-opt = ["-O0", "-g"] if debug else ["-O1"] if sanitize else ["-O3"]
+# Python's CFLAGS carry -g; a release build overrides it (debug info made _C 17x larger).
+opt = ["-O0", "-g"] if debug else ["-O1"] if sanitize else ["-O3", "-g0"]
 cxx_flags = ["-std=c++20", *opt, "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
 link_flags = []
 # at::parallel_for is a header template: with torch's OpenMP backend it is an `omp parallel`
@@ -192,7 +200,8 @@ elif with_cuda:
             define_macros=defines + [("BDLKERN_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-std=c++20", "-O3" if not debug else "-O0", "-lineinfo", "--expt-relaxed-constexpr"],
+                "nvcc": ["-std=c++20", "-O3" if not debug else "-O0", "--expt-relaxed-constexpr"]
+                + (["-lineinfo"] if lineinfo else []),
             },
             extra_link_args=link_flags,
         )
@@ -209,7 +218,7 @@ else:
         )
     )
 
-simt_headers = cuda_header_dir(cuda_home) if want_simt is not False else None
+simt_headers = cuda_header_dir(cuda_home) if want_simt else None
 if want_simt and simt_headers is None:
     raise SystemExit("setup.py: BDLKERN_SIMT=1 but no cuda_fp16.h/cuda_bf16.h headers were found")
 if simt_headers is not None:
@@ -231,6 +240,13 @@ print(
     f"simt={'yes (' + simt_headers + ')' if simt_headers else 'no'}",
     file=sys.stderr,
 )
+
+# The torch this build compiles against, read by bdlkern/__init__.py before it loads _C.
+with open(os.path.join(ROOT, "bdlkern", "_build.py"), "w") as _f:
+    _f.write(
+        '"""Written by setup.py: what this copy of bdlkern was compiled against."""\n\n'
+        f"TORCH_VERSION = {torch.__version__.split('+')[0]!r}\n"
+    )
 
 class build_ext(BuildExtension):
     """BuildExtension with a fixed build/temp dir, so ninja rebuilds only what changed even for

@@ -52,7 +52,7 @@ build() {
   local dir=$1 sanitizers=$2
   shift 2
   echo "sanitize.sh: building with -fsanitize=$sanitizers into $dir" >&2
-  env BDLKERN_CUDA=0 BDLKERN_SANITIZE="$sanitizers" "$@" \
+  env BDLKERN_CUDA=0 BDLKERN_SIMT=1 BDLKERN_SANITIZE="$sanitizers" "$@" \
     "$python" setup.py --quiet build_ext --build-lib "$dir" >/dev/null
   stage "$dir"
 }
