@@ -2,8 +2,8 @@
 
 Every random op is driven by an ``rng_state``: an int64 tensor ``[seed, offset]`` on the device the
 op runs on. Given the same ``rng_state`` an op draws the same random bits (masks, uniforms, noise)
-on the CPU, on CUDA and under the SIMT emulator, for any thread count (DESIGN.md section 2), and
-bdlkern's own kernels and reductions return the same bits for any thread count. Matrix products
+on the CPU, on CUDA and under the SIMT emulator, for any thread count (docs/design.md section 2),
+and bdlkern's own kernels and reductions return the same bits for any thread count. Matrix products
 that an op hands to torch's BLAS (the CPU MC-dropout and LRT paths) carry the BLAS's rounding,
 which for MKL's float32 GEMM changes in the last bits with the thread count. When ``rng_state`` is
 omitted it is

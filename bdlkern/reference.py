@@ -1,8 +1,8 @@
 """Pure-Python/PyTorch references: the test oracle and the "naive" baseline.
 
-Everything here is written from the definitions in DESIGN.md, independently of the C++/CUDA
-kernels: the Philox generator is NumPy integer arithmetic, the conversions are the formulas
-spelled out again. Tests compare every kernel against these functions.
+Everything here is written from the definitions in docs/design.md (sections 1 and 2),
+independently of the C++/CUDA kernels: the Philox generator is NumPy integer arithmetic, the
+conversions are the formulas spelled out again. Tests compare every kernel against these functions.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _state_pair(rng_state) -> tuple[int, int]:
 
 
 def stream_words(rng_state, n: int, stream: int = 0) -> np.ndarray:
-    """The first ``n`` words of the logical stream of DESIGN.md section 2.
+    """The first ``n`` words of the logical stream of docs/design.md section 2.3.
 
     Element ``i`` is lane ``i % 4`` of the block with counter ``(lo32(b), hi32(b), stream, 0)``,
     ``b = i // 4 + offset (mod 2**64)``, and key ``(lo32(seed), hi32(seed))``.
@@ -197,7 +197,7 @@ def concrete_dropout(
 
 
 def concrete_dropout_regularizer(weight, p_logit, input_dim, weight_regularizer, dropout_regularizer):
-    """DESIGN.md section 1, for one rate: ``wr * ||W||^2 / (1 - p) + dr * D * (p log p + (1 - p) log(1 - p))``."""
+    """docs/design.md section 1.2, for one rate: ``wr * ||W||^2 / (1 - p) + dr * D * (p log p + (1 - p) log(1 - p))``."""
     p = torch.sigmoid(p_logit)
     return weight_regularizer * (weight**2).sum() / (1 - p) + dropout_regularizer * input_dim * (
         p * torch.log(p) + (1 - p) * torch.log(1 - p)
@@ -209,7 +209,7 @@ KL_K1, KL_K2, KL_K3 = 0.63576, 1.87320, 1.48695
 
 
 def log_alpha(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
-    """``clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)`` (DESIGN.md section 1)."""
+    """``clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)`` (docs/design.md section 1.3)."""
     return torch.clamp(log_sigma2 - torch.log(theta**2 + 1e-8), LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
 

@@ -3,9 +3,9 @@
 The policy (csrc/ops/autocast.h): MC dropout runs in the autocast dtype where its kernel has a
 native path (bf16 on the CPU, fp16/bf16 on CUDA and under the SIMT emulator), every other op casts
 16-bit inputs to float32; ATen calls inside an op never see autocast. Values are checked with the
-low-precision rule of docs/design.md: the error against a float64 run of the same op with the same
-``rng_state`` is at most twice the error of the same computation written in PyTorch (the
-reference) under the same autocast, plus a little slack for the float32 rounding both share.
+low-precision rule of docs/design.md section 6.2: the error against a float64 run of the same op
+with the same ``rng_state`` is at most twice the error of the same computation written in PyTorch
+(the reference) under the same autocast, plus a little slack for the float32 rounding both share.
 """
 
 import math

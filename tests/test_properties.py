@@ -14,8 +14,9 @@ the emulator):
   kernels and the layouts autograd hands them are covered) against the float64 reference. The
   allowed error is an explicit bound: (reduction length) x eps x (the same sum over absolute
   values) for the products, a first-order error model for Concrete dropout that also charges the
-  reference's own cancellation at extreme logits, the DESIGN.md rule (at most twice PyTorch's own
-  error in that dtype) for bfloat16 / float16 and for float32 LRT gradients;
+  reference's own cancellation at extreme logits, the low-precision rule of docs/design.md
+  section 6.2 (at most twice PyTorch's own error in that dtype) for bfloat16 / float16 and for
+  float32 LRT gradients;
 * the public wrappers of bdlkern.ops (cpu) give the raw op's bits, batch dimensions included;
 * determinism: the same rng_state gives the same bits, gradients included, with 1 and 2 threads.
 
@@ -147,7 +148,8 @@ def assert_within(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor, w
 
 
 def assert_design_rule(ours, lowp, exact, what, floor=0.0) -> None:
-    """DESIGN.md: max error of the kernel <= 2 x max error of PyTorch's computation in that dtype."""
+    """docs/design.md section 6.2: max error of the kernel <= 2 x max error of PyTorch's computation
+    in that dtype."""
     exact = exact.detach().double()
     err_ours = (ours.detach().double() - exact).abs().max().item() if exact.numel() else 0.0
     err_torch = (lowp.detach().double() - exact).abs().max().item() if exact.numel() else 0.0
@@ -511,7 +513,7 @@ def _noise_bound(c, shape, stream, mu_abs, std, n_red):
 
 def _check_lrt_grads(c, args, fn, got_grads):
     """float64: the float64 reference gradients (rtol 1e-9, atol 1e-10 of the largest); float32:
-    the DESIGN rule against the reference run in float32."""
+    the low-precision rule (docs/design.md section 6.2) against the reference run in float32."""
     dtype = c["dtype"]
     exact_in = [a.exact(dtype) for a in args]
     exact = fn(c, exact_in)

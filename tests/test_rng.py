@@ -1,5 +1,5 @@
 """The Philox RNG core: known answers, the logical-stream contract, conversions, determinism,
-operator registration and bad input (DESIGN.md section 2, issue 2)."""
+operator registration and bad input (docs/design.md section 2, issue 2)."""
 
 import math
 import os
@@ -25,7 +25,8 @@ KAT = [
     ),
 ]
 
-# DESIGN.md contract vectors of the logical stream: (seed, offset, stream) -> first 8 words.
+# Contract vectors of the logical stream (docs/design.md section 2.5): (seed, offset, stream) ->
+# first 8 words.
 CONTRACT = [
     ((0, 0), 0, "6627e8d5 e169c58d bc57ac4c 9b00dbd8 f8e4cca4 5cb200db b1a574eb 097eff67"),
     ((0x0123456789ABCDEF, 5), 1, "22252b2a dcea3022 86f0ceb0 d1cdb8d1 36a9b705 57a35841 77c50247 a49265f3"),

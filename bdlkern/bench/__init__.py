@@ -7,7 +7,7 @@ moved, FLOPs) so that throughput can be printed. Cases live in ``bdlkern/bench/c
 adding a family is adding a module there and listing it in ``cases.FAMILIES``.
 
 The CLI (:mod:`bdlkern.bench.__main__`) and the pytest-benchmark suites in ``bench/`` both read
-:data:`CASES`, so shapes and callables are written once (DESIGN.md section 7).
+:data:`CASES`, so shapes and callables are written once (docs/design.md section 7).
 
 Measurement (:func:`time_fns`): warm-up calls (which also absorb ``torch.compile`` compilation), then
 an inner loop of ``number`` calls sized to last about ``target_s`` (0.2 s), repeated ``repeats``

@@ -48,7 +48,8 @@ uint32_t ref_word(uint64_t seed, uint64_t offset, uint32_t tag, uint64_t i) {
   return blk.w[i % 4];
 }
 
-// The DESIGN.md contract vector whose offset 2^32 - 1 makes block 1 carry into counter word 1.
+// The contract vector (docs/design.md section 2.5) whose offset 2^32 - 1 makes block 1 carry
+// into counter word 1.
 void test_contract_carry() {
   const uint32_t expected[8] = {0xc2cc56c6, 0x8c2981bf, 0xeb48860d, 0x57ce8e18,
                                 0x37e0f5a2, 0x291c60e3, 0x3cfecf69, 0xb640ab01};

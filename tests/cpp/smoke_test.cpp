@@ -1,7 +1,7 @@
 // C++ smoke test of libbdlkern_ops: the operators are reached through the torch dispatcher only
 // (no bdlkern symbol is referenced), as a C++ user of the installed library would call them.
 //
-// Checks the DESIGN.md contract words of the logical Philox stream (Random123 Philox4x32-10), the
+// Checks the contract words of the logical Philox stream (docs/design.md section 2.5), the
 // dropout_mask edge cases p = 0 / p = 1, and that bad input raises c10::Error. Exits non-zero on
 // any failure.
 #include <ATen/core/Tensor.h>
@@ -98,7 +98,7 @@ struct Contract {
   const char* words;  // first 8 words of the stream, as uint32
 };
 
-// DESIGN.md section 2: (seed, offset, stream) -> first 8 words of the logical stream.
+// docs/design.md section 2.5: (seed, offset, stream) -> first 8 words of the logical stream.
 constexpr Contract kContract[] = {
     {0, 0, 0, "6627e8d5 e169c58d bc57ac4c 9b00dbd8 f8e4cca4 5cb200db b1a574eb 097eff67"},
     {0x0123456789abcdefULL, 5, 1,

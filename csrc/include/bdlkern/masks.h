@@ -1,7 +1,7 @@
 // Dropout masks over logical coordinates, shared by the CPU and CUDA kernels.
 //
 // An MC-dropout mask element is addressed by (sample s, row b, input feature k) and maps to one
-// element of the logical Philox stream (DESIGN.md section 2, stream tag kStreamMCDropout):
+// element of the logical Philox stream (docs/design.md section 2.4, tag kStreamMCDropout):
 //   per-element masks: index = (s * B + b) * K + k
 //   shared masks:      index =  s * K + k          (one mask per sample and feature; every row of
 //                                                   a sample sees it: a posterior weight sample)

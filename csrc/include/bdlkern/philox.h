@@ -1,5 +1,5 @@
 // Philox4x32-10 (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2, 3",
-// SC 2011) and the logical-stream addressing of DESIGN.md section 2.
+// SC 2011) and the logical-stream addressing of docs/design.md section 2.3.
 //
 // Header-only and torch-free: the CPU kernels, the CUDA kernels and the SIMT emulation build all
 // include this one definition, which is what makes the bits identical on every device.

@@ -1,4 +1,5 @@
-// Conversions from raw Philox words to the distributions bdlkern uses (DESIGN.md section 2).
+// Conversions from raw Philox words to the distributions bdlkern uses (docs/design.md
+// section 2.6).
 //
 // Every conversion is a pure function of the 32-bit words of the logical stream, written once
 // for all devices. Integer rules (the Bernoulli threshold) are bit-exact everywhere; float rules

@@ -1,7 +1,7 @@
 // Raw-pointer entry points of the random-stream kernels (torch-free).
 //
-// Each fills `out[0, n)` with element i of the logical Philox stream (DESIGN.md section 2) after a
-// per-element conversion. Arguments common to all:
+// Each fills `out[0, n)` with element i of the logical Philox stream (docs/design.md section 2.3)
+// after a per-element conversion. Arguments common to all:
 //   out        device memory of the backend (host memory for CpuTag / SimtTag), n elements,
 //              contiguous, allocated by the caller (16-byte aligned, as ATen allocations are);
 //   n          number of elements, may exceed 2^31;
