@@ -33,10 +33,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
-    import tomllib
-
-    VERSION = tomllib.load(_f)["project"]["version"]
+with open(os.path.join(ROOT, "bdlkern", "_version.py")) as _f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"$', _f.read(), re.M).group(1)
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
@@ -258,7 +256,13 @@ class build_ext(BuildExtension):
         self.build_temp = os.path.join(ROOT, "build", temp)
 
 
+# The extension links torch's C++ API, whose ABI holds within a major.minor release only: the wheel
+# requires the torch it was built against (bdlkern/__init__.py checks the same at import).
+_torch_major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
 setup(
+    version=VERSION,
+    install_requires=[f"torch=={_torch_major_minor}.*", "numpy"],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
 )

@@ -40,7 +40,7 @@ from . import ops  # noqa: E402  (registers the fake kernels)
 from . import nn, reference, uncertainty  # noqa: E402
 from ._sampling import NoStochasticLayerWarning, current_sampling, sampling  # noqa: E402
 
-__version__ = _C.build_info()["version"]
+from ._version import __version__  # noqa: E402
 
 
 def build_info() -> dict:

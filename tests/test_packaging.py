@@ -137,3 +137,21 @@ def test_the_test_extension_is_a_separate_opt_in_library():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_metadata_requires_only_torch_of_the_build_and_numpy():
+    """A library user's `pip install` must not pull in the demo's or the tests' dependencies."""
+    from importlib import metadata
+
+    requires = metadata.requires("bdlkern") or []
+    core = sorted(r for r in requires if "extra ==" not in r)
+    major_minor = ".".join(bdlkern._build.TORCH_VERSION.split(".")[:2])
+    assert core == sorted([f"torch=={major_minor}.*", "numpy"]), requires
+    extras = set(metadata.metadata("bdlkern").get_all("Provides-Extra") or [])
+    assert {"demo", "bench", "onnx", "test"} <= extras
+
+
+def test_version_is_single_sourced():
+    from importlib import metadata
+
+    assert bdlkern.__version__ == bdlkern._C.build_info()["version"] == metadata.version("bdlkern")
