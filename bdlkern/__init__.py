@@ -58,6 +58,15 @@ def build_info() -> dict:
     return info
 
 
+def __getattr__(name: str):
+    # bdlkern.onnx on first use: importing it eagerly would cost every user the exporter's import.
+    if name == "onnx":
+        import importlib
+
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module 'bdlkern' has no attribute {name!r}")
+
+
 def has_simt() -> bool:
     """True when the SIMT emulation test extension was built and loaded."""
     return _HAS_SIMT

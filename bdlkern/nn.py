@@ -336,8 +336,17 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
         return f"p={shown}, temperature={self.temperature}, relaxed_eval={self.relaxed_eval}"
 
 
+def _fusable_rate(module) -> bool:
+    """Whether the fused MC-dropout kernel can take the module's rate: one rate for the layer, read
+    as a Python float. Not under ``torch.export``: there the parameter has no value to read
+    (``.item()`` of a traced tensor), so the exported program takes the unfused path, the same
+    Bernoulli(1 - p) keep-masks from the concrete stream's uniforms (other bits than the fused
+    kernel's stream; this is what ``bdlkern.onnx`` exports)."""
+    return module.p_logit.dim() == 0 and not torch.compiler.is_exporting()
+
+
 def _fused_linear_mc(module, x, weight, bias, num_samples, rng_state):
-    if module.p_logit.dim() != 0:
+    if not _fusable_rate(module):
         return None
     # p < 1 for the MC kernel even where sigmoid rounds to 1.
     p = min(float(module.p.item()), 1.0 - 2.0**-24)
@@ -399,7 +408,7 @@ class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
         return _fused_linear_mc(self, x, self.weight, self.bias, num_samples, rng_state)
 
     def _fuses(self):
-        return self.p_logit.dim() == 0
+        return _fusable_rate(self)
 
     def _check_input(self, x, sample_dim):
         _check_width(self, x, self.in_features)
@@ -514,7 +523,7 @@ class ConcreteDropout(_ConcreteDropoutMixin, nn.Module):
         return None
 
     def _fuses(self):
-        return type(self.layer) is nn.Linear and self.p_logit.dim() == 0
+        return type(self.layer) is nn.Linear and _fusable_rate(self)
 
     def _check_input(self, x, sample_dim):
         # getattr: a module pickled whole before these attributes existed has neither
@@ -800,10 +809,23 @@ class SparseLinear(_NotScriptable, nn.Module):
             )
         rows = x.numel() // max(self.in_features, 1)
         if self.density > self.crossover_density(rows):
+            if torch.compiler.is_exporting():
+                return F.linear(x, self._traced_dense(), self.bias)
             if self._dense is None or self._dense.dtype != self.values.dtype:
                 self._dense = self.to_dense()
             return F.linear(x, self._dense, self.bias)
         return ops.sparse_linear(x, self.crow, self.col, self.values, self.bias, row_order=self.row_order)
+
+    def _traced_dense(self) -> torch.Tensor:
+        """The dense weight made in the graph from the CSR buffers, in ops of static sizes: the GEMM
+        path under ``torch.export`` (and so ``bdlkern.onnx``), where the cache cannot be filled (the
+        assignment would leave a traced tensor in the module)."""
+        starts = self.crow[1:-1]
+        # The row of each stored weight: a 1 where each row but the first starts, summed.
+        marks = torch.zeros(self.nnz + 1, dtype=torch.long, device=self.col.device)
+        rows = marks.scatter_add(0, starts, torch.ones_like(starts)).cumsum(0)[:-1]
+        theta = self.values if self.values.dim() == 1 else self.values[:, 0]
+        return theta.new_zeros(self.out_features, self.in_features).index_put((rows, self.col), theta)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The number of stored weights differs from layer to layer: take the incoming shapes.

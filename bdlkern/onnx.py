@@ -1,0 +1,229 @@
+"""ONNX export of bdlkern models, deterministic and Monte Carlo.
+
+bdlkern's layers run custom operators (``torch.ops.bdlkern.*``) that ONNX does not know. This module
+holds their translations to standard ONNX operators, as ONNX Script functions for the dynamo
+exporter of PyTorch (``torch.onnx.export(..., dynamo=True)``), so that a model exports to a plain
+ONNX file that any ONNX runtime (onnxruntime, ...) can run, with no bdlkern at inference time.
+
+It needs the ``onnx`` and ``onnxscript`` packages (and ``onnxruntime`` to run the result):
+``pip install onnx onnxscript onnxruntime``. ``import bdlkern`` does not import them; this module
+imports onnxscript only when a translation is asked for, and says what to install if it is
+missing (an ``ImportError``).
+
+How to export::
+
+    import torch, bdlkern, bdlkern.onnx
+
+    model.eval()
+    bdlkern.onnx.export(model, (x,), "model.onnx")          # the deterministic eval model
+
+    with bdlkern.sampling(32):                              # MC inference: [32, *batch, out]
+        bdlkern.onnx.export(model, (x,), "model_mc.onnx")
+
+    # or with torch's exporter directly:
+    torch.onnx.export(model, (x,), "model.onnx", dynamo=True,
+                      custom_translation_table=bdlkern.onnx.translation_table())
+
+:func:`export` is ``torch.onnx.export(..., dynamo=True)`` with :func:`translation_table` merged
+into the caller's ``custom_translation_table`` (the caller's entries win), and a clear
+:class:`UnsupportedOpError` when the model reaches a bdlkern op that has no translation. Every
+other argument (``dynamic_shapes``, ``input_names``, ``opset_version``, ...) is passed through.
+
+What is translated (the ops every ``bdlkern.nn`` module reaches in eval, in training and inside
+``bdlkern.sampling``):
+
+* ``sparse_linear`` (``SparseLinear`` below its crossover density; above it the layer is a dense
+  ``F.linear``, a plain ``Gemm``/``MatMul``): stays sparse. The CSR buffers ``crow``, ``col`` and
+  ``values`` are initializers; the row of each stored weight is computed from ``crow``
+  (``ScatterElements`` + ``CumSum``, folded by the runtime at load time), the input column of
+  each stored weight is gathered (``Gather`` by ``col``), scaled by the weight and summed into
+  its output row (``ScatterND`` with ``reduction="add"``): work and memory proportional to nnz;
+* ``mc_dropout_linear``: ``Y[s] = (X[s] * M_s) W^T / (1 - p) + b`` with keep-masks
+  ``M_s = (uniform < 1 - p)``, one per (sample, row, feature), or per (sample, feature) shared by
+  the rows with ``shared_mask``; ``x [B, K]`` with ``num_samples=S`` or ``x [S, B, K]``;
+* ``lrt_linear`` (``SparseVDLinear``) and ``sparse_linear_lrt`` (``SparseLinear`` with weight
+  variances, inside ``sampling``): ``mu + sqrt(var + 1e-8) * eps`` with eps standard normal;
+* ``concrete_dropout`` (Concrete modules in training, or with ``relaxed_eval``) and ``uniform``
+  (the hard Bernoulli masks of the Concrete modules inside ``sampling``), ``normal`` and
+  ``dropout_mask``;
+* ``aten.randint.low_generator``, which draws the ``rng_state`` of an unseeded ``sampling`` block
+  (``bdlkern.ops.new_rng_state``) and which torch's exporter lacks; the node is dead once the
+  bdlkern ops are translated and is dropped from the graph.
+
+What the Monte Carlo translation means: the samples have the same distribution as the op's
+(Bernoulli(1 - p) keep-masks, uniform and standard normal noise), but not the same bits. bdlkern
+draws them from its counter-based Philox stream selected by ``rng_state``; ONNX has no such
+generator, so the translations ignore ``rng_state`` (and ``sampling``'s ``seed``) and use the
+runtime's random operators (``RandomUniformLike``, ``RandomNormalLike``): every run of the
+exported model is a fresh draw. The sequence of draws is the runtime's: onnxruntime seeds each
+random node from a process-wide seed when the session is created, so for reproducible samples call
+``onnxruntime.set_seed(n)`` before creating the session. The first MC layer's ``num_samples`` is
+fixed at export; the exported graph materialises the ``[S, B, K]`` masks and ``[S, B, N]`` noise
+that bdlkern's fused kernels never store. A Concrete module with one rate, which runs the fused
+MC-dropout kernel in eager PyTorch, takes its unfused path (uniform masks, the same distribution)
+under ``torch.export``, where its rate is not a Python number.
+
+Opset: the translations use ONNX opset 18 operators (``ScatterElements``/``ScatterND`` with
+``reduction="add"`` need opset 16 or newer); the model's opset is the exporter's
+(``opset_version``, torch's default is 20; at least 18).
+
+Not exportable (:data:`NOT_EXPORTABLE`): the backward ops (ONNX export covers the forward
+pass), the KL term of sparse variational dropout (``sparse_vd_kl``: a training objective; compute
+it in PyTorch), the raw Philox stream (``philox_bits``, ``philox4x32``) and the SIMT emulator's
+test ops (``torch.ops.bdlkern_simt``). A model that reaches one fails in :func:`export` with an
+:class:`UnsupportedOpError` naming the op and the reason (through ``torch.onnx.export`` directly:
+torch's ``ConversionError``, "No ONNX function found for <OpOverload(op='bdlkern....')>").
+The forward of training mode exports (the dropout ops are the same ops), but a deployed model
+belongs in ``eval()``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["translation_table", "export", "UnsupportedOpError", "NOT_EXPORTABLE", "OPSET"]
+
+#: The ONNX opset of the operators the translations emit.
+OPSET = 18
+
+_BACKWARD = "a backward op: ONNX export covers the forward pass only"
+_PHILOX = (
+    "the raw Philox stream: ONNX has no counter-based generator (the translated random ops draw from "
+    "the runtime's generator instead)"
+)
+
+#: bdlkern ops without a translation, and why.
+NOT_EXPORTABLE: dict[str, str] = {
+    "sparse_vd_kl": (
+        "the KL term of sparse variational dropout is a training objective, not part of inference: "
+        "compute it in PyTorch (export a forward that does not call kl() / regularization())"
+    ),
+    "sparse_vd_kl_with_grad": (
+        "the KL term of sparse variational dropout (with its gradient) is a training objective, not part "
+        "of inference: compute it in PyTorch (export a forward that does not call kl() / regularization())"
+    ),
+    "sparse_vd_kl_backward": _BACKWARD,
+    "mc_dropout_linear_grad_input": _BACKWARD,
+    "mc_dropout_linear_grad_weight": _BACKWARD,
+    "concrete_dropout_backward": _BACKWARD,
+    "lrt_linear_backward": _BACKWARD,
+    "sparse_linear_backward": _BACKWARD,
+    "sparse_linear_lrt_backward": _BACKWARD,
+    "philox_bits": _PHILOX,
+    "philox4x32": _PHILOX,
+}
+
+
+class UnsupportedOpError(RuntimeError):
+    """The model reaches a bdlkern operator that has no ONNX translation (see :data:`NOT_EXPORTABLE`)."""
+
+
+def _translations():
+    """The translation module, importing onnxscript (with an ImportError that says what to install)."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "bdlkern.onnx needs the ONNX packages to export: pip install onnx onnxscript "
+            "(and onnxruntime to run the exported model)"
+        ) from e
+    from . import _onnx_ops
+
+    return _onnx_ops
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """The ``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: every translated
+    op (``torch.ops.bdlkern.<op>.default`` and ``torch.ops.aten.randint.low_generator``) mapped to its
+    ONNX Script function. A new dict on every call.
+
+    Raises:
+        ImportError: onnxscript is not installed.
+    """
+    return dict(_translations().table())
+
+
+def export(
+    model: torch.nn.Module | torch.export.ExportedProgram,
+    args: tuple[Any, ...] = (),
+    f=None,
+    *,
+    kwargs: dict[str, Any] | None = None,
+    custom_translation_table: dict[Callable, Callable] | None = None,
+    **export_kwargs,
+):
+    """``torch.onnx.export(model, args, f, kwargs=kwargs, dynamo=True, ...)`` with bdlkern's
+    translations (module docstring). Inside ``bdlkern.sampling(S)`` the model is exported
+    with its MC layers sampling.
+
+    Args:
+        model, args, f, kwargs: as ``torch.onnx.export`` (``f=None``: nothing is written).
+        custom_translation_table: more translations; they take precedence over bdlkern's.
+        **export_kwargs: passed to ``torch.onnx.export`` (``dynamic_shapes``, ``opset_version``,
+            ``input_names``, ``verbose``, ...). ``dynamo=False`` (the TorchScript exporter) is refused.
+
+    Returns:
+        the ``torch.onnx.ONNXProgram`` (``.model_proto``, ``.save(path)``, ``__call__``).
+
+    Raises:
+        UnsupportedOpError: the model reaches a bdlkern op without translation (the exporter's error
+            is chained).
+        ImportError: onnx / onnxscript are not installed.
+    """
+    if export_kwargs.pop("dynamo", True) is not True:
+        raise ValueError(
+            "bdlkern.onnx.export: only the dynamo exporter takes custom translations; dynamo=False (the "
+            "TorchScript exporter) cannot export bdlkern's ops"
+        )
+    table = translation_table()
+    if custom_translation_table:
+        table.update(custom_translation_table)
+    try:
+        return torch.onnx.export(
+            model, args, f, kwargs=kwargs, dynamo=True, custom_translation_table=table, **export_kwargs
+        )
+    except Exception as e:
+        missing = _missing_bdlkern_ops(e)
+        if not missing:
+            raise
+        raise UnsupportedOpError(_unsupported_message(missing, table)) from e
+
+
+_MISSING = re.compile(r"No ONNX function found for <OpOverload\(op='(bdlkern(?:_simt)?)\.(\w+)'")
+
+
+def _missing_bdlkern_ops(error: BaseException) -> list[tuple[str, str]]:
+    """(namespace, op) of the bdlkern ops the exporter found no translation for, from the error chain."""
+    found: list[tuple[str, str]] = []
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for match in _MISSING.findall(str(e)):
+            if match not in found:
+                found.append(match)
+        e = e.__cause__ or e.__context__
+    return found
+
+
+def _unsupported_message(missing: list[tuple[str, str]], table: dict) -> str:
+    translated = sorted(
+        op.name().split("::")[1].split(".")[0] for op in table if isinstance(op, torch._ops.OpOverload)
+        and op.namespace == "bdlkern"
+    )
+    lines = []
+    for ns, name in missing:
+        if ns == "bdlkern_simt":
+            reason = "the SIMT emulator's test ops are not exportable; build the model on torch.ops.bdlkern"
+        else:
+            reason = NOT_EXPORTABLE.get(name, "no translation is registered for it")
+        lines.append(f"torch.ops.{ns}.{name}: {reason}")
+    return (
+        "bdlkern.onnx.export: the model reaches bdlkern ops that have no ONNX translation:\n  "
+        + "\n  ".join(lines)
+        + f"\nTranslated bdlkern ops: {', '.join(translated)}."
+    )
