@@ -182,7 +182,9 @@ for cu in cu_sources:
     if not os.path.isfile(os.path.join(ROOT, twin)):
         raise SystemExit(f"setup.py: {cu} has no SIMT twin {twin} (#include it under simt.h)")
 
-main_sources = ["csrc/module.cpp", "csrc/ops/schemas.cpp", "csrc/ops/cpu.cpp", *rel("csrc/cpu/*.cpp")]
+main_sources = [
+    "csrc/module.cpp", "csrc/ops/schemas.cpp", "csrc/ops/cpu.cpp", "csrc/ops/autograd.cpp", *rel("csrc/cpu/*.cpp")
+]
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
 defines = [("BDLKERN_VERSION", f'"{VERSION}"'), ("BDLKERN_CUDA_ARCHS", f'"{arch_list}"')]
 

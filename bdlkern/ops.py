@@ -211,65 +211,6 @@ def normal(
     return torch.ops.bdlkern.normal(state, _shape(shape), _stream(stream), dtype)
 
 
-# ---- double backward --------------------------------------------------------------------------------
-# A backward that runs with grad mode on was asked for a graph of its own (create_graph=True:
-# gradient penalties, Hessian-vector products, meta-learning). The fused backward kernels are not
-# differentiable, so there each op's backward instead differentiates a composite form of the op:
-# the same formula in ATen ops, with the op's own random bits re-made from the saved rng_state by
-# the stream ops (same stream tag, same logical index). That graph gives exact gradients of every
-# order; it costs the memory of eager PyTorch, which only that path pays.
-def _composite_grads(fn, inputs, needs, grad):
-    """Gradients of ``fn(*inputs)`` against ``grad`` with a graph (None where ``needs`` is False)."""
-    wrt = [t for t, n in zip(inputs, needs) if n]
-    if not wrt:
-        return [None] * len(inputs)
-    with torch.enable_grad():
-        out = fn(*inputs)
-    got = iter(torch.autograd.grad(out, wrt, grad, create_graph=True, allow_unused=True))
-    return [next(got) if n else None for n in needs]
-
-
-def _mc_dropout_composite(ops, x, weight, rng_state, p, num_samples, shared_mask):
-    """``mc_dropout_linear`` without bias in ATen ops: ``(x * M_s / keep) W^T``, ``[S, B, out]``."""
-    rows, features = x.shape[-2], x.shape[-1]
-    size = [num_samples, features] if shared_mask else [num_samples, rows, features]
-    mask = ops.dropout_mask(rng_state, size, p, STREAMS["mc_dropout"])
-    mask = mask.reshape(num_samples, 1 if shared_mask else rows, features).to(x.dtype)
-    return torch.matmul(x * mask * (1.0 / (1.0 - p)), weight.t())
-
-
-def _concrete_composite(ops, x, p_logit, rng_state, temperature, channel_dim):
-    """``concrete_dropout`` in ATen ops, ``u`` re-made from the stream (see its docstring)."""
-    eps = 1e-7
-    if channel_dim == 1:
-        mask_shape = [x.shape[0], x.shape[1]] + [1] * (x.dim() - 2)
-        rate = p_logit.reshape(-1, *([1] * (x.dim() - 2))) if p_logit.dim() == 1 else p_logit
-    else:
-        mask_shape, rate = list(x.shape), p_logit
-    u = ops.uniform(rng_state, [math.prod(mask_shape)], STREAMS["concrete_dropout"], x.dtype).reshape(mask_shape)
-    p = torch.sigmoid(rate)
-    noise = torch.log(p + eps) - torch.log(1 - p + eps) + torch.log(u + eps) - torch.log(1 - u + eps)
-    return x * (1 - torch.sigmoid(noise / temperature)) / (1 - p)
-
-
-def _log_alpha_composite(theta, log_sigma2):
-    return torch.clamp(log_sigma2 - torch.log(theta * theta + 1e-8), -8.0, 8.0)
-
-
-def _lrt_composite(ops, stream, x, weight, variance, rng_state, num_samples):
-    """``mu + sqrt(var + 1e-8) * eps`` without bias, ``[S, B, out]``: mu = x W^T, var = x^2 V^T."""
-    mu = torch.matmul(x, weight.t())
-    std = torch.sqrt(torch.matmul(x * x, variance.t()) + 1e-8)
-    size = [num_samples, x.shape[-2], weight.shape[0]]
-    return mu + std * ops.normal(rng_state, size, STREAMS[stream], x.dtype)
-
-
-def _kl_composite(theta, log_sigma2):
-    la = _log_alpha_composite(theta, log_sigma2)
-    k1, k2, k3 = 0.63576, 1.87320, 1.48695
-    return -(k1 * torch.sigmoid(k2 + k3 * la) - 0.5 * torch.log1p(torch.exp(-la)) - k1).sum()
-
-
 # ---- MC-dropout linear -----------------------------------------------------------------------------
 def _sample_dim_input(
     x: torch.Tensor, in_features: int | None, num_samples: int | None, op: str, weight: str = "the weights expect"
@@ -351,40 +292,6 @@ def mc_dropout_linear(
     return y.reshape(samples, *batch, weight.shape[0])
 
 
-def _mc_dropout_linear_setup_context(ctx, inputs, output):
-    x, weight, bias, rng_state, p, num_samples, shared_mask = inputs
-    ctx.save_for_backward(x, weight, rng_state)
-    ctx.p = p
-    ctx.shared_mask = shared_mask
-    ctx.has_bias = bias is not None
-
-
-def _mc_dropout_linear_backward_for(ops):
-    """Backward of ``ops.mc_dropout_linear``: the masks are re-made from the saved rng_state."""
-
-    def backward(ctx, grad):
-        x, weight, rng_state = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 1))
-        if torch.is_grad_enabled():  # create_graph: differentiable gradients
-            grad_x, grad_w = _composite_grads(
-                lambda x_, w_: _mc_dropout_composite(ops, x_, w_, rng_state, ctx.p, grad.shape[0], ctx.shared_mask),
-                (x, weight),
-                ctx.needs_input_grad[:2],
-                grad,
-            )
-            return grad_x, grad_w, grad_b, None, None, None, None
-        if ctx.needs_input_grad[0]:
-            # A 2-d x was shared by all samples: its gradient sums over them.
-            grad_x = ops.mc_dropout_linear_grad_input(grad, weight, rng_state, ctx.p, ctx.shared_mask, x.dim() == 2)
-        if ctx.needs_input_grad[1]:
-            grad_w = ops.mc_dropout_linear_grad_weight(grad, x, rng_state, ctx.p, ctx.shared_mask)
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-    return backward
-
-
 # ---- Concrete dropout -----------------------------------------------------------------------------
 def _channel_dim(channel_dim: int | None, x: torch.Tensor, op: str) -> int:
     if channel_dim is not None and not _is_int(channel_dim):
@@ -444,38 +351,6 @@ def concrete_dropout(
     cd = _channel_dim(channel_dim, x, "concrete_dropout")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
     return torch.ops.bdlkern.concrete_dropout(x, p_logit, state, temperature, cd)
-
-
-def _concrete_dropout_setup_context(ctx, inputs, output):
-    x, p_logit, rng_state, temperature, channel_dim = inputs
-    ctx.save_for_backward(x, p_logit, rng_state)
-    ctx.temperature = temperature
-    ctx.channel_dim = channel_dim
-
-
-def _concrete_dropout_backward_for(ops):
-    """Backward of ``ops.concrete_dropout``: one fused kernel re-makes u from the saved rng_state."""
-
-    def backward(ctx, grad):
-        x, p_logit, rng_state = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiable gradients
-            grad_x, grad_p = _composite_grads(
-                lambda x_, p_: _concrete_composite(ops, x_, p_, rng_state, ctx.temperature, ctx.channel_dim),
-                (x, p_logit),
-                ctx.needs_input_grad[:2],
-                grad,
-            )
-            return grad_x, grad_p, None, None, None
-        grad_x, grad_p = ops.concrete_dropout_backward(grad, x, p_logit, rng_state, ctx.temperature, ctx.channel_dim)
-        return (
-            grad_x if ctx.needs_input_grad[0] else None,
-            grad_p if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-        )
-
-    return backward
 
 
 def concrete_dropout_regularizer(
@@ -573,45 +448,6 @@ def lrt_linear(
     return y.reshape(samples, *batch, theta.shape[0])
 
 
-def _lrt_linear_setup_context(ctx, inputs, output):
-    x, theta, log_sigma2, bias, rng_state, num_samples = inputs
-    std = output[1]
-    ctx.mark_non_differentiable(std)
-    ctx.save_for_backward(x, theta, log_sigma2, std, rng_state)
-    ctx.set_materialize_grads(False)  # std takes no gradient: no zeros of its size per backward
-    ctx.has_bias = bias is not None
-
-
-def _lrt_linear_backward_for(ops):
-    """Backward of ``ops.lrt_linear``: the noise is re-made from the saved rng_state."""
-
-    def backward(ctx, grad, _grad_std):
-        if grad is None:
-            return (None,) * 6
-        x, theta, log_sigma2, std, rng_state = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph: differentiable gradients
-
-            def composite(x_, theta_, log_sigma2_):
-                variance = torch.exp(_log_alpha_composite(theta_, log_sigma2_)) * theta_ * theta_
-                return _lrt_composite(ops, "lrt", x_, theta_, variance, rng_state, grad.shape[0])
-
-            gx, gt, gs = _composite_grads(composite, (x, theta, log_sigma2), needs[:3], grad)
-            gb = grad.sum((0, 1)) if ctx.has_bias and needs[3] else None
-            return gx, gt, gs, gb, None, None
-        gx, gt, gs, gb = ops.lrt_linear_backward(grad, x, theta, log_sigma2, std, rng_state)
-        return (
-            gx if needs[0] else None,
-            gt if needs[1] else None,
-            gs if needs[2] else None,
-            gb if ctx.has_bias and needs[3] else None,
-            None,
-            None,
-        )
-
-    return backward
-
-
 def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     """The KL term of sparse variational dropout, summed over the weights (a 0-dim tensor).
 
@@ -634,64 +470,6 @@ def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (theta.requires_grad or log_sigma2.requires_grad):
         return torch.ops.bdlkern.sparse_vd_kl_with_grad(theta, log_sigma2)[0]
     return torch.ops.bdlkern.sparse_vd_kl(theta, log_sigma2)
-
-
-def _is_plain_cpu_one(grad: torch.Tensor) -> bool:
-    """Whether ``grad`` is an ordinary CPU scalar tensor equal to 1 that no graph hangs on (no tracing
-    subclass such as a fake tensor, no double backward, no device sync to find out)."""
-    return (
-        type(grad) is torch.Tensor
-        and grad.device.type == "cpu"
-        and grad.numel() == 1
-        and not grad.requires_grad
-        and grad.item() == 1.0
-    )
-
-
-def _sparse_vd_kl_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _sparse_vd_kl_with_grad_setup_context(ctx, inputs, output):
-    _, grad_theta, grad_log_sigma2 = output
-    ctx.mark_non_differentiable(grad_theta, grad_log_sigma2)
-    # theta and log_sigma2 too, for a double backward only: saving inputs copies nothing, and the
-    # version counter catches in-place changes.
-    ctx.save_for_backward(grad_theta, grad_log_sigma2, *inputs)
-    # No gradient ever flows into the two non-differentiable outputs: without this, autograd would
-    # fill two theta-sized tensors of zeros for them on every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _sparse_vd_kl_with_grad_backward(ctx, grad, _grad_theta, _grad_log_sigma2):
-    grad_theta, grad_log_sigma2, theta, log_sigma2 = ctx.saved_tensors
-    if grad is None:
-        return None, None
-    if torch.is_grad_enabled():  # create_graph: differentiable gradients
-        return tuple(_composite_grads(_kl_composite, (theta, log_sigma2), ctx.needs_input_grad, grad))
-    if _is_plain_cpu_one(grad):
-        # The loss is the KL itself: the saved gradient as it is, with no pass over it and no fresh
-        # tensors to fault in. Saved tensors are version-checked, so a caller who modifies it in
-        # place and backwards through the graph again gets autograd's error, not a wrong gradient.
-        return (
-            grad_theta if ctx.needs_input_grad[0] else None,
-            grad_log_sigma2 if ctx.needs_input_grad[1] else None,
-        )
-    return (
-        grad * grad_theta if ctx.needs_input_grad[0] else None,
-        grad * grad_log_sigma2 if ctx.needs_input_grad[1] else None,
-    )
-
-
-def _sparse_vd_kl_backward_for(ops):
-    def backward(ctx, grad):
-        theta, log_sigma2 = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiable gradients
-            return tuple(_composite_grads(_kl_composite, (theta, log_sigma2), ctx.needs_input_grad, grad))
-        gt, gs = ops.sparse_vd_kl_backward(grad, theta, log_sigma2)
-        return (gt if ctx.needs_input_grad[0] else None, gs if ctx.needs_input_grad[1] else None)
-
-    return backward
 
 
 # ---- sparse (CSR) linear: pruned sparse VD inference --------------------------------------------------
@@ -748,72 +526,6 @@ def sparse_linear(
     return y.reshape(samples, *batch, y.shape[-1])
 
 
-def _sparse_linear_setup_context(ctx, inputs, output):
-    x, crow, col, values, bias, row_order = inputs
-    ctx.save_for_backward(crow, col, values)
-    ctx.in_features = x.shape[-1]
-
-
-def _sparse_linear_backward_for(ops):
-    def backward(ctx, grad):
-        crow, col, values = ctx.saved_tensors
-        grad_x = ops.sparse_linear_backward(grad, crow, col, values, ctx.in_features) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None
-
-    return backward
-
-
-def _sparse_linear_lrt_setup_context(ctx, inputs, output):
-    x, crow, col, values, bias, row_order, rng_state, num_samples = inputs
-    std = output[1]
-    ctx.mark_non_differentiable(std)
-    ctx.save_for_backward(x, crow, col, values, std, rng_state)
-    ctx.set_materialize_grads(False)  # std takes no gradient: no zeros of its size per backward
-
-
-def _sparse_linear_backward_backward_for(ops):
-    """``sparse_linear_backward`` is linear in ``grad_out``: its own gradient is the forward product
-    (no bias), so gradients of every order stay on the CSR kernels."""
-
-    def backward(ctx, grad):
-        crow, col, values = ctx.saved_tensors
-        grad_out = ops.sparse_linear(grad, crow, col, values, None, None) if ctx.needs_input_grad[0] else None
-        return grad_out, None, None, None, None
-
-    return backward
-
-
-def _sparse_linear_backward_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[1:4])
-
-
-def _csr_dense(crow, col, values, in_features):
-    """(W, V) of a CSR weight with ``values [nnz, 2]`` as dense ``[N, K]`` matrices."""
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-    dense = values.new_zeros(2, crow.numel() - 1, in_features)
-    dense[:, rows, col] = values.t()
-    return dense[0], dense[1]
-
-
-def _sparse_linear_lrt_backward_for(ops):
-    def backward(ctx, grad, _grad_std):
-        x, crow, col, values, std, rng_state = ctx.saved_tensors
-        needed = grad is not None and ctx.needs_input_grad[0]
-        if needed and torch.is_grad_enabled():  # create_graph: differentiable gradients
-            weight, variance = _csr_dense(crow, col, values, x.shape[-1])
-            (grad_x,) = _composite_grads(
-                lambda x_: _lrt_composite(ops, "sparse_lrt", x_, weight, variance, rng_state, grad.shape[0]),
-                (x,),
-                (True,),
-                grad,
-            )
-            return grad_x, None, None, None, None, None, None, None
-        grad_x = ops.sparse_linear_lrt_backward(grad, x, crow, col, values, std, rng_state) if needed else None
-        return grad_x, None, None, None, None, None, None, None
-
-    return backward
-
-
 # ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
 def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::philox4x32")
@@ -864,12 +576,6 @@ def _register_mc_dropout(ns: str) -> None:
         _check_devices("mc_dropout_linear_grad_weight", "grad_out", grad_out, x=x, rng_state=rng_state)
         return x.new_empty((grad_out.shape[2], x.shape[-1]))
 
-    torch.library.register_autograd(
-        f"{ns}::mc_dropout_linear",
-        _mc_dropout_linear_backward_for(getattr(torch.ops, ns)),
-        setup_context=_mc_dropout_linear_setup_context,
-    )
-
 
 def _register_concrete(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::concrete_dropout")
@@ -881,12 +587,6 @@ def _register_concrete(ns: str) -> None:
     def _concrete_backward_fake(grad_out, x, p_logit, rng_state, temperature, channel_dim):
         _check_devices("concrete_dropout_backward", "x", x, grad_out=grad_out, p_logit=p_logit, rng_state=rng_state)
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(p_logit)
-
-    torch.library.register_autograd(
-        f"{ns}::concrete_dropout",
-        _concrete_dropout_backward_for(getattr(torch.ops, ns)),
-        setup_context=_concrete_dropout_setup_context,
-    )
 
 
 def _register_sparse_vd(ns: str) -> None:
@@ -920,20 +620,10 @@ def _register_sparse_vd(ns: str) -> None:
         _check_devices("sparse_vd_kl_backward", "theta", theta, grad=grad, log_sigma2=log_sigma2)
         return torch.empty_like(theta), torch.empty_like(log_sigma2)
 
-    torch.library.register_autograd(
-        f"{ns}::lrt_linear", _lrt_linear_backward_for(getattr(torch.ops, ns)), setup_context=_lrt_linear_setup_context
-    )
     @torch.library.register_fake(f"{ns}::sparse_vd_kl_with_grad")
     def _kl_with_grad_fake(theta, log_sigma2):
         _check_devices("sparse_vd_kl_with_grad", "theta", theta, log_sigma2=log_sigma2)
         return theta.new_empty(()), theta.new_empty(theta.shape), log_sigma2.new_empty(log_sigma2.shape)
-
-    torch.library.register_autograd(
-        f"{ns}::sparse_vd_kl", _sparse_vd_kl_backward_for(getattr(torch.ops, ns)), setup_context=_sparse_vd_kl_setup_context
-    )
-    torch.library.register_autograd(
-        f"{ns}::sparse_vd_kl_with_grad", _sparse_vd_kl_with_grad_backward, setup_context=_sparse_vd_kl_with_grad_setup_context
-    )
 
 
 def _register_sparse_linear(ns: str) -> None:
@@ -965,19 +655,6 @@ def _register_sparse_linear(ns: str) -> None:
             rng_state=rng_state,
         )
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    ops = getattr(torch.ops, ns)
-    torch.library.register_autograd(
-        f"{ns}::sparse_linear", _sparse_linear_backward_for(ops), setup_context=_sparse_linear_setup_context
-    )
-    torch.library.register_autograd(
-        f"{ns}::sparse_linear_backward",
-        _sparse_linear_backward_backward_for(ops),
-        setup_context=_sparse_linear_backward_setup_context,
-    )
-    torch.library.register_autograd(
-        f"{ns}::sparse_linear_lrt", _sparse_linear_lrt_backward_for(ops), setup_context=_sparse_linear_lrt_setup_context
-    )
 
 
 for _ns in _NAMESPACES:

@@ -46,6 +46,16 @@ struct Name {
   constexpr Name(const char (&s)[N]) { std::copy_n(s, N, text); }
 };
 
+// The typed dispatcher handle of op Ns::Op, looked up once.
+template <Name Ns, Name Op, class Sig>
+const c10::TypedOperatorHandle<Sig>& op_handle() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow((std::string(Ns.text) + "::" + Op.text).c_str(), "")
+          .template typed<Sig>();
+  return handle;
+}
+
 template <c10::DeviceType Dev, bool HalfOnCpu>
 inline at::ScalarType lower_precision_dtype() {
   const at::ScalarType t = at::autocast::get_autocast_dtype(Dev);
@@ -68,21 +78,15 @@ struct AutocastKernel;
 template <Name Ns, Name Op, c10::DeviceType Dev, CastPolicy P, bool HalfOnCpu, class Ret,
           class... Args>
 struct AutocastKernel<Ns, Op, Dev, P, HalfOnCpu, Ret (*)(Args...)> {
-  static const c10::TypedOperatorHandle<Ret(Args...)>& handle() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow((std::string(Ns.text) + "::" + Op.text).c_str(), "")
-                               .template typed<Ret(Args...)>();
-    return op;
-  }
-
   static Ret call(Args... args) {
     const NoAutocast guard = no_autocast();
     if constexpr (P == CastPolicy::kAsGiven) {
-      return handle().call(args...);
+      return op_handle<Ns, Op, Ret(Args...)>().call(args...);
     } else {
       const at::ScalarType to =
           P == CastPolicy::kFloat32 ? at::kFloat : lower_precision_dtype<Dev, HalfOnCpu>();
-      return handle().call(autocast_arg<std::remove_cvref_t<Args>>(to, Dev, args)...);
+      return op_handle<Ns, Op, Ret(Args...)>().call(
+          autocast_arg<std::remove_cvref_t<Args>>(to, Dev, args)...);
     }
   }
 };
