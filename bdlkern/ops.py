@@ -20,6 +20,8 @@ import operator
 
 import torch
 
+from . import _C
+
 # Stream tags (Philox counter word 2), mirrored from csrc/include/bdlkern/random.h. Each op family
 # draws from its own tag; the numbers are part of the reproducibility contract.
 STREAMS: dict[str, int] = {
@@ -95,6 +97,8 @@ def new_rng_state(
     Returns:
         int64 tensor of shape ``[2]``: a random 63-bit ``seed`` and ``offset = 0``.
     """
+    if generator is None and (device is None or _is_cpu(device)) and not _tracing():
+        return _C._draw_cpu_rng_state()  # the same seed, one call instead of three ops
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)
@@ -106,6 +110,15 @@ def new_rng_state(
     # Out-of-place draw (traceable by torch.compile): seed uniform in [0, 2**63 - 1), offset 0.
     seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
     return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=device)])
+
+
+def _is_cpu(device) -> bool:
+    return device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")
+
+
+def _tracing() -> bool:
+    """Whether torch.compile / torch.export is tracing the call (they need the traceable draw)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _resolve_state(

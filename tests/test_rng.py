@@ -415,3 +415,26 @@ def test_build_info():
     if info["cuda"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key("bdlkern::philox_bits", "CUDA")
         assert info["cuda_archs"]
+
+
+def test_new_rng_state_fast_path_draws_what_randint_draws():
+    """In eager mode on the CPU, new_rng_state takes one C++ call instead of randint + cat: it must
+    consume torch's generator exactly as the traceable path (torch.randint), so that eager and
+    compiled code, and this release and the previous ones, draw the same states after
+    torch.manual_seed."""
+    for seed in (0, 1, 12345, 2**40 + 3):
+        torch.manual_seed(seed)
+        fast = [bdlkern.ops.new_rng_state() for _ in range(3)]
+        torch.manual_seed(seed)
+        traced = [
+            torch.cat([torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64), torch.zeros(1, dtype=torch.int64)])
+            for _ in range(3)
+        ]
+        for a, b in zip(fast, traced):
+            assert a.dtype == torch.int64 and a.shape == (2,)
+            assert torch.equal(a, b)
+    torch.manual_seed(7)
+    eager = bdlkern.ops.new_rng_state()
+    torch.manual_seed(7)
+    compiled = torch.compile(lambda: bdlkern.ops.new_rng_state(), fullgraph=True)()
+    assert torch.equal(eager, compiled)
