@@ -86,6 +86,12 @@ def test_report_speedups_are_baseline_over_bdlkern(quick_run):
         for baseline, ratio in result["speedup"].items():
             assert ratio["median"] == pytest.approx(variants[baseline]["median_s"] / subject["median_s"])
             assert ratio["min"] == pytest.approx(variants[baseline]["min_s"] / subject["min_s"])
+        # the headline: over the fastest baseline a user could pick instead (never a limit proxy)
+        alternatives = [b for b, kind in result["baselines"].items() if kind in bench.ALTERNATIVE_KINDS]
+        headline = result["headline"]
+        assert alternatives and headline["baseline"] in alternatives, result["name"]
+        assert headline["median"] == result["speedup"][headline["baseline"]]["median"]
+        assert headline["median"] == min(result["speedup"][b]["median"] for b in alternatives)
 
 
 def test_rng_quick_sizes_and_output_bytes(quick_run):
@@ -193,6 +199,26 @@ def test_table_handles_any_number_of_baselines():
     assert len(lines) == 2 + 4
     assert lines[2].rstrip().endswith("(subject)")
     assert [line.split()[-1] for line in lines[3:]] == ["4.00x", "2.00x", "0.50x"]
+    # The headline is the compiled baseline: the fastest alternative; the faster limit proxy and
+    # the slower eager reference are not.
+    headline = bench.headline_speedup(variants, "bdlkern.fused", kinds)
+    assert headline == {"baseline": "torch.compile(reference)", "kind": "compiled", "median": 2.0, "min": 2.0}
+    report["cases"][0]["headline"] = headline
+    rows = bench.format_table(report).splitlines()[3:]
+    assert [row.split()[-2] == "*" for row in rows] == [False, True, False]
+    assert [row.split()[-1] for row in rows] == ["4.00x", "2.00x", "0.50x"]
+    assert bench.headline_speedup(variants, "bdlkern.fused", {"torch.mm": "limit"}) is None
+
+
+def test_shared_mask_flops_follow_the_device():
+    """The CPU shared-mask kernel multiplies over the kept features only, about (1 - p) of the
+    products; the CUDA kernel does them all."""
+    from bdlkern.bench.cases import mc_dropout
+
+    dims = mc_dropout.QUICK
+    full = 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
+    assert mc_dropout._shared_mask_flops(dims, torch.device("cpu")) == round((1 - mc_dropout.P) * full)
+    assert mc_dropout._shared_mask_flops(dims, torch.device("cuda")) == full
 
 
 def test_time_fns_interleaves_and_times_each():

@@ -206,9 +206,36 @@ def test_extreme_logits_finite():
                 y = bdlkern.ops.concrete_dropout(xd, p_logit, t, rng_state=torch.tensor([1, 1]))
                 gx, gp = torch.autograd.grad(y.sum(), (xd, p_logit))
                 assert torch.isfinite(y).all() and torch.isfinite(gx).all() and torch.isfinite(gp).all()
-    # p -> 0 keeps everything unchanged; p -> 1 drops (almost) everything.
+    # p -> 0 keeps everything unchanged.
     y = bdlkern.ops.concrete_dropout(x, torch.tensor(-30.0), 0.1, rng_state=torch.tensor([1, 1]))
     torch.testing.assert_close(y, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.1, 1e-3])
+def test_rate_near_one_drops_everything(dtype, temperature):
+    """p -> 1 (p_logit = 30: p = 1 - 9e-14, which rounds to 1 in float32): the relaxed mask drops
+    every element, so the output and its gradient in x vanish (below 1e-20 of x), and the p_logit
+    gradient stays finite. (Far beyond, the eps of the relaxation caps the drop logit at
+    log(1 / eps) while 1 / (1 - p) keeps growing, so the output is not 0 for any logit.)"""
+    x = torch.randn(64, 32, dtype=dtype, requires_grad=True)
+    p_logit = torch.tensor(30.0, dtype=dtype, requires_grad=True)
+    y = bdlkern.ops.concrete_dropout(x, p_logit, temperature, rng_state=torch.tensor([1, 1]))
+    g = torch.randn_like(y)
+    gx, gp = torch.autograd.grad(y, (x, p_logit), g)
+    for t in (y, gx, gp):
+        assert torch.isfinite(t).all()
+    assert y.abs().max() <= 1e-20 * x.abs().max()
+    assert gx.abs().max() <= 1e-20
+    # The hard masks of MC inference drop everything too: every sample is the bias alone.
+    for per_feature in (False, True):  # the fused MC-dropout kernel / the concrete stream's uniforms
+        layer = bdlkern.nn.ConcreteDropoutLinear(32, 5, per_feature=per_feature, dtype=dtype).eval()
+        with torch.no_grad():
+            layer.p_logit.fill_(30.0)
+        with bdlkern.sampling(6, seed=2):
+            ys = layer(x.detach())
+        assert ys.shape == (6, 64, 5)
+        torch.testing.assert_close(ys, layer.bias.detach().expand_as(ys), rtol=0, atol=0)
 
 
 def test_saves_only_x_and_constants_for_backward():
@@ -313,6 +340,68 @@ def test_sampling_uses_hard_masks_through_the_mc_kernel():
     assert not torch.equal(relaxed(x), relaxed(x))
     with bdlkern.sampling(6, seed=5):
         assert relaxed(x).shape == (6, 4, 3)
+
+
+def _hard_reference(x, p_logit, rng_state, channel_dim=None):
+    """The hard MC masks of the Concrete modules rebuilt from ``rng_state``: the uniforms of the
+    concrete stream (``bdlkern.reference.uniform``, one per mask element: per element of x, or per
+    (row, channel) with a spatial mask), an element kept iff u >= p and scaled by 1 / (1 - p)."""
+    p = torch.sigmoid(p_logit.detach())
+    if channel_dim == 1:
+        mask_shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+        p = p.reshape(-1, *([1] * (x.dim() - 2))) if p.dim() == 1 else p
+    else:
+        mask_shape = tuple(x.shape)
+    u = ref.uniform(rng_state, mask_shape, stream=bdlkern.ops.STREAMS["concrete_dropout"], dtype=x.dtype)
+    keep = u >= p
+    assert 0.2 < keep.double().mean() < 0.95, "the rates must drop some elements and keep others"
+    return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype))
+
+
+def _spread_rates(*modules):
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in modules:
+            m.p_logit.copy_(torch.rand(m.p_logit.shape, generator=g) * 2.0 - 2.0)  # p in (0.12, 0.5)
+
+
+def test_hard_masks_of_per_feature_rates_match_the_reference():
+    """Inside sampling, per-feature rates (no fused kernel) draw hard masks from the concrete
+    stream: the first layer of the pass with rng_state [seed, 0], the next with [seed, 1 << 40]."""
+    torch.manual_seed(3)
+    first = bdlkern.nn.ConcreteDropoutLinear(8, 6, per_feature=True)
+    second = bdlkern.nn.ConcreteDropout(nn.Linear(6, 3), per_feature=True)
+    _spread_rates(first, second)
+    model = nn.Sequential(first, nn.ReLU(), second).eval()
+    x = torch.randn(7, 8)
+    S, seed = 5, 9
+    with bdlkern.sampling(S, seed=seed):
+        y = model(x)
+    h = nn.functional.linear(_hard_reference(x.expand(S, 7, 8), first.p_logit, torch.tensor([seed, 0])), first.weight, first.bias)
+    dropped = _hard_reference(h.relu(), second.p_logit, torch.tensor([seed, 1 << 40]))
+    expected = second.layer(dropped)
+    assert y.shape == (S, 7, 3)
+    torch.testing.assert_close(y, expected.detach())
+
+
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_hard_spatial_masks_of_conv_rates_match_the_reference(per_feature):
+    """ConcreteDropout2d inside sampling: one hard mask value per (sample, image, channel) with one
+    rate or one per channel, for the first layer of the pass and a later one."""
+    torch.manual_seed(5)
+    first = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(3, 4, 3, padding=1), per_feature=per_feature)
+    second = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(4, 2, 3), per_feature=per_feature)
+    _spread_rates(first, second)
+    model = nn.Sequential(first, nn.ReLU(), second).eval()
+    img = torch.randn(6, 3, 7, 7)
+    S, seed = 4, 21
+    with bdlkern.sampling(S, seed=seed):
+        y = model(img)
+    flat = img.expand(S, *img.shape).reshape(S * 6, 3, 7, 7)  # samples folded into the batch
+    h = first.layer(_hard_reference(flat, first.p_logit, torch.tensor([seed, 0]), channel_dim=1)).relu()
+    expected = second.layer(_hard_reference(h, second.p_logit, torch.tensor([seed, 1 << 40]), channel_dim=1))
+    assert y.shape == (S, 6, 2, 5, 5)
+    torch.testing.assert_close(y, expected.reshape(S, 6, 2, 5, 5).detach())
 
 
 def test_wrapper_on_linear_and_conv2d():

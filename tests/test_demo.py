@@ -57,37 +57,68 @@ def test_report_has_settings_machine_and_ood_descriptions(report):
     assert report["data"]["features"] == 64 and report["data"]["classes"] == 10
 
 
+#: What the quick run (seed 0, 5 epochs, S = 8) reaches: accuracy, NLL, ECE, Brier of the MC
+#: predictive mean and the OOD AUROCs (rot90 / inverted) by mutual information and by predictive
+#: entropy. Measured with 1 and 2 threads and with the scalar kernels (BDLKERN_CPU_SIMD=scalar,
+#: ATEN_CPU_CAPABILITY=default): the dropout models agree to 4 digits, sparse VD moves by up to
+#: 0.004 in NLL and 0.014 in an AUROC (its LRT noise and KL go through the SIMD paths).
+QUICK_RESULTS = {
+    "plain": dict(accuracy=0.9481, nll=0.2024, ece=0.0660, brier=0.0864, mi=(0.500, 0.500), h=(0.578, 0.825)),
+    "mc_dropout": dict(accuracy=0.9481, nll=0.2395, ece=0.0921, brier=0.1007, mi=(0.523, 0.914), h=(0.562, 0.839)),
+    "concrete": dict(accuracy=0.9315, nll=0.3043, ece=0.1235, brier=0.1272, mi=(0.454, 0.902), h=(0.554, 0.843)),
+    "sparse_vd": dict(accuracy=0.8556, nll=0.5860, ece=0.1909, brier=0.2642, mi=(0.715, 0.959), h=(0.495, 0.743)),
+}
+#: Tolerances for other machines (thread counts, BLAS and SIMD paths round differently; training
+#: amplifies it): 2 points of accuracy (11 of the 540 test digits), 5% of the NLL, 0.02 of ECE and
+#: Brier, 0.04 of an AUROC.
+QUICK_TOLERANCE = dict(accuracy=0.02, nll_rel=0.05, ece=0.02, brier=0.02, auroc=0.04)
+
+
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_metrics_of_every_model_are_sane(report, name):
+def test_every_model_reaches_its_results_on_the_fixed_seed(report, name):
     record = report["models"][name]
-    metrics = record["metrics"]
-    assert metrics["accuracy"] > 0.5  # chance is 0.1; a quick run reaches about 0.9
-    assert math.isfinite(metrics["nll"]) and metrics["nll"] > 0
-    assert 0.0 <= metrics["ece"] <= 1.0
-    assert 0.0 <= metrics["brier"] <= 2.0
-    assert set(metrics["ood"]) == set(report["ood"])
-    for ood in metrics["ood"].values():
-        assert 0.0 <= ood["auroc_mutual_information"] <= 1.0
-        assert 0.0 <= ood["auroc_predictive_entropy"] <= 1.0
-        assert 0.0 < ood["most_predicted_fraction"] <= 1.0
+    metrics, want, tol = record["metrics"], QUICK_RESULTS[name], QUICK_TOLERANCE
+    assert metrics["accuracy"] == pytest.approx(want["accuracy"], abs=tol["accuracy"])
+    assert metrics["nll"] == pytest.approx(want["nll"], rel=tol["nll_rel"])
+    assert metrics["ece"] == pytest.approx(want["ece"], abs=tol["ece"])
+    assert metrics["brier"] == pytest.approx(want["brier"], abs=tol["brier"])
+    assert list(metrics["ood"]) == list(report["ood"]) == ["rot90", "inverted"]
+    for i, ood in enumerate(metrics["ood"].values()):
+        assert ood["auroc_mutual_information"] == pytest.approx(want["mi"][i], abs=tol["auroc"])
+        assert ood["auroc_predictive_entropy"] == pytest.approx(want["h"][i], abs=tol["auroc"])
     history = record["history"]
     for series in ("loss", "cross_entropy", "test_accuracy"):
         assert len(history[series]) == demo.QUICK["epochs"]
     assert all(math.isfinite(v) for v in history["loss"])
 
 
+def test_the_dropout_models_tell_inverted_digits_apart(report):
+    """What the demo shows on its fixed seed: the inverted digits get more mutual information than
+    the test digits under MC and Concrete dropout (AUROC near 0.9); the rotated ones do not
+    (AUROC near 0.5, confident extrapolation); the plain network's entropy does worse on inverted."""
+    for name in ("mc_dropout", "concrete"):
+        ood = report["models"][name]["metrics"]["ood"]
+        assert ood["inverted"]["auroc_mutual_information"] > 0.85
+        assert abs(ood["rot90"]["auroc_mutual_information"] - 0.5) < 0.1
+        plain = report["models"]["plain"]["metrics"]["ood"]["inverted"]["auroc_predictive_entropy"]
+        assert ood["inverted"]["auroc_mutual_information"] > plain + 0.04
+
+
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_mc_inference_is_timed_against_eager_pytorch(report, name):
     mc = report["models"][name]["mc_inference"]
     assert mc["samples"] == demo.QUICK["samples"] and mc["rows"] == report["data"]["test"]
-    assert mc["bdlkern_s"] > 0
     if not report["models"][name]["stochastic"]:
-        assert mc["eager_s"] is None and mc["speedup"] is None
+        assert mc["eager_s"] is None and mc["speedup"] is None and mc["eager_baseline"] is None
         return
-    assert mc["eager_s"] > 0
-    assert mc["speedup"] == pytest.approx(mc["eager_s"] / mc["bdlkern_s"])
-    # The plain-PyTorch loop samples the same network: same accuracy up to Monte Carlo noise.
-    assert abs(mc["eager_accuracy"] - report["models"][name]["metrics"]["accuracy"]) < 0.05
+    # both plain-PyTorch ways were timed, and bdlkern is compared with the faster
+    assert None not in (mc["eager_loop_s"], mc["eager_batched_s"])
+    faster = "batched" if mc["eager_batched_s"] < mc["eager_loop_s"] else "loop"
+    assert mc["eager_baseline"] == faster and mc["eager_s"] == mc[f"eager_{faster}_s"]
+    # Both sample the same network: the same accuracy up to Monte Carlo noise.
+    accuracy = report["models"][name]["metrics"]["accuracy"]
+    assert abs(mc["eager_accuracy"] - accuracy) < 0.03
+    assert abs(mc["eager_batched_accuracy"] - accuracy) < 0.03
 
 
 def test_deterministic_model_has_no_epistemic_uncertainty(report):
@@ -105,21 +136,24 @@ def test_dropout_rates_per_layer(report):
     assert concrete["layers"]["learnt"] is True
     rates = concrete["layers"]["values"]
     assert list(rates) == ["fc1", "fc2", "fc3"]
-    assert all(0.0 < p < 1.0 for p in rates.values())
+    # the learnt rates of the quick run: the input's falls from 0.1, the hidden layers' rise
+    assert list(rates.values()) == pytest.approx([0.067, 0.220, 0.225], abs=0.01)
     trace = concrete["history"]["layers"]
     assert set(trace) == set(rates)
     for name, values in trace.items():
         assert len(values) == demo.QUICK["epochs"] + 1  # the initial rate, then one per epoch
         assert values[0] == pytest.approx(demo.CONCRETE_INIT_P, rel=1e-5)
         assert values[-1] == pytest.approx(rates[name])
-        assert all(0.0 < p < 1.0 for p in values)
     assert any(abs(values[-1] - values[0]) > 1e-3 for values in trace.values())  # the rates moved
 
 
 def test_sparse_vd_is_pruned_to_csr(report, quick_run):
     record = report["models"]["sparse_vd"]
     post = record["post_train"]
-    assert post["sparsity"] >= 0.90  # even the 5-epoch quick run prunes 90% of the weights
+    # the 5-epoch quick run prunes 92.8% of the weights (fc1 87%, fc2 96%, fc3 50%), on 1 and 2
+    # threads and with the scalar kernels alike (to 0.02 of a layer)
+    assert post["sparsity"] == pytest.approx(0.928, abs=0.01)
+    assert [layer["sparsity"] for layer in post["layers"].values()] == pytest.approx([0.872, 0.959, 0.50], abs=0.03)
     assert post["weights_kept"] == sum(layer["nnz"] for layer in post["layers"].values())
     assert post["weights_total"] == 64 * 256 + 256 * 256 + 256 * 10
     for name, layer in post["layers"].items():

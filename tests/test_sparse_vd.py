@@ -13,6 +13,7 @@ from torch.library import opcheck
 
 import bdlkern
 from bdlkern import reference as ref
+from test_properties import assert_design_rule
 
 
 def make_layer(S, B, K, N, *, shared_input, dtype=torch.float64, device="cpu", seed=0, bias=True):
@@ -115,22 +116,42 @@ def test_opcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ns", ["bdlkern", "bdlkern_simt"])
 def test_kl_with_grad_is_the_kl_and_its_unit_gradient(ns, dtype):
-    """The fused pass (CPU) and the composed one (SIMT) give the KL of sparse_vd_kl and the gradient
-    of sparse_vd_kl_backward at grad 1, including weights clamped at both ends and a NaN."""
+    """The fused pass (CPU) and the composed one (SIMT) give the KL and its gradient at grad 1 of
+    the reference (float64 autograd), including weights clamped at both ends and a NaN, whose
+    gradient is 0 (the reference's is NaN there: it is compared on the other weights)."""
     g = torch.Generator().manual_seed(5)
     theta = torch.randn(37, 29, generator=g, dtype=dtype)
     log_sigma2 = torch.randn(37, 29, generator=g, dtype=dtype) * 12
     log_sigma2[0, :3] = torch.tensor([-100.0, 100.0, float("nan")], dtype=dtype)
     ops = getattr(torch.ops, ns)
     kl, gt, gs = ops.sparse_vd_kl_with_grad(theta, log_sigma2)
-    kl_ref = ops.sparse_vd_kl(theta[1:], log_sigma2[1:])
-    gt_ref, gs_ref = ops.sparse_vd_kl_backward(torch.tensor(1.0, dtype=dtype), theta, log_sigma2)
     assert torch.isnan(kl)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(ops.sparse_vd_kl_with_grad(theta[1:], log_sigma2[1:])[0], kl_ref, **tol)
-    torch.testing.assert_close(gt, gt_ref, **tol)
-    torch.testing.assert_close(gs, gs_ref, **tol)
+    finite = ~torch.isnan(log_sigma2)
+
+    def reference(precision):
+        leaves = [t.to(precision).requires_grad_() for t in (theta, torch.where(finite, log_sigma2, 0.0))]
+        kl_rest = ref.sparse_vd_kl(leaves[0][1:], leaves[1][1:])
+        return (kl_rest, *torch.autograd.grad(ref.sparse_vd_kl(*leaves), leaves))
+
+    kl_rest = ops.sparse_vd_kl_with_grad(theta[1:], log_sigma2[1:])[0]
+    exact = reference(torch.float64)
+    if dtype == torch.float64:
+        for got, want in zip((kl_rest, gt[finite], gs[finite]), (exact[0], exact[1][finite], exact[2][finite])):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
+    else:  # docs/design.md 6.2: within twice the error of the same computation by PyTorch in float32
+        lowp = reference(torch.float32)
+        for name, got, low, want in zip(("KL", "grad theta", "grad log_sigma2"), (kl_rest, gt, gs), lowp, exact):
+            if got.dim():
+                got, low, want = got[finite], low[finite], want[finite]
+            assert_design_rule(got, low, want, name, floor=1e-6 * want.abs().max().item())
     assert (gs[0, :3] == 0).all() and (gt[0, :3] == 0).all()
+    assert (exact[2][0, :2] == 0).all() and (exact[1][0, :2] == 0).all()  # clamped: the reference agrees
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    if ns == "bdlkern":  # the CPU's fused pass is also its separate forward and backward kernels
+        gt_sep, gs_sep = ops.sparse_vd_kl_backward(torch.tensor(1.0, dtype=dtype), theta, log_sigma2)
+        torch.testing.assert_close(ops.sparse_vd_kl(theta[1:], log_sigma2[1:]), kl_rest, **tol)
+        torch.testing.assert_close(gt, gt_sep, **tol)
+        torch.testing.assert_close(gs, gs_sep, **tol)
 
 
 def test_public_kl_saves_its_gradient_and_scales_it():
@@ -286,8 +307,10 @@ def test_module_modes_and_properties():
 
 
 def test_training_on_digits_prunes_and_stays_accurate(threads):
-    """MLP 64-300-100-10 of SparseVDLinear on sklearn's digits: >= 90% of weights pruned and
-    >= 95% test accuracy with the pruned deterministic network (about 15 s)."""
+    """MLP 64-300-100-10 of SparseVDLinear on sklearn's digits, the README's claim: >= 98% of the
+    weights pruned at >= 95% test accuracy with the pruned deterministic network (a few seconds).
+    Measured on the fixed seed: 98.4-98.5% pruned, 96.2-96.7% accuracy across 1 and 2 threads and
+    the AVX2 and scalar kernels."""
     torch.set_num_threads(1)  # batches of 128 x 300: one thread beats the fork/join overhead
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -318,8 +341,8 @@ def test_training_on_digits_prunes_and_stays_accurate(threads):
     layers = [m for m in model if isinstance(m, bdlkern.nn.SparseVDLinear)]
     total = sum(m.theta.numel() for m in layers)
     pruned = sum(m.sparsity() * m.theta.numel() for m in layers) / total
-    assert pruned >= 0.90, f"pruned {pruned:.3f}"
-    assert acc >= 0.95, f"accuracy {acc:.3f}"
+    assert pruned >= 0.98, f"pruned {pruned:.4f}"
+    assert acc >= 0.95, f"accuracy {acc:.4f}"
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
@@ -476,6 +499,63 @@ def test_pruning_equivalence_and_round_trips(tmp_path):
     torch.testing.assert_close(dense_layer(x), nn.functional.linear(x, dense_layer.to_dense(), dense_layer.bias))
 
 
+@pytest.mark.parametrize("density", [0.01, 0.03, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_module_on_the_csr_path(tmp_path, density, dtype):
+    """SparseLinear at the densities pruning leaves (1-5%), below the crossover, where the module runs
+    the CSR kernel (not F.linear): forward and input gradient against the dense weight, stochastic
+    samples inside a seeded sampling block against the reference with the call's rng_state, and
+    state_dict / torch.save round trips that keep both."""
+    N, K = 48, 160
+    layer, w, _ = random_csr(N, K, density, seed=int(density * 1000), dtype=dtype)
+    assert layer.has_variance and layer.nnz > 0
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    x = torch.randn(9, K, dtype=dtype, requires_grad=True)
+    xb = torch.randn(2, 3, K, dtype=dtype)  # batch dims: 6 rows
+
+    def on_csr_path(module, rows):
+        # the density rule picks the CSR kernel, and the dense weight was never made for the GEMM path
+        return module.density <= module.crossover_density(rows) and module._dense is None
+
+    y = layer(x)
+    torch.testing.assert_close(y, nn.functional.linear(x, w, layer.bias), **tol)
+    torch.testing.assert_close(layer(xb), nn.functional.linear(xb, w, layer.bias), **tol)
+    assert on_csr_path(layer, 9) and on_csr_path(layer, 6)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g @ w, **tol)
+
+    # Seeded sampling: call k of the block draws from rng_state [seed, k << 40]; a second call of
+    # the same layer is a new pass (k = 1).
+    x = x.detach()
+    seed, S = 11, 5
+    with bdlkern.sampling(S, seed=seed):
+        first, second = layer(x), layer(x)
+    for k, ys in enumerate((first, second)):
+        expected = ref.sparse_linear(
+            x, layer.crow, layer.col, layer.values, layer.bias, S, stochastic=True, rng_state=torch.tensor([seed, k << 40])
+        )
+        torch.testing.assert_close(ys, expected, **tol)
+    assert not torch.equal(first, second)
+    deterministic = layer(x)
+
+    # state_dict into a dense layer whose GEMM path already ran (its dense weight is cached), and
+    # torch.save of the whole module: the loaded layers are the sparse one, on the CSR path.
+    other = bdlkern.nn.SparseLinear.from_dense(torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype))
+    other(x)
+    assert other._dense is not None
+    other.load_state_dict(layer.state_dict())
+    path = tmp_path / "sparse.pt"
+    torch.save(layer, path)
+    loaded = torch.load(path, weights_only=False)
+    for module in (other, loaded):
+        assert module.nnz == layer.nnz and module.density == layer.density
+        torch.testing.assert_close(module(x), deterministic, rtol=0, atol=0)
+        assert on_csr_path(module, 9)
+        with bdlkern.sampling(S, seed=seed):
+            torch.testing.assert_close(module(x), first, rtol=0, atol=0)
+
+
 def test_csr_validation_errors():
     layer, _, _ = random_csr(4, 6, 0.5, seed=7)
     crow, col, values = layer.crow, layer.col, layer.values
@@ -499,9 +579,9 @@ def test_csr_validation_errors():
     # non-monotone crow with the right ends
     nm = crow.clone()
     nm[1] = crow[-1]
-    if nm[1] > nm[2]:
-        with pytest.raises(RuntimeError, match="crow must be non-decreasing"):
-            f(x, nm, col, values, None, None)
+    assert nm[1] > nm[2], "the test needs entries after the second row, so that crow decreases"
+    with pytest.raises(RuntimeError, match="crow must be non-decreasing"):
+        f(x, nm, col, values, None, None)
     unsorted = col.clone()
     row = int((crow[1:] - crow[:-1]).argmax())
     j0 = int(crow[row])

@@ -40,6 +40,15 @@ def _flops(dims) -> int:
     return 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
 
 
+def _shared_mask_flops(dims, device: torch.device) -> int:
+    """FLOPs of the shared-mask kernel on ``device``: the CPU kernel compacts each sample's kept
+    features and multiplies over those only, about (1 - p) of the products; the CUDA kernel masks
+    them in its tiles and still does every product."""
+    if device.type == "cpu":
+        return round((1 - P) * _flops(dims))
+    return _flops(dims)
+
+
 def _params(dims, **extra):
     return {**dims, "p": P, "dtype": "float32", **extra}
 
@@ -85,7 +94,7 @@ def _forward(device: torch.device, quick: bool) -> Workload:
 @case(
     "mc_dropout.shared_mask",
     family="mc_dropout",
-    description="S weight samples (one mask per sample and feature, shared by the batch): dropped features skipped",
+    description="S weight samples (one mask per sample and feature, shared by the batch); the CPU kernel skips dropped features",
     subject="bdlkern shared_mask=True",
     baselines={
         "bdlkern per-element masks": "variant",
@@ -105,7 +114,7 @@ def _shared(device: torch.device, quick: bool) -> Workload:
         },
         params=_params(dims, shared_mask=True),
         flops={
-            "bdlkern shared_mask=True": _flops(dims) // 2,  # about (1 - p) of the products
+            "bdlkern shared_mask=True": _shared_mask_flops(dims, device),
             "bdlkern per-element masks": _flops(dims),
             "reference shared mask (eager)": _flops(dims),
         },
@@ -144,6 +153,16 @@ def _forward_backward(device: torch.device, quick: bool) -> Workload:
         y = torch.addmm(b.detach(), x_rows, wd.t())
         return y, g_rows @ wd, g_rows.t() @ x_rows
 
+    def check() -> None:
+        # The gradients the subject times, against autograd through the reference with the same
+        # masks (rng_state), on CPU copies of the inputs.
+        got = run(lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state))()
+        leaves = [t.detach().cpu().requires_grad_() for t in (x, w, b)]
+        y = ref.mc_dropout_linear(*leaves, P, S, rng_state=state.cpu())
+        want = torch.autograd.grad(y, leaves, grad.cpu())
+        for name, g, e in zip(("x", "weight", "bias"), got, want):
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()), msg=f"grad of {name}")
+
     return Workload(
         variants={
             "bdlkern.mc_dropout_linear": run(lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state)),
@@ -153,4 +172,5 @@ def _forward_backward(device: torch.device, quick: bool) -> Workload:
         },
         params=_params(dims),
         flops=3 * _flops(dims),
+        check=check,
     )

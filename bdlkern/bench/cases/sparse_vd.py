@@ -6,7 +6,9 @@ x [256, 1024] with one noise sample per input (training); quick: W [128, 128], x
 Baselines: the reference written out in plain PyTorch (``bdlkern.reference``: clamp/exp for
 alpha theta^2, two ``F.linear``, sqrt, ``torch.randn``; autograd for backward), eager and
 ``torch.compile``d; for the LRT layer also the limit proxy of its GEMMs (the 2 forward and 4
-backward products of the same shapes).
+backward products of the same shapes). The pruned CSR layer (``sparse_linear.*``) is compared with
+dense ``F.linear`` and torch.sparse CSR products, and its stochastic samples also with the dense
+two-GEMM LRT layer (eager and compiled).
 """
 
 from __future__ import annotations
@@ -91,10 +93,14 @@ def _lrt(device: torch.device, quick: bool) -> Workload:
     )
 
 
+#: N of the KL benchmark's loss ``KL / N``: a training-set size, as a user scales the KL term.
+KL_TRAIN_SIZE = 50_000
+
+
 @case(
     "sparse_vd.kl_forward_backward",
     family="sparse_vd",
-    description="the sparse VD KL term summed over W [N, K], forward + backward",
+    description=f"the sparse VD KL term summed over W [N, K] and scaled by 1/{KL_TRAIN_SIZE} (a training-set size), forward + backward",
     subject="bdlkern.sparse_vd_kl",
     baselines={"reference (eager)": "reference", "reference (torch.compile)": "compiled"},
 )
@@ -104,8 +110,11 @@ def _kl(device: torch.device, quick: bool) -> Workload:
     compiled = torch.compile(ref.sparse_vd_kl)
 
     def run(f):
+        # What training differentiates: the KL divided by the training-set size (the ELBO per
+        # example), never the bare KL, so every variant runs a backward with a real scale
+        # (bdlkern's backward hands its saved gradient back unscaled only for a grad of exactly 1).
         def call():
-            return torch.autograd.grad(f(theta, log_sigma2), (theta, log_sigma2))
+            return torch.autograd.grad(f(theta, log_sigma2) / KL_TRAIN_SIZE, (theta, log_sigma2))
 
         return call
 
@@ -114,6 +123,12 @@ def _kl(device: torch.device, quick: bool) -> Workload:
         expected = ref.sparse_vd_kl(theta.detach().double(), log_sigma2.detach().double()).item()
         if abs(got - expected) > 1e-5 * abs(expected) + 1e-3:
             raise AssertionError(f"KL {got} != reference {expected}")
+        # the scaled gradients the subject times, against float64 autograd of the reference
+        grads = run(bdlkern.ops.sparse_vd_kl)()
+        leaves = [t.detach().cpu().double().requires_grad_() for t in (theta, log_sigma2)]
+        want = torch.autograd.grad(ref.sparse_vd_kl(*leaves) / KL_TRAIN_SIZE, leaves)
+        for name, g, w in zip(("theta", "log_sigma2"), grads, want):
+            torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-9, msg=f"grad of {name}")
 
     n = dims["N"] * dims["K"]
     return Workload(
@@ -122,9 +137,9 @@ def _kl(device: torch.device, quick: bool) -> Workload:
             "reference (eager)": run(ref.sparse_vd_kl),
             "reference (torch.compile)": run(compiled),
         },
-        params={**dims, "dtype": "float32"},
+        params={**dims, "train_size": KL_TRAIN_SIZE, "dtype": "float32"},
         elements=n,
-        bytes=4 * n * 4,  # read theta and log_sigma2 twice (forward, backward), write both grads
+        bytes=4 * n * 4,  # the minimum: read theta and log_sigma2 once, write their two gradients
         check=check,
     )
 
@@ -199,17 +214,32 @@ for _d in CROSSOVER_DENSITIES:
     family="sparse_vd",
     description="S = 32 stochastic LRT samples of the pruned layer (density 0.05, batch 64) from one pass over the CSR",
     subject="bdlkern.sparse_linear stochastic",
-    baselines={"dense two-GEMM LRT reference": "reference", "dense LRT (torch.compile)": "compiled"},
+    baselines={
+        "dense two-GEMM LRT reference": "reference",
+        "dense LRT (torch.compile)": "compiled",
+        "torch.sparse two-product LRT": "library",
+    },
 )
 def _stochastic(device: torch.device, quick: bool) -> Workload:
     samples = 4 if quick else 32
     layer, w, v, bias, x = _sparse_problem(device, quick, 0.05, 64, variance=True)
     state = _state(device)
     values = layer.values
+    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        w_csr, v_csr = w.to_sparse_csr(), v.to_sparse_csr()
 
     def dense_lrt(x, w, v, bias):
         mu = torch.nn.functional.linear(x, w, bias)
         var = torch.nn.functional.linear(x * x, v)
+        eps = torch.randn(samples, *mu.shape, device=mu.device, dtype=mu.dtype)
+        return mu + torch.sqrt(var + 1e-8) * eps
+
+    def sparse_lrt():
+        # The same LRT sample with torch's CSR products: the mean and the variance, each one
+        # sparse x dense product over the kept weights, then the noise for every sample.
+        mu = torch.sparse.mm(w_csr, x.t()).t() + bias
+        var = torch.sparse.mm(v_csr, (x * x).t()).t()
         eps = torch.randn(samples, *mu.shape, device=mu.device, dtype=mu.dtype)
         return mu + torch.sqrt(var + 1e-8) * eps
 
@@ -219,6 +249,11 @@ def _stochastic(device: torch.device, quick: bool) -> Workload:
         got = bdlkern.ops.sparse_linear(x, layer.crow, layer.col, values, bias, num_samples=samples, stochastic=True, rng_state=state)
         expected = ref.sparse_linear(x.cpu(), layer.crow.cpu(), layer.col.cpu(), values.cpu(), bias.cpu(), samples, stochastic=True, rng_state=state.cpu())
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+        # the torch.sparse baseline computes the same two moments as the dense one
+        dense_moments = (torch.nn.functional.linear(x, w, bias), torch.nn.functional.linear(x * x, v))
+        sparse_moments = (torch.sparse.mm(w_csr, x.t()).t() + bias, torch.sparse.mm(v_csr, (x * x).t()).t())
+        for a, b in zip(sparse_moments, dense_moments):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
     return Workload(
         variants={
@@ -228,6 +263,7 @@ def _stochastic(device: torch.device, quick: bool) -> Workload:
             ),
             "dense two-GEMM LRT reference": lambda: dense_lrt(x, w, v, bias),
             "dense LRT (torch.compile)": lambda: compiled(x, w, v, bias),
+            "torch.sparse two-product LRT": sparse_lrt,
         },
         params={"S": samples, "B": 64, "K": w.shape[1], "N": w.shape[0], "density": 0.05, "dtype": "float32"},
         elements=samples * 64 * w.shape[0],
