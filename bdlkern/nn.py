@@ -130,7 +130,7 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
         p: drop probability of the layer's *input*, in ``[0, 1)``.
         shared_mask: inside ``sampling``, one mask per (sample, input feature) shared by every row
             of the batch: each sample is one weight sample applied to the whole batch (joint
-            predictions), and the kernel skips the dropped features.
+            predictions); on the CPU the kernel skips the dropped features.
 
     The state dict is that of ``nn.Linear`` (``weight``, ``bias``). The input is checked like
     ``nn.Linear``'s (last dimension ``in_features``; the parameters' dtype): see :mod:`bdlkern.nn`.
@@ -185,7 +185,7 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
             )
         if self.training and self.p > 0.0:
             _check_dtype(self, x, self.weight.dtype, _MC_DTYPES, "MC-dropout")
-            return ops.mc_dropout_linear(x, self.weight, self.bias, self.p, 1)[0]
+            return ops.mc_dropout_linear(x, self.weight, self.bias, self.p, 1).squeeze(0)  # a view: its backward is free, [0]'s fills zeros
         _check_dtype(self, x, self.weight.dtype)
         return F.linear(x, self.weight, self.bias)
 
@@ -276,7 +276,9 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
         else:
             mask_shape, p = tuple(x.shape), self.p
         u = ops.uniform(mask_shape, dtype=x.dtype, rng_state=rng_state, stream="concrete_dropout")
-        p = p.to(x.dtype)
+        # p < 1, as for the fused kernel: where sigmoid rounds to 1, x / (1 - p) would be inf in the
+        # branch where() drops, and its gradient 0 * inf = NaN.
+        p = p.to(x.dtype).clamp(max=1.0 - 2.0**-24)
         return torch.where(u >= p, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
 
     @abc.abstractmethod
@@ -669,7 +671,7 @@ class SparseVDLinear(_NotScriptable, nn.Module):
             )
         if self.training:
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1)[0]
+            return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1).squeeze(0)
         _check_dtype(self, x, self.theta.dtype)
         return F.linear(x, self.pruned_weight(), self.bias)
 

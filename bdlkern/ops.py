@@ -116,9 +116,13 @@ def _is_cpu(device) -> bool:
     return device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")
 
 
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = torch.compiler.is_exporting
+
+
 def _tracing() -> bool:
     """Whether torch.compile / torch.export is tracing the call (they need the traceable draw)."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return _is_compiling() or _is_exporting()
 
 
 def _resolve_state(
@@ -249,7 +253,8 @@ def _sample_dim_input(
         if x.dim() < 1:
             raise ValueError(f"{op}: x must have a feature dimension")
         samples, batch = num_samples, x.shape[:-1]
-        x_op = x.reshape(math.prod(batch), x.shape[-1])
+        # A 2-d x is already [rows, in]: no view (it costs more than a small layer's kernel).
+        x_op = x if x.dim() == 2 else x.reshape(math.prod(batch), x.shape[-1])
     if in_features is not None and x.shape[-1] != in_features:
         raise ValueError(f"{op}: x has {x.shape[-1]} features but {weight} in_features = {in_features}")
     return x_op, samples, batch
@@ -288,7 +293,8 @@ def mc_dropout_linear(
         num_samples: S for an input without sample dimension, else None.
         shared_mask: one mask per (sample, input feature), shared by every row of the batch: a
             posterior sample of the weights applied to all inputs (the right semantics for joint
-            predictions); the kernel skips dropped features, doing about ``1 - p`` of the GEMM work.
+            predictions); on the CPU the kernel skips dropped features, doing about ``1 - p`` of the GEMM
+            work (the CUDA kernel does all of it).
         generator / rng_state: where the masks come from (see :func:`new_rng_state`).
 
     Returns:
@@ -301,8 +307,8 @@ def mc_dropout_linear(
     x_op, samples, batch = _sample_dim_input(x, weight.shape[1], num_samples, "mc_dropout_linear", "weight expects")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
     p = _number(p, "p", "mc_dropout_linear")
-    y = torch.ops.bdlkern.mc_dropout_linear(x_op, weight, bias, state, p, samples, bool(shared_mask))
-    return y.reshape(samples, *batch, weight.shape[0])
+    y = torch.ops.bdlkern.mc_dropout_linear.default(x_op, weight, bias, state, p, samples, bool(shared_mask))
+    return y if len(batch) == 1 else y.reshape(samples, *batch, weight.shape[0])
 
 
 # ---- Concrete dropout -----------------------------------------------------------------------------
@@ -457,8 +463,8 @@ def lrt_linear(
         raise ValueError(f"lrt_linear: theta must be [out_features, in_features], got shape {tuple(theta.shape)}")
     x_op, samples, batch = _sample_dim_input(x, theta.shape[1], num_samples, "lrt_linear")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
-    y, _ = torch.ops.bdlkern.lrt_linear(x_op, theta, log_sigma2, bias, state, samples)
-    return y.reshape(samples, *batch, theta.shape[0])
+    y, _ = torch.ops.bdlkern.lrt_linear.default(x_op, theta, log_sigma2, bias, state, samples)
+    return y if len(batch) == 1 else y.reshape(samples, *batch, theta.shape[0])
 
 
 def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:

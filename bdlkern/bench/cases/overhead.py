@@ -1,0 +1,231 @@
+"""Family ``overhead``: what a call costs beyond its kernel, on the small layers of the most common
+Bayesian-DL workloads (UCI regression, active learning, small tabular models).
+
+* ``overhead.mlp_step.*``: one Adam training step of a UCI-sized MLP, 13 -> 50 -> 1, batch 32, on
+  one thread, with each bdlkern layer against the eager PyTorch a user writes without bdlkern:
+  ``MCDropoutLinear`` against ``nn.Dropout -> nn.Linear``; ``ConcreteDropoutLinear`` against the
+  Concrete dropout of the paper's notebooks (``torch.rand`` relaxed mask, the regulariser); and
+  ``SparseVDLinear`` against an eager LRT layer (two ``F.linear``, ``torch.randn``, the KL);
+* ``overhead.op_call``: one 1 x 1 ``bdlkern.ops.mc_dropout_linear`` call (one sample) against a
+  1 x 1 ``F.linear``: the fixed cost of the op path (Python wrapper, rng_state, dispatcher,
+  autograd, kernel setup) against torch's own.
+
+The sizes are the same in quick and full runs: the point is the fixed per-call cost, which a
+bigger problem would hide. Each variant runs on one intra-op thread (the way such models are
+trained, many at a time), restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bdlkern
+from bdlkern.bench import Workload, case
+
+IN, HIDDEN, OUT, BATCH = 13, 50, 1, 32
+P = 0.1
+N_TRAIN = 1000  # the dataset size the KL and the Concrete regulariser are scaled by
+
+
+@contextlib.contextmanager
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _data(device):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, IN, generator=g).to(device), torch.randn(BATCH, OUT, generator=g).to(device)
+
+
+def _trainer(model: nn.Module, loss_fn, device):
+    """A zero-argument training step of ``model`` (Adam) on one fixed batch."""
+    model = model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = _data(device)
+
+    def step():
+        with _one_thread():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            opt.step()
+        return loss
+
+    return step
+
+
+def _mse(model, x, y):
+    return F.mse_loss(model(x), y)
+
+
+def _check_step(step):
+    def check() -> None:
+        loss = step()
+        if not torch.isfinite(loss):
+            raise AssertionError(f"a training step gave a non-finite loss {loss}")
+
+    return check
+
+
+@case(
+    "overhead.mlp_step.mc_dropout",
+    family="overhead",
+    description="Adam step, MLP 13-50-1, batch 32, 1 thread: MC dropout",
+    subject="MCDropoutLinear MLP",
+    baselines={"nn.Dropout -> nn.Linear MLP": "library"},
+)
+def _mc_step(device: torch.device, quick: bool) -> Workload:
+    torch.manual_seed(0)
+    ours = nn.Sequential(
+        bdlkern.nn.MCDropoutLinear(IN, HIDDEN, p=P), nn.ReLU(), bdlkern.nn.MCDropoutLinear(HIDDEN, OUT, p=P)
+    )
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Dropout(P), nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Dropout(P), nn.Linear(HIDDEN, OUT))
+    step = _trainer(ours, _mse, device)
+    return Workload(
+        variants={"MCDropoutLinear MLP": step, "nn.Dropout -> nn.Linear MLP": _trainer(eager, _mse, device)},
+        params={"layers": f"{IN}-{HIDDEN}-{OUT}", "batch": BATCH, "p": P, "threads": 1},
+        check=_check_step(step),
+    )
+
+
+class _EagerConcreteLinear(nn.Module):
+    """Concrete dropout as the paper's notebooks write it: a learnt logit, a relaxed mask from
+    ``torch.rand``, then the linear layer; its regulariser."""
+
+    def __init__(self, in_features, out_features, init_p=0.1, temperature=0.1):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.p_logit = nn.Parameter(torch.tensor(math.log(init_p) - math.log1p(-init_p)))
+        self.temperature = temperature
+
+    def forward(self, x):
+        eps = 1e-7
+        p = torch.sigmoid(self.p_logit)
+        u = torch.rand_like(x)
+        drop = torch.log(p + eps) - torch.log(1 - p + eps) + torch.log(u + eps) - torch.log(1 - u + eps)
+        z = torch.sigmoid(drop / self.temperature)
+        return self.linear(x * (1 - z) / (1 - p))
+
+    def regularization(self):
+        return bdlkern.ops.concrete_dropout_regularizer(
+            self.linear.weight, self.p_logit, self.linear.in_features, 1e-6, 1e-5
+        )
+
+
+def _concrete_loss(model, x, y):
+    reg = sum(m.regularization() for m in model if hasattr(m, "regularization"))
+    return F.mse_loss(model(x), y) + reg / N_TRAIN
+
+
+@case(
+    "overhead.mlp_step.concrete",
+    family="overhead",
+    description="Adam step, MLP 13-50-1, batch 32, 1 thread: Concrete dropout",
+    subject="ConcreteDropoutLinear MLP",
+    baselines={"eager Concrete reference MLP": "reference"},
+)
+def _concrete_step(device: torch.device, quick: bool) -> Workload:
+    torch.manual_seed(0)
+    ours = nn.Sequential(
+        bdlkern.nn.ConcreteDropoutLinear(IN, HIDDEN, weight_regularizer=1e-6, dropout_regularizer=1e-5),
+        nn.ReLU(),
+        bdlkern.nn.ConcreteDropoutLinear(HIDDEN, OUT, weight_regularizer=1e-6, dropout_regularizer=1e-5),
+    )
+    torch.manual_seed(0)
+    eager = nn.Sequential(_EagerConcreteLinear(IN, HIDDEN), nn.ReLU(), _EagerConcreteLinear(HIDDEN, OUT))
+    step = _trainer(ours, _concrete_loss, device)
+    return Workload(
+        variants={"ConcreteDropoutLinear MLP": step, "eager Concrete reference MLP": _trainer(eager, _concrete_loss, device)},
+        params={"layers": f"{IN}-{HIDDEN}-{OUT}", "batch": BATCH, "threads": 1},
+        check=_check_step(step),
+    )
+
+
+class _EagerLRTLinear(nn.Module):
+    """The LRT layer of sparse VD as users write it: two F.linear, torch.randn, the KL."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(out_features, in_features) / math.sqrt(in_features))
+        self.log_sigma2 = nn.Parameter(torch.full((out_features, in_features), -10.0))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def log_alpha(self):
+        return torch.clamp(self.log_sigma2 - torch.log(self.theta**2 + 1e-8), -8.0, 8.0)
+
+    def forward(self, x):
+        mu = F.linear(x, self.theta, self.bias)
+        var = F.linear(x * x, torch.exp(self.log_alpha()) * self.theta**2)
+        return mu + torch.sqrt(var + 1e-8) * torch.randn_like(mu)
+
+    def kl(self):
+        la = self.log_alpha()
+        k1, k2, k3 = 0.63576, 1.87320, 1.48695
+        return -(k1 * torch.sigmoid(k2 + k3 * la) - 0.5 * torch.log1p(torch.exp(-la)) - k1).sum()
+
+
+def _kl_loss(model, x, y):
+    kl = sum(m.kl() for m in model if hasattr(m, "kl"))
+    return F.mse_loss(model(x), y) + kl / N_TRAIN
+
+
+@case(
+    "overhead.mlp_step.sparse_vd",
+    family="overhead",
+    description="Adam step, MLP 13-50-1, batch 32, 1 thread: sparse VD (LRT + KL)",
+    subject="SparseVDLinear MLP",
+    baselines={"eager LRT layer MLP": "reference"},
+)
+def _sparse_vd_step(device: torch.device, quick: bool) -> Workload:
+    torch.manual_seed(0)
+    ours = nn.Sequential(bdlkern.nn.SparseVDLinear(IN, HIDDEN), nn.ReLU(), bdlkern.nn.SparseVDLinear(HIDDEN, OUT))
+    torch.manual_seed(0)
+    eager = nn.Sequential(_EagerLRTLinear(IN, HIDDEN), nn.ReLU(), _EagerLRTLinear(HIDDEN, OUT))
+    step = _trainer(ours, _kl_loss, device)
+    return Workload(
+        variants={"SparseVDLinear MLP": step, "eager LRT layer MLP": _trainer(eager, _kl_loss, device)},
+        params={"layers": f"{IN}-{HIDDEN}-{OUT}", "batch": BATCH, "threads": 1},
+        check=_check_step(step),
+    )
+
+
+@case(
+    "overhead.op_call",
+    family="overhead",
+    description="one 1x1 call, no grad, 1 thread: the op path's fixed cost",
+    subject="bdlkern.ops.mc_dropout_linear 1x1",
+    baselines={"F.linear 1x1": "library"},
+)
+def _op_call(device: torch.device, quick: bool) -> Workload:
+    x = torch.randn(1, 1, device=device)
+    w = torch.randn(1, 1, device=device)
+
+    def ours():
+        with _one_thread():
+            return bdlkern.ops.mc_dropout_linear(x, w, None, 0.5, 1)
+
+    def linear():
+        with _one_thread():
+            return F.linear(x, w)
+
+    def check() -> None:
+        y = ours()
+        if y.shape != (1, 1, 1) or not (y == 0).logical_or(torch.isclose(y, 2 * x * w)).all():
+            raise AssertionError(f"mc_dropout_linear 1x1 gave {y}")
+
+    return Workload(
+        variants={"bdlkern.ops.mc_dropout_linear 1x1": ours, "F.linear 1x1": linear},
+        params={"shape": "1x1", "S": 1, "threads": 1},
+        check=check,
+    )
