@@ -68,35 +68,47 @@ def _mse(model, x, y):
     return F.mse_loss(model(x), y)
 
 
-def _check_step(step):
-    def check() -> None:
-        loss = step()
-        if not torch.isfinite(loss):
-            raise AssertionError(f"a training step gave a non-finite loss {loss}")
+def _step_case(family_name: str, what: str, subject: str, baseline: str, kind: str, make_ours, make_eager, loss_fn):
+    """Registers ``overhead.mlp_step.<family_name>``: an Adam step of the MLP ``make_ours()`` builds,
+    against the one ``make_eager()`` builds (both from seed 0), with loss ``loss_fn``."""
 
-    return check
+    @case(
+        f"overhead.mlp_step.{family_name}",
+        family="overhead",
+        description=f"Adam step, MLP {IN}-{HIDDEN}-{OUT}, batch {BATCH}, 1 thread: {what}",
+        subject=subject,
+        baselines={baseline: kind},
+    )
+    def _setup(device: torch.device, quick: bool) -> Workload:
+        torch.manual_seed(0)
+        ours = _trainer(make_ours(), loss_fn, device)
+        torch.manual_seed(0)
+        eager = _trainer(make_eager(), loss_fn, device)
+
+        def check() -> None:
+            loss = ours()
+            if not torch.isfinite(loss):
+                raise AssertionError(f"a training step gave a non-finite loss {loss}")
+
+        return Workload(
+            variants={subject: ours, baseline: eager},
+            params={"layers": f"{IN}-{HIDDEN}-{OUT}", "batch": BATCH, "threads": 1},
+            check=check,
+        )
 
 
-@case(
-    "overhead.mlp_step.mc_dropout",
-    family="overhead",
-    description="Adam step, MLP 13-50-1, batch 32, 1 thread: MC dropout",
-    subject="MCDropoutLinear MLP",
-    baselines={"nn.Dropout -> nn.Linear MLP": "library"},
-)
-def _mc_step(device: torch.device, quick: bool) -> Workload:
-    torch.manual_seed(0)
-    ours = nn.Sequential(
+_step_case(
+    "mc_dropout",
+    f"MC dropout, p = {P}",
+    "MCDropoutLinear MLP",
+    "nn.Dropout -> nn.Linear MLP",
+    "library",
+    lambda: nn.Sequential(
         bdlkern.nn.MCDropoutLinear(IN, HIDDEN, p=P), nn.ReLU(), bdlkern.nn.MCDropoutLinear(HIDDEN, OUT, p=P)
-    )
-    torch.manual_seed(0)
-    eager = nn.Sequential(nn.Dropout(P), nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Dropout(P), nn.Linear(HIDDEN, OUT))
-    step = _trainer(ours, _mse, device)
-    return Workload(
-        variants={"MCDropoutLinear MLP": step, "nn.Dropout -> nn.Linear MLP": _trainer(eager, _mse, device)},
-        params={"layers": f"{IN}-{HIDDEN}-{OUT}", "batch": BATCH, "p": P, "threads": 1},
-        check=_check_step(step),
-    )
+    ),
+    lambda: nn.Sequential(nn.Dropout(P), nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Dropout(P), nn.Linear(HIDDEN, OUT)),
+    _mse,
+)
 
 
 class _EagerConcreteLinear(nn.Module):
@@ -128,28 +140,20 @@ def _concrete_loss(model, x, y):
     return F.mse_loss(model(x), y) + reg / N_TRAIN
 
 
-@case(
-    "overhead.mlp_step.concrete",
-    family="overhead",
-    description="Adam step, MLP 13-50-1, batch 32, 1 thread: Concrete dropout",
-    subject="ConcreteDropoutLinear MLP",
-    baselines={"eager Concrete reference MLP": "reference"},
-)
-def _concrete_step(device: torch.device, quick: bool) -> Workload:
-    torch.manual_seed(0)
-    ours = nn.Sequential(
+_step_case(
+    "concrete",
+    "Concrete dropout",
+    "ConcreteDropoutLinear MLP",
+    "eager Concrete reference MLP",
+    "reference",
+    lambda: nn.Sequential(
         bdlkern.nn.ConcreteDropoutLinear(IN, HIDDEN, weight_regularizer=1e-6, dropout_regularizer=1e-5),
         nn.ReLU(),
         bdlkern.nn.ConcreteDropoutLinear(HIDDEN, OUT, weight_regularizer=1e-6, dropout_regularizer=1e-5),
-    )
-    torch.manual_seed(0)
-    eager = nn.Sequential(_EagerConcreteLinear(IN, HIDDEN), nn.ReLU(), _EagerConcreteLinear(HIDDEN, OUT))
-    step = _trainer(ours, _concrete_loss, device)
-    return Workload(
-        variants={"ConcreteDropoutLinear MLP": step, "eager Concrete reference MLP": _trainer(eager, _concrete_loss, device)},
-        params={"layers": f"{IN}-{HIDDEN}-{OUT}", "batch": BATCH, "threads": 1},
-        check=_check_step(step),
-    )
+    ),
+    lambda: nn.Sequential(_EagerConcreteLinear(IN, HIDDEN), nn.ReLU(), _EagerConcreteLinear(HIDDEN, OUT)),
+    _concrete_loss,
+)
 
 
 class _EagerLRTLinear(nn.Module):
@@ -180,24 +184,16 @@ def _kl_loss(model, x, y):
     return F.mse_loss(model(x), y) + kl / N_TRAIN
 
 
-@case(
-    "overhead.mlp_step.sparse_vd",
-    family="overhead",
-    description="Adam step, MLP 13-50-1, batch 32, 1 thread: sparse VD (LRT + KL)",
-    subject="SparseVDLinear MLP",
-    baselines={"eager LRT layer MLP": "reference"},
+_step_case(
+    "sparse_vd",
+    "sparse VD (LRT + KL)",
+    "SparseVDLinear MLP",
+    "eager LRT layer MLP",
+    "reference",
+    lambda: nn.Sequential(bdlkern.nn.SparseVDLinear(IN, HIDDEN), nn.ReLU(), bdlkern.nn.SparseVDLinear(HIDDEN, OUT)),
+    lambda: nn.Sequential(_EagerLRTLinear(IN, HIDDEN), nn.ReLU(), _EagerLRTLinear(HIDDEN, OUT)),
+    _kl_loss,
 )
-def _sparse_vd_step(device: torch.device, quick: bool) -> Workload:
-    torch.manual_seed(0)
-    ours = nn.Sequential(bdlkern.nn.SparseVDLinear(IN, HIDDEN), nn.ReLU(), bdlkern.nn.SparseVDLinear(HIDDEN, OUT))
-    torch.manual_seed(0)
-    eager = nn.Sequential(_EagerLRTLinear(IN, HIDDEN), nn.ReLU(), _EagerLRTLinear(HIDDEN, OUT))
-    step = _trainer(ours, _kl_loss, device)
-    return Workload(
-        variants={"SparseVDLinear MLP": step, "eager LRT layer MLP": _trainer(eager, _kl_loss, device)},
-        params={"layers": f"{IN}-{HIDDEN}-{OUT}", "batch": BATCH, "threads": 1},
-        check=_check_step(step),
-    )
 
 
 @case(
