@@ -24,7 +24,7 @@ from onnxscript import opset18 as op
 
 OPSET = 18  # the ONNX opset of every operator used below
 
-_EPS_LRT = 1e-8  # sqrt(var + 1e-8), DESIGN.md section 1
+_EPS_LRT = 1e-8  # sqrt(var + 1e-8), docs/design.md section 1.3
 _EPS_CONCRETE = 1e-7
 # Uniforms in the open interval (0, 1), as bdlkern.ops.uniform: its smallest value (2**-25) and the
 # largest float32 below 1.
