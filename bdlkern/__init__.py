@@ -37,7 +37,7 @@ except ImportError:  # built with BDLKERN_SIMT=0 or without CUDA headers
     _HAS_SIMT = False
 
 from . import ops  # noqa: E402  (registers the fake kernels)
-from . import nn, reference, uncertainty  # noqa: E402
+from . import nn, uncertainty  # noqa: E402
 from ._sampling import NoStochasticLayerWarning, current_sampling, sampling  # noqa: E402
 
 from ._version import __version__  # noqa: E402
@@ -60,10 +60,11 @@ def build_info() -> dict:
 
 def __getattr__(name: str):
     # bdlkern.onnx on first use: importing it eagerly would cost every user the exporter's import.
-    if name == "onnx":
+    # bdlkern.reference: the test oracle, now bdlkern.testing.reference (never imported eagerly).
+    if name in ("onnx", "reference"):
         import importlib
 
-        return importlib.import_module(".onnx", __name__)
+        return importlib.import_module(".onnx" if name == "onnx" else ".testing.reference", __name__)
     raise AttributeError(f"module 'bdlkern' has no attribute {name!r}")
 
 
@@ -77,7 +78,6 @@ __all__ = [
     "has_simt",
     "ops",
     "nn",
-    "reference",
     "uncertainty",
     "sampling",
     "current_sampling",

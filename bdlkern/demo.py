@@ -428,9 +428,7 @@ class DenseLRTLinear(nn.Module):
 
     def __init__(self, sparse: bdlkern.nn.SparseLinear):
         super().__init__()
-        from bdlkern.reference import csr_to_dense
-
-        weight, variance = csr_to_dense(sparse.crow, sparse.col, sparse.values, sparse.in_features)
+        weight, variance = sparse._dense_matrices()
         self.register_buffer("weight", weight)
         self.register_buffer("variance", variance)
         self.register_buffer("bias", None if sparse.bias is None else sparse.bias.clone())

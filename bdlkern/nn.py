@@ -793,9 +793,15 @@ class SparseLinear(_NotScriptable, nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``[out_features, in_features]``."""
-        from .reference import csr_to_dense
+        return self._dense_matrices()[0]
 
-        return csr_to_dense(self.crow, self.col, self.values, self.in_features)[0]
+    def _dense_matrices(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, V or None): the dense ``[out, in]`` weight and, with variances, the weight variance."""
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
+        values = self.values if self.values.dim() == 2 else self.values.unsqueeze(1)
+        dense = values.new_zeros(values.shape[1], self.out_features, self.in_features)
+        dense[:, rows, self.col] = values.t()
+        return dense[0], (dense[1] if self.values.dim() == 2 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, in] -> [*, out]``; inside ``sampling(S)`` with variances ``[*, in]`` or

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 
 from conftest import require_backend
 

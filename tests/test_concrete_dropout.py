@@ -10,7 +10,7 @@ from torch import nn
 from torch.library import opcheck
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 
 CASES = [  # x shape, channel_dim, p_logit shape
     ((1,), None, ()),
@@ -344,7 +344,7 @@ def test_sampling_uses_hard_masks_through_the_mc_kernel():
 
 def _hard_reference(x, p_logit, rng_state, channel_dim=None):
     """The hard MC masks of the Concrete modules rebuilt from ``rng_state``: the uniforms of the
-    concrete stream (``bdlkern.reference.uniform``, one per mask element: per element of x, or per
+    concrete stream (``bdlkern.testing.reference.uniform``, one per mask element: per element of x, or per
     (row, channel) with a spatial mask), an element kept iff u >= p and scaled by 1 / (1 - p)."""
     p = torch.sigmoid(p_logit.detach())
     if channel_dim == 1:

@@ -8,7 +8,7 @@ import torch
 from torch.autograd import gradgradcheck
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ pruned SparseLinear on its CSR path and above its crossover density), a mode (tr
 a few), and whether the ``sampling`` block is nested in another. Every example must either raise a
 clear error in the module's terms (wrong width: a ``ValueError`` naming the module and the width it
 expects; nesting: a ``RuntimeError`` naming both S) or match the float64 reference of
-``bdlkern.reference`` with the same random bits, within the error bound of the precision it ran in
+``bdlkern.testing.reference`` with the same random bits, within the error bound of the precision it ran in
 (the ``|x| |W|^T`` sum times a few units of that precision's rounding).
 """
 
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 
 from test_properties import examples
 
@@ -60,7 +60,7 @@ def dense_weights(module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tens
 
 
 def reference(module, kind: str, mode: str, x: torch.Tensor, S: int, seed: int, state: torch.Tensor | None):
-    """The module's output from bdlkern.reference in float64 with the module's random bits."""
+    """The module's output from bdlkern.testing.reference in float64 with the module's random bits."""
     x = x.double()
     w, b, v = dense_weights(module)
     sampling_state = torch.tensor([seed, 0], dtype=torch.int64)  # call 0 of a seeded block

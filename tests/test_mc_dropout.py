@@ -11,7 +11,7 @@ from torch import nn
 from torch.library import opcheck
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 
 MC_STREAM = bdlkern.ops.STREAMS["mc_dropout"]
 

@@ -155,3 +155,34 @@ def test_version_is_single_sourced():
     from importlib import metadata
 
     assert bdlkern.__version__ == bdlkern._C.build_info()["version"] == metadata.version("bdlkern")
+
+
+def test_production_never_imports_the_test_oracle():
+    """import bdlkern and a use of every nn module (train, eval, sampling, pruning) leave
+    bdlkern.testing out of sys.modules; bdlkern.reference still reaches the oracle on access."""
+    proc = run_python(
+        """
+        import sys, torch, bdlkern
+        from torch import nn
+        x = torch.randn(4, 6)
+        vd = bdlkern.nn.SparseVDLinear(6, 3)
+        mods = [bdlkern.nn.MCDropoutLinear(6, 3), bdlkern.nn.ConcreteDropoutLinear(6, 3),
+                bdlkern.nn.ConcreteDropout(nn.Linear(6, 3)), vd, vd.to_sparse()]
+        for m in mods:
+            for train in (True, False):
+                m.train(train)
+                m(x).sum()
+            with bdlkern.sampling(2, seed=0):
+                m(x)
+        mods[-1].to_dense()
+        conv = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(3, 2, 3))
+        conv(torch.randn(1, 3, 5, 5))
+        bdlkern.uncertainty.mc_predict(nn.Sequential(mods[0]), x, num_samples=2, seed=0)
+        print("bdlkern.testing" in sys.modules, "bdlkern.testing.reference" in sys.modules)
+        print(bdlkern.reference.__name__)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert lines[0].split() == ["False", "False"], proc.stdout
+    assert lines[1] == "bdlkern.testing.reference"

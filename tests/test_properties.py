@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of every bdlkern op against ``bdlkern.reference``.
+"""Property-based tests (hypothesis) of every bdlkern op against ``bdlkern.testing.reference``.
 
 Each test draws shapes with 0, 1 and odd sizes, inputs that are contiguous, transposed,
 step-sliced or expanded (stride 0), every dtype the op supports, extreme parameters (p near 0 and
@@ -37,7 +37,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 
 BACKENDS = ["cpu", "simt"]
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16

@@ -12,7 +12,7 @@ import torch
 from torch.library import opcheck
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 
 # Random123 known-answer vectors for Philox4x32-10: (counter, key) -> output.
 KAT = [

@@ -12,7 +12,7 @@ from torch import nn
 from torch.library import opcheck
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 from test_properties import assert_design_rule
 
 

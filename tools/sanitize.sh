@@ -45,6 +45,7 @@ stage() {
   mkdir -p "$pkg"
   for f in bdlkern/*.py; do ln -sfn "$root/$f" "$pkg/"; done
   ln -sfn "$root/bdlkern/bench" "$pkg/bench"
+  ln -sfn "$root/bdlkern/testing" "$pkg/testing"
 }
 
 # build DIR SANITIZERS [ENV...]: the extensions with -fsanitize=SANITIZERS into DIR/bdlkern.

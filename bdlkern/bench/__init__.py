@@ -60,7 +60,7 @@ SCHEMA_VERSION = 1
 #: What a baseline stands for; printed in the ``kind`` column. The subject's kind is ``"bdlkern"``.
 BASELINE_KINDS = (
     "library",  # the closest path through torch or another library (torch.bernoulli_, torch.sparse)
-    "reference",  # bdlkern.reference run eagerly (the naive implementation)
+    "reference",  # bdlkern.testing.reference run eagerly (the naive implementation)
     "compiled",  # torch.compile of the reference
     "limit",  # a physical-limit proxy: a plain GEMM or copy of the same shape
     "variant",  # another configuration of the bdlkern op (per-element vs shared masks)

@@ -3,7 +3,7 @@
 Problem (full size): x [256, 4096] float32, one learnt rate for the layer (scalar ``p_logit``),
 temperature 0.1; quick: x [32, 512]. Forward + backward computes the gradients of x and p_logit.
 
-Baselines: the notebooks' formula in plain PyTorch (``bdlkern.reference.concrete_dropout`` with
+Baselines: the notebooks' formula in plain PyTorch (``bdlkern.testing.reference.concrete_dropout`` with
 ``torch.rand`` noise), eager and ``torch.compile``d, and a limit proxy: the two elementwise passes a
 fused kernel cannot avoid (``y = x * s`` forward, ``grad_x = g * s`` backward).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 from bdlkern.bench import Workload, case
 
 FULL = {"B": 256, "F": 4096}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 from bdlkern.bench import Workload, case
 
 FULL = {"S": 32, "B": 256, "K": 1024, "N": 1024}

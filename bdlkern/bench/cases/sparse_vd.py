@@ -3,7 +3,7 @@
 Problems (full size): W [1024, 1024] float32 with log alpha spread over (-6, 6); the LRT layer on
 x [256, 1024] with one noise sample per input (training); quick: W [128, 128], x [32, 128].
 
-Baselines: the reference written out in plain PyTorch (``bdlkern.reference``: clamp/exp for
+Baselines: the reference written out in plain PyTorch (``bdlkern.testing.reference``: clamp/exp for
 alpha theta^2, two ``F.linear``, sqrt, ``torch.randn``; autograd for backward), eager and
 ``torch.compile``d; for the LRT layer also the limit proxy of its GEMMs (the 2 forward and 4
 backward products of the same shapes). The pruned CSR layer (``sparse_linear.*``) is compared with
@@ -18,7 +18,7 @@ import warnings
 import torch
 
 import bdlkern
-from bdlkern import reference as ref
+from bdlkern.testing import reference as ref
 from bdlkern.bench import Workload, case
 
 FULL = {"B": 256, "K": 1024, "N": 1024}
