@@ -796,12 +796,19 @@ class SparseLinear(_NotScriptable, nn.Module):
         return self._dense_matrices()[0]
 
     def _dense_matrices(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W, V or None): the dense ``[out, in]`` weight and, with variances, the weight variance."""
-        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
+        """(W, V or None): the dense ``[out, in]`` weight and, with variances, the weight variance.
+
+        Made from the CSR buffers in ops of static sizes, out of place, so that the same code serves
+        eager calls and ``torch.export`` (and so ``bdlkern.onnx``), where the dense path must be
+        built in the graph."""
+        starts = self.crow[1:-1]
+        # The row of each stored weight: a 1 where each row but the first starts, summed.
+        marks = torch.zeros(self.nnz + 1, dtype=torch.long, device=self.col.device)
+        rows = marks.scatter_add(0, starts, torch.ones_like(starts)).cumsum(0)[:-1]
         values = self.values if self.values.dim() == 2 else self.values.unsqueeze(1)
-        dense = values.new_zeros(values.shape[1], self.out_features, self.in_features)
-        dense[:, rows, self.col] = values.t()
-        return dense[0], (dense[1] if self.values.dim() == 2 else None)
+        planes = values.new_zeros(values.shape[1], self.out_features, self.in_features)
+        planes = planes.index_put((torch.arange(values.shape[1], device=values.device)[:, None], rows, self.col), values.t())
+        return planes[0], (planes[1] if self.values.dim() == 2 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, in] -> [*, out]``; inside ``sampling(S)`` with variances ``[*, in]`` or
@@ -817,23 +824,12 @@ class SparseLinear(_NotScriptable, nn.Module):
             )
         rows = x.numel() // max(self.in_features, 1)
         if self.density > self.crossover_density(rows):
-            if torch.compiler.is_exporting():
-                return F.linear(x, self._traced_dense(), self.bias)
+            if torch.compiler.is_exporting():  # the cache cannot be filled with a traced tensor
+                return F.linear(x, self.to_dense(), self.bias)
             if self._dense is None or self._dense.dtype != self.values.dtype:
                 self._dense = self.to_dense()
             return F.linear(x, self._dense, self.bias)
         return ops.sparse_linear(x, self.crow, self.col, self.values, self.bias, row_order=self.row_order)
-
-    def _traced_dense(self) -> torch.Tensor:
-        """The dense weight made in the graph from the CSR buffers, in ops of static sizes: the GEMM
-        path under ``torch.export`` (and so ``bdlkern.onnx``), where the cache cannot be filled (the
-        assignment would leave a traced tensor in the module)."""
-        starts = self.crow[1:-1]
-        # The row of each stored weight: a 1 where each row but the first starts, summed.
-        marks = torch.zeros(self.nnz + 1, dtype=torch.long, device=self.col.device)
-        rows = marks.scatter_add(0, starts, torch.ones_like(starts)).cumsum(0)[:-1]
-        theta = self.values if self.values.dim() == 1 else self.values[:, 0]
-        return theta.new_zeros(self.out_features, self.in_features).index_put((rows, self.col), theta)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The number of stored weights differs from layer to layer: take the incoming shapes.
