@@ -186,7 +186,12 @@ main_sources = [
     "csrc/module.cpp", "csrc/ops/schemas.cpp", "csrc/ops/cpu.cpp", "csrc/ops/autograd.cpp", *rel("csrc/cpu/*.cpp")
 ]
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
-defines = [("BDLKERN_VERSION", f'"{VERSION}"'), ("BDLKERN_CUDA_ARCHS", f'"{arch_list}"')]
+defines = [
+    ("BDLKERN_VERSION", f'"{VERSION}"'),
+    ("BDLKERN_CUDA_ARCHS", f'"{arch_list}"'),
+    # reported by build_info(): debug and sanitizer builds compile with -g, release builds with -g0
+    ("BDLKERN_DEBUG_INFO", "1" if debug or sanitize else "0"),
+]
 
 ext_modules = []
 if not want_main:

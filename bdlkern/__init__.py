@@ -50,7 +50,7 @@ def build_info() -> dict:
         dict with ``version``, ``torch_version`` (built against), ``cuda`` (bool: CUDA kernels
         compiled in), ``cuda_version``, ``cuda_archs`` (the ``TORCH_CUDA_ARCH_LIST`` used),
         ``simt`` (bool: SIMT test extension present), ``threads`` (intra-op threads now),
-        ``parallel_backend`` and ``compiler``.
+        ``parallel_backend``, ``compiler`` and ``debug_info`` (compiled with -g).
     """
     info = dict(_C.build_info())
     info["simt"] = _HAS_SIMT

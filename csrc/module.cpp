@@ -13,6 +13,9 @@
 #ifndef BDLKERN_VERSION
 #error "BDLKERN_VERSION must be defined by the build"
 #endif
+#ifndef BDLKERN_DEBUG_INFO
+#error "BDLKERN_DEBUG_INFO must be defined by the build (1: compiled with -g)"
+#endif
 #ifndef BDLKERN_CUDA_ARCHS
 #define BDLKERN_CUDA_ARCHS ""
 #endif
@@ -64,6 +67,7 @@ static py::dict build_info() {
   info["parallel_backend"] = "unknown";
 #endif
   info["compiler"] = __VERSION__;
+  info["debug_info"] = BDLKERN_DEBUG_INFO != 0;
   return info;
 }
 
