@@ -42,34 +42,32 @@ def leaves(*tensors, dtype=torch.float32, device="cpu"):
     return [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in tensors]
 
 
-def run(fn, inputs, grad_seed=1):
-    """(output, gradients of inputs) for a fixed random cotangent."""
-    out = fn(*inputs)
+def cotangent(out, grad_seed=1):
+    """A fixed random cotangent for ``out``."""
     g = torch.Generator().manual_seed(grad_seed)
-    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
-    grads = torch.autograd.grad(out, inputs, cot, allow_unused=True)
-    return out, grads
+    return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+
+
+def run(fn, inputs):
+    """(output, gradients of inputs) for the fixed cotangent."""
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, cotangent(out), allow_unused=True)
 
 
 def compare(backend, fn, ref_fn, inputs, out_dtype, *, backward_inside=True):
-    """fn under autocast vs fn in float64 vs ref_fn under autocast: output and input gradients."""
+    """fn under autocast vs fn in float64 vs ref_fn under autocast: output and input gradients.
+    ``backward_inside=False``: our backward runs after the autocast block, as most training loops
+    do."""
     exact_out, exact_grads = run(fn, leaves(*inputs, dtype=torch.float64, device=backend.device))
     ours_in = leaves(*inputs, device=backend.device)
     ref_in = leaves(*inputs, device=backend.device)
     with autocast(backend):
         ref_out, ref_grads = run(ref_fn, ref_in)
+        ours_out = fn(*ours_in)
         if backward_inside:
-            ours_out, ours_grads = run(fn, ours_in)
-        else:
-            ours_out = fn(*ours_in)
-    if not backward_inside:  # backward after the autocast block, as most training loops do
-        ours_out, ours_grads = ours_out, torch.autograd.grad(
-            ours_out,
-            ours_in,
-            torch.randn(ours_out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(
-                ours_out.device, ours_out.dtype
-            ),
-        )
+            ours_grads = torch.autograd.grad(ours_out, ours_in, cotangent(ours_out))
+    if not backward_inside:
+        ours_grads = torch.autograd.grad(ours_out, ours_in, cotangent(ours_out))
     assert ours_out.dtype == out_dtype
     assert_low_precision(ours_out, ref_out, exact_out, "output")
     for i, (o, r, e) in enumerate(zip(ours_grads, ref_grads, exact_grads)):
@@ -360,3 +358,75 @@ def test_f_linear_composes_with_bdlkern_layers_under_autocast():
         y = model(x)
         F.mse_loss(y.float(), torch.zeros(5, 2)).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+class _ConvNet(nn.Module):
+    """A model of the user's own: conv layers, a bdlkern Concrete conv wrapper, flattening and a
+    sparse VD head, with a forward that mixes them by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop_conv = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(4, 4, 3, padding=1))
+        self.head = bdlkern.nn.SparseVDLinear(4 * 5 * 5, 3)
+        self.mc = bdlkern.nn.MCDropoutLinear(3, 2, p=0.2)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.drop_conv(h)  # a residual around the dropout conv
+        return self.mc(torch.tanh(self.head(h.flatten(1))))
+
+
+def test_a_custom_conv_model_under_autocast_trains_like_float32():
+    torch.manual_seed(0)
+    model = _ConvNet().train()
+    x = torch.randn(2, 3, 5, 5)
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = model(x).float().square().mean() + model.head.kl() / 1000
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for (name, p), g32, g16 in zip(model.named_parameters(), *grads):
+        assert g16.dtype == p.dtype == torch.float32
+        assert rel_err(g16, g32) < 0.08, f"{name}: gradient error {rel_err(g16, g32):.3g}"
+
+
+def test_non_contiguous_inputs_under_autocast():
+    """Transposed and step-sliced inputs reach the ops' casts and kernels: same values as the
+    contiguous copies, under autocast."""
+    state = bdlkern.ops.new_rng_state()
+    base = torch.randn(24, 12)
+    x = base.t()[:, ::2]  # [12, 12], neither stride is 1
+    assert not x.is_contiguous()
+    w, theta, ls = torch.randn(5, 12), torch.randn(5, 12), torch.randn(5, 12) - 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for fn in (
+            lambda a: bdlkern.ops.mc_dropout_linear(a, w, None, 0.3, 2, rng_state=state),
+            lambda a: bdlkern.ops.lrt_linear(a, theta, ls, num_samples=2, rng_state=state),
+            lambda a: bdlkern.ops.concrete_dropout(a, torch.tensor(-1.0), rng_state=state),
+        ):
+            torch.testing.assert_close(fn(x), fn(x.contiguous()), rtol=0, atol=0)
+
+
+def test_torch_compile_under_autocast_matches_eager():
+    """torch.compile traces through the ops' autocast kernels: the compiled model under autocast
+    gives the eager model's values under autocast, forward and gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), bdlkern.nn.SparseVDLinear(16, 6), bdlkern.nn.MCDropoutLinear(6, 3))
+    model.eval()
+    x = torch.randn(5, 8)
+    compiled = torch.compile(model, fullgraph=True)
+    outs = []
+    for m in (model, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with bdlkern.sampling(4, seed=3):
+                y = m(x)
+            y.float().sum().backward()
+        outs.append((y, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    (y_eager, g_eager), (y_comp, g_comp) = outs
+    assert y_comp.dtype == y_eager.dtype == torch.bfloat16
+    torch.testing.assert_close(y_comp.float(), y_eager.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

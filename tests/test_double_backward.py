@@ -152,3 +152,19 @@ def test_first_backward_is_unchanged_by_the_double_backward_path():
     for a, b in zip(plain, graph):
         torch.testing.assert_close(a, b)
         assert b.requires_grad
+
+
+def test_double_backward_with_non_contiguous_inputs():
+    """Transposed x and weight views through create_graph: the composite path and the first-order
+    kernels agree with the contiguous copies."""
+    state = bdlkern.ops.new_rng_state()
+    xb = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    wb = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    for view in (lambda t: t.t(), lambda t: t.t().contiguous()):
+        assert gradgradcheck(
+            lambda a, b: bdlkern.ops.mc_dropout_linear(view(a), view(b), None, 0.4, 2, rng_state=state), (xb, wb)
+        )
+        assert gradgradcheck(
+            lambda a, b: bdlkern.ops.lrt_linear(view(a), view(b), view(b) - 3.0, num_samples=2, rng_state=state),
+            (xb, wb),
+        )
