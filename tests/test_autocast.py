@@ -32,10 +32,22 @@ def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
-def assert_low_precision(ours, torch_ref, exact, what):
-    """Ours within 2x PyTorch's own error at the same autocast (both against float64)."""
+def assert_low_precision(ours, torch_ref, exact, what, dtype=torch.float32):
+    """Ours within 2x PyTorch's own error at the same autocast (both against float64), plus the
+    floor of docs/design.md section 6.2: one rounding unit of the compute ``dtype`` at the largest
+    value. Ours and PyTorch round at different points (the scale before or after the bf16 cast),
+    so for a 16-bit output one of them can land a full unit away where the other lands half a
+    unit away. For float32 ops the floor is 1e-5 of the largest value: their reductions (the
+    gradient of a scalar rate sums the whole tensor) round in another order than PyTorch's."""
     e_ours, e_ref = rel_err(ours, exact), rel_err(torch_ref, exact)
-    assert e_ours <= 2 * e_ref + 1e-5, f"{what}: error {e_ours:.3g} vs PyTorch's {e_ref:.3g}"
+    floor = max(torch.finfo(dtype).eps, 1e-5)
+    assert e_ours <= 2 * e_ref + floor, f"{what}: error {e_ours:.3g} vs PyTorch's {e_ref:.3g}"
+
+
+def fixed_state(device, seed=0):
+    """A reproducible ``rng_state``: a failure shows up on every run, not one run in fifty."""
+    g = torch.Generator().manual_seed(seed)
+    return bdlkern.ops.new_rng_state(generator=g).to(device)
 
 
 def leaves(*tensors, dtype=torch.float32, device="cpu"):
@@ -69,10 +81,10 @@ def compare(backend, fn, ref_fn, inputs, out_dtype, *, backward_inside=True):
     if not backward_inside:
         ours_grads = torch.autograd.grad(ours_out, ours_in, cotangent(ours_out))
     assert ours_out.dtype == out_dtype
-    assert_low_precision(ours_out, ref_out, exact_out, "output")
+    assert_low_precision(ours_out, ref_out, exact_out, "output", out_dtype)
     for i, (o, r, e) in enumerate(zip(ours_grads, ref_grads, exact_grads)):
         assert o.dtype == torch.float32, f"gradient {i} reached a float32 leaf as {o.dtype}"
-        assert_low_precision(o, r, e, f"gradient {i}")
+        assert_low_precision(o, r, e, f"gradient {i}", out_dtype)
 
 
 @pytest.fixture(params=["cpu", "simt", "cuda"])
@@ -91,7 +103,7 @@ def test_mc_dropout_linear(backend, shared_mask, backward_inside):
     S, B, K, N = 3, 9, 40, 17
     x, w, b = problem((B, K), (N, K), (N,))
     w /= math.sqrt(K)
-    state = bdlkern.ops.new_rng_state(device=backend.device)
+    state = fixed_state(backend.device)
     ns = backend.ops
 
     def fn(x, w, b):
@@ -106,7 +118,7 @@ def test_mc_dropout_linear(backend, shared_mask, backward_inside):
 def test_mc_dropout_linear_float16_autocast_on_cpu_runs_in_float32():
     """The CPU kernel has no float16 path: CPU float16 autocast runs it in float32."""
     x, w = leaves(*problem((4, 8), (5, 8)))
-    state = bdlkern.ops.new_rng_state()
+    state = fixed_state("cpu")
     with torch.autocast("cpu", dtype=torch.float16):
         y = torch.ops.bdlkern.mc_dropout_linear(x, w, None, state, 0.5, 2, False)
     assert y.dtype == torch.float32
@@ -118,7 +130,7 @@ def test_concrete_dropout(backend, channel_dim):
     shape = (6, 5) if channel_dim == -1 else (3, 4, 5, 5)
     (x,) = problem(shape)
     p_logit = torch.tensor(-1.0, dtype=torch.float64)
-    state = bdlkern.ops.new_rng_state(device=backend.device)
+    state = fixed_state(backend.device)
 
     def fn(x, p):
         return backend.ops.concrete_dropout(x, p, state, 0.1, channel_dim)
@@ -133,7 +145,7 @@ def test_concrete_dropout_takes_a_16bit_input(backend):
     """A bf16 activation (from an autocast matmul) and a float32 rate: float32 out, no error."""
     x = torch.randn(8, 6, device=backend.device).to(AUTOCAST[backend.name])
     p = torch.tensor(0.0, device=backend.device, requires_grad=True)
-    state = bdlkern.ops.new_rng_state(device=backend.device)
+    state = fixed_state(backend.device)
     with autocast(backend):
         y = backend.ops.concrete_dropout(x, p, state, 0.1, -1)
         y.sum().backward()
@@ -146,7 +158,7 @@ def test_lrt_linear(backend, shared_input):
     S, B, K, N = 2, 7, 30, 11
     x, theta, log_sigma2, b = problem((B, K) if shared_input else (S, B, K), (N, K), (N, K), (N,))
     log_sigma2 -= 3.0
-    state = bdlkern.ops.new_rng_state(device=backend.device)
+    state = fixed_state(backend.device)
 
     def fn(x, th, ls, b):
         return backend.ops.lrt_linear(x, th, ls, b, state, S)[0]
@@ -201,7 +213,7 @@ def test_sparse_linear(backend, stochastic):
     S, B, K, N = 3, 6, 50, 20
     crow, col, values = csr_weight(N, K, 0.05, device=backend.device)
     (x,) = problem((B, K))
-    state = bdlkern.ops.new_rng_state(device=backend.device)
+    state = fixed_state(backend.device)
     v = values.to(backend.device)
 
     def fn(x):
@@ -221,7 +233,7 @@ def test_sparse_linear(backend, stochastic):
 
 
 def test_rng_ops_are_untouched_by_autocast(backend):
-    state = bdlkern.ops.new_rng_state(device=backend.device)
+    state = fixed_state(backend.device)
     outside = [
         backend.ops.philox_bits(state, [37], 0),
         backend.ops.dropout_mask(state, [37], 0.3, 1),
@@ -244,7 +256,7 @@ def test_an_autocast_excluded_call_cannot_corrupt_the_lrt_buffers():
     float32. The binding now excludes autocast itself, so even a call that skips the autocast kernel
     (redispatch below it) computes in float32."""
     x, theta, ls = (t.float() for t in problem((5, 8), (4, 8), (4, 8)))
-    state = bdlkern.ops.new_rng_state()
+    state = fixed_state("cpu")
     want = torch.ops.bdlkern.lrt_linear(x, theta, ls, None, state, 2)[0]
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -395,7 +407,7 @@ def test_a_custom_conv_model_under_autocast_trains_like_float32():
 def test_non_contiguous_inputs_under_autocast():
     """Transposed and step-sliced inputs reach the ops' casts and kernels: same values as the
     contiguous copies, under autocast."""
-    state = bdlkern.ops.new_rng_state()
+    state = fixed_state("cpu")
     base = torch.randn(24, 12)
     x = base.t()[:, ::2]  # [12, 12], neither stride is 1
     assert not x.is_contiguous()
