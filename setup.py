@@ -1,11 +1,11 @@
 """Build bdlkern's two extensions with torch's BuildExtension (ninja).
 
 * ``bdlkern._C``: the operator library. C++ CPU kernels always; the CUDA kernels (every
-  ``csrc/cuda/*.cu``) when torch was built with CUDA and a toolkit of the same major version is
+  ``csrc/kernels/cuda/*.cu``) when torch was built with CUDA and a toolkit of the same major version is
   found. ``BDLKERN_CUDA=0`` forces a CPU-only build, ``BDLKERN_CUDA=1`` makes a missing toolkit an
   error. ``TORCH_CUDA_ARCH_LIST`` is honoured (default ``8.0;8.6;8.9;9.0+PTX``).
 * ``bdlkern._C_simt``: the same ``.cu`` kernel sources compiled by the host compiler against the
-  SIMT emulation header (``csrc/include/bdlkern/simt.h``), registered as ``torch.ops.bdlkern_simt``
+  SIMT emulation header (``csrc/include/bdlkern/common/simt.h``), registered as ``torch.ops.bdlkern_simt``
   on CPU tensors. It only needs CUDA's host-compilable headers (``cuda_fp16.h``, ...), taken from
   the toolkit or from the ``nvidia`` wheel that a CUDA build of torch installs. Built only with
   ``BDLKERN_SIMT=1`` (the Makefile's development build sets it): a release build or wheel leaves
@@ -175,15 +175,16 @@ def rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-cu_sources = rel("csrc/cuda/*.cu")
+cu_sources = rel("csrc/kernels/cuda/*.cu")
 # Every CUDA source must have its SIMT twin, or the emulator tests would silently skip it.
 for cu in cu_sources:
-    twin = os.path.join("csrc", "simt", os.path.basename(cu)[: -len(".cu")] + ".cpp")
+    twin = os.path.join("csrc", "testing", "simt", os.path.basename(cu)[: -len(".cu")] + ".cpp")
     if not os.path.isfile(os.path.join(ROOT, twin)):
         raise SystemExit(f"setup.py: {cu} has no SIMT twin {twin} (#include it under simt.h)")
 
 main_sources = [
-    "csrc/module.cpp", "csrc/ops/schemas.cpp", "csrc/ops/cpu.cpp", "csrc/ops/autograd.cpp", *rel("csrc/cpu/*.cpp")
+    "csrc/torch/module.cpp", "csrc/torch/schemas.cpp", "csrc/torch/register_cpu.cpp", "csrc/torch/autograd.cpp",
+    "csrc/torch/mc_dropout_cpu.cpp", *rel("csrc/kernels/cpu/*.cpp")
 ]
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
 defines = [
@@ -200,7 +201,7 @@ elif with_cuda:
     ext_modules.append(
         CUDAExtension(
             "bdlkern._C",
-            main_sources + ["csrc/ops/cuda.cpp", *cu_sources],
+            main_sources + ["csrc/torch/register_cuda.cpp", *cu_sources],
             include_dirs=include_dirs,
             define_macros=defines + [("BDLKERN_WITH_CUDA", "1")],
             extra_compile_args={
@@ -232,11 +233,26 @@ if simt_headers is not None:
             "bdlkern._C_simt",
             # + the host-side helpers the bindings of every backend share (CSR validation, with the
             # run-time SIMD choice it uses)
-            rel("csrc/simt/*.cpp") + ["csrc/cpu/csr_check.cpp", "csrc/cpu/philox_simd.cpp"],
+            [*rel("csrc/testing/simt/*.cpp"), "csrc/testing/register_simt.cpp", "csrc/testing/autograd_simt.cpp",
+             "csrc/testing/module_simt.cpp", "csrc/kernels/cpu/sparse_linear_check.cpp",
+             "csrc/kernels/cpu/philox_simd.cpp"],
             include_dirs=include_dirs + [simt_headers],
             define_macros=[("BDLKERN_SIMT", "1")],
             extra_compile_args={"cxx": cxx_flags + ["-pthread"]},
             extra_link_args=link_flags + ["-pthread"],
+        )
+    )
+
+if simt_headers is not None and with_cuda and want_main:
+    # The emulator's self-test kernels on real hardware (tests/test_simt.py's cuda backend).
+    ext_modules.append(
+        CUDAExtension(
+            "bdlkern._C_simt_cuda",
+            ["csrc/testing/register_selftest_cuda.cpp", "csrc/testing/selftest.cu"],
+            include_dirs=include_dirs,
+            define_macros=[("BDLKERN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-std=c++20", "-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     )
 

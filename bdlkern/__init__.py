@@ -2,7 +2,7 @@
 
 Importing the package loads the compiled operator library (``torch.ops.bdlkern.*``) and, when it
 was built, the SIMT test extension (``torch.ops.bdlkern_simt.*``: the CUDA kernel sources run on
-CPU tensors by the emulator in ``csrc/include/bdlkern/simt.h``).
+CPU tensors by the emulator in ``csrc/include/bdlkern/common/simt.h``).
 """
 
 import torch

@@ -137,7 +137,7 @@ def _lrt_output(mu: ir.Value, std: ir.Value, x_rank: int, x: ir.Value, num_sampl
     return op.Add(op.Reshape(mu, shape), op.Mul(op.Reshape(std, shape), eps)), std
 
 
-# ---- the translations (argument order and defaults: csrc/ops/schemas.h) ----------------------------
+# ---- the translations (argument order and defaults: csrc/torch/schemas.h) ----------------------------
 def mc_dropout_linear(x, weight, bias, rng_state, p: float, num_samples: int, shared_mask: bool = False):
     """``Y[s] = (X[s] * M_s) W^T / (1 - p) + b``, ``[S, R, N]``; keep-masks Bernoulli(1 - p) per
     (sample, row, feature), or per (sample, feature) with ``shared_mask``. ``x`` is ``[R, K]`` (one

@@ -1,6 +1,6 @@
 """Mixed precision: every op and every module, forward and backward, under ``torch.autocast``.
 
-The policy (csrc/ops/autocast.h): MC dropout runs in the autocast dtype where its kernel has a
+The policy (csrc/torch/autocast.h): MC dropout runs in the autocast dtype where its kernel has a
 native path (bf16 on the CPU, fp16/bf16 on CUDA and under the SIMT emulator), every other op casts
 16-bit inputs to float32; ATen calls inside an op never see autocast. Values are checked with the
 low-precision rule of docs/design.md section 6.2: the error against a float64 run of the same op

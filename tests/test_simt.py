@@ -1,5 +1,5 @@
-"""The SIMT emulator itself (csrc/include/bdlkern/simt.h), through the self-test kernels of
-csrc/cuda/simt_selftest.cu. Each test builds the expected result in NumPy from CUDA's documented
+"""The SIMT emulator itself (csrc/include/bdlkern/common/simt.h), through the self-test kernels of
+csrc/testing/selftest.cu. Each test builds the expected result in NumPy from CUDA's documented
 semantics. The same kernels run on a GPU when one is present (the ``cuda`` backend), which checks
 that emulator and hardware agree."""
 

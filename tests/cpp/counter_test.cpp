@@ -10,9 +10,9 @@
 // Run by ctest (CMakeLists.txt) and, with -fsanitize=address,undefined (signed overflow in the
 // index products is undefined behaviour, so UBSan checks it), by tools/sanitize.sh:
 //   g++ -std=c++20 -O1 -Icsrc/include tests/cpp/counter_test.cpp -o /tmp/counter_test
-#include <bdlkern/masks.h>
-#include <bdlkern/philox.h>
-#include <bdlkern/random.h>
+#include <bdlkern/rng/masks.h>
+#include <bdlkern/rng/philox.h>
+#include <bdlkern/rng/random.h>
 
 #include <cstdio>
 #include <cstring>

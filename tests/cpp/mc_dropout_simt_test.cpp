@@ -1,4 +1,4 @@
-// Torch-free check of csrc/cuda/mc_dropout_linear.cu run under the SIMT emulator: the three entry
+// Torch-free check of csrc/kernels/cuda/mc_dropout_linear.cu run under the SIMT emulator: the three entry
 // points against a naive float64 reference that rebuilds the mask with MCDropoutMask::keep.
 //
 // Build and run from the repository root (add --quick for a smaller sweep, or a dtype name):
@@ -17,9 +17,9 @@
 //   * the exact mask: W = I, bias 0, X = ones, p = 0.5 -> Y / scale equals the mask bit for bit;
 //   * a few cases with every pointer offset by one element (the scalar, unaligned load path).
 // Exits non-zero on any failure.
-#include <bdlkern/simt.h>
+#include <bdlkern/common/simt.h>
 
-#include "../../csrc/cuda/mc_dropout_linear.cu"
+#include "../../csrc/kernels/cuda/mc_dropout_linear.cu"
 
 #include <algorithm>
 #include <cmath>

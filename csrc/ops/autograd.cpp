@@ -1,4 +1,0 @@
-// Autograd of the `bdlkern` operators (csrc/ops/autograd.h), for every device.
-#include "autograd.h"
-
-TORCH_LIBRARY_IMPL(bdlkern, Autograd, m) { bdlkern::ops::AutogradOps<"bdlkern">::register_impls(m); }

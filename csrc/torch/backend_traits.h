@@ -1,0 +1,37 @@
+// What a binding needs to know about a backend: the device type its tensors live on and the
+// stream its kernels launch on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <bdlkern/common/backend.h>
+
+namespace bdlkern {
+namespace ops {
+
+template <class Tag>
+struct BackendTraits;
+
+template <>
+struct BackendTraits<CpuTag> {
+  static constexpr c10::DeviceType device_type = c10::DeviceType::CPU;
+  static void* stream(const at::Tensor&) { return nullptr; }
+};
+
+// The SIMT emulator runs CUDA sources on CPU tensors.
+template <>
+struct BackendTraits<SimtTag> {
+  static constexpr c10::DeviceType device_type = c10::DeviceType::CPU;
+  static void* stream(const at::Tensor&) { return nullptr; }
+};
+
+template <>
+struct BackendTraits<CudaTag> {
+  static constexpr c10::DeviceType device_type = c10::DeviceType::CUDA;
+  // The current CUDA stream of the tensor's device; defined in csrc/torch/cuda_stream.h, which
+  // one binding file per CUDA extension includes.
+  static void* stream(const at::Tensor& like);
+};
+
+}  // namespace ops
+}  // namespace bdlkern

@@ -1,0 +1,139 @@
+// Bindings of the fused Concrete-dropout ops: validate, make contiguous, allocate, and call the raw
+// pointer kernels of backend `Tag` (csrc/kernels/cpu/concrete_dropout.cpp, csrc/kernels/cuda/concrete_dropout.cu).
+// Semantics: bdlkern/concrete/kernels.h.
+#pragma once
+
+#include <ATen/DeviceGuard.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <bdlkern/concrete/kernels.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "autocast.h"
+#include "backend_traits.h"
+#include "checks.h"
+
+namespace bdlkern {
+namespace ops {
+
+template <class Tag>
+struct ConcreteOps {
+  using Traits = BackendTraits<Tag>;
+
+  // Checks every argument and returns the kernel parameters (x viewed as [M, C, L]).
+  static ConcreteDropoutParams params(const at::Tensor& x, const at::Tensor& p_logit,
+                                      const at::Tensor& rng_state, double temperature,
+                                      int64_t channel_dim, const char* op) {
+    TORCH_CHECK(x.device().type() == Traits::device_type, op, ": x must be on ",
+                c10::DeviceTypeName(Traits::device_type, true), ", got ", x.device());
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                ": x must be float32 or float64, got ", x.scalar_type());
+    TORCH_CHECK(channel_dim == -1 || channel_dim == 1, op,
+                ": channel_dim must be -1 (a mask value per element, rates along the last dim) or "
+                "1 (a mask value per (sample, channel) of [N, C, *]), got ",
+                channel_dim);
+    TORCH_CHECK(x.dim() >= (channel_dim == 1 ? 2 : 1), op, ": x must have ",
+                channel_dim == 1 ? "shape [N, C, *] for channel_dim=1" : "at least one dimension",
+                ", got shape ", x.sizes());
+    TORCH_CHECK(p_logit.scalar_type() == x.scalar_type(), op,
+                ": p_logit must have the dtype of x (", x.scalar_type(), "), got ",
+                p_logit.scalar_type());
+    TORCH_CHECK(p_logit.device() == x.device(), op, ": p_logit must be on x's device (",
+                x.device(), "), got ", p_logit.device());
+    const int64_t C = x.size(channel_dim);
+    TORCH_CHECK(p_logit.dim() == 0 || (p_logit.dim() == 1 && p_logit.size(0) == C), op,
+                ": p_logit must be a scalar (one rate for the layer) or have shape [", C,
+                "] (one rate per ", channel_dim == 1 ? "channel" : "feature", "), got shape ",
+                p_logit.sizes());
+    TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+                ": temperature must be a finite number > 0, got ", temperature);
+    check_rng_state(rng_state, Traits::device_type, op);
+    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
+                x.device(), "), got ", rng_state.device());
+    // One reduction (a sync on CUDA) so a NaN / inf rate is an error, not a NaN network.
+    TORCH_CHECK(p_logit.numel() == 0 || at::isfinite(p_logit).all().item<bool>(), op,
+                ": p_logit must be finite (no NaN or inf)");
+
+    ConcreteDropoutParams prm;
+    prm.channels = C;
+    if (channel_dim == 1) {
+      prm.rows = x.size(0);
+      prm.inner = C == 0 || x.size(0) == 0 ? 1 : x.numel() / (x.size(0) * C);
+    } else {
+      prm.rows = C == 0 ? 0 : x.numel() / C;
+      prm.inner = 1;
+    }
+    prm.per_channel_p = p_logit.dim() == 1;
+    prm.inv_temperature = 1.0 / temperature;
+    prm.rng_state = nullptr;
+    prm.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+    prm.stream = Traits::stream(x);
+    return prm;
+  }
+
+  static at::Tensor forward(const at::Tensor& x, const at::Tensor& p_logit,
+                            const at::Tensor& rng_state, double temperature,
+                            int64_t channel_dim) {
+    const char* op = "concrete_dropout";
+    const NoAutocast no_ac = no_autocast();
+    ConcreteDropoutParams prm = params(x, p_logit, rng_state, temperature, channel_dim, op);
+    at::OptionalDeviceGuard guard(x.device());
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (x.numel() == 0) return y;
+    const at::Tensor state = rng_state.contiguous();
+    const at::Tensor pl = p_logit.contiguous();
+    prm.rng_state = state.const_data_ptr<int64_t>();
+    prm.stream = Traits::stream(x);
+    concrete_dropout_forward(Tag{}, prm, xc.const_data_ptr(), pl.const_data_ptr(), y.data_ptr());
+    return y;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
+                                                     const at::Tensor& x,
+                                                     const at::Tensor& p_logit,
+                                                     const at::Tensor& rng_state,
+                                                     double temperature, int64_t channel_dim) {
+    const char* op = "concrete_dropout_backward";
+    const NoAutocast no_ac = no_autocast();
+    ConcreteDropoutParams prm = params(x, p_logit, rng_state, temperature, channel_dim, op);
+    TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
+                ", got ", grad_out.sizes());
+    TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
+                ": grad_out must have x's dtype and device (", x.scalar_type(), ", ", x.device(),
+                "), got ", grad_out.scalar_type(), ", ", grad_out.device());
+    at::OptionalDeviceGuard guard(x.device());
+    at::Tensor grad_x =
+        at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (x.numel() == 0) return {grad_x, at::zeros_like(p_logit)};
+    at::Tensor grad_p = at::empty(p_logit.sizes(), p_logit.options());
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor gc = grad_out.contiguous();
+    const at::Tensor state = rng_state.contiguous();
+    const at::Tensor pl = p_logit.contiguous();
+    prm.rng_state = state.const_data_ptr<int64_t>();
+    const int64_t ws_bytes = concrete_dropout_backward_workspace(Tag{}, prm);
+    at::Tensor workspace;
+    if (ws_bytes > 0) workspace = at::empty({ws_bytes}, x.options().dtype(at::kByte));
+    concrete_dropout_backward(Tag{}, prm, gc.const_data_ptr(), xc.const_data_ptr(),
+                              pl.const_data_ptr(), grad_x.data_ptr(), grad_p.data_ptr(),
+                              ws_bytes > 0 ? workspace.data_ptr() : nullptr);
+    return {grad_x, grad_p};
+  }
+
+  static void register_impls(torch::Library& m) {
+    m.impl("concrete_dropout", &forward);
+    m.impl("concrete_dropout_backward", &backward);
+  }
+};
+
+}  // namespace ops
+}  // namespace bdlkern

@@ -1,0 +1,19 @@
+// CUDA kernels of the `bdlkern` operators (compiled only in CUDA builds).
+#include <torch/library.h>
+
+#include "concrete.h"
+#include "mc_dropout.h"
+#include "rng.h"
+#include "sparse_linear.h"
+#include "sparse_vd.h"
+
+#include "cuda_stream.h"
+
+TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
+  bdlkern::ops::RngOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::MCDropoutOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::ConcreteOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::SparseVDOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::SparseLinearOps<bdlkern::CudaTag>::register_impls(m);
+}
+
