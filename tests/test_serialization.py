@@ -7,6 +7,7 @@ the randomness a run-time draw or a graph input, bit-identical to eager for the 
 import inspect
 import io
 import os
+import pickle
 import subprocess
 import sys
 
@@ -87,6 +88,25 @@ def test_torch_save_load_whole_module(kind):
     fresh = _mlp_with(kind)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     for got, exp in zip(_outputs(fresh, x), expected):
+        torch.testing.assert_close(got, exp)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_whole_module_pickled_under_the_flat_layout_loads(kind):
+    """bdlkern.nn was one module before it became a package (bdlkern/nn/), and a whole-module pickle
+    of that time names every class bdlkern.nn.<Class>: such a pickle still loads, with the same
+    outputs. Protocol 2 writes each class as a GLOBAL opcode ("module\\nname\\n" in plain text), so
+    the old names are the new pickle with the submodule names cut."""
+    model = _mlp_with(kind)
+    x = torch.randn(5, 6)
+    expected = _outputs(model, x)
+    data = pickle.dumps(model, protocol=2)
+    flat = data
+    for submodule in ("mc_dropout", "concrete", "sparse_vd"):
+        flat = flat.replace(f"cbdlkern.nn.{submodule}\n".encode(), b"cbdlkern.nn\n")
+    assert flat != data and b"bdlkern.nn." not in flat
+    loaded = pickle.loads(flat)
+    for got, exp in zip(_outputs(loaded, x), expected):
         torch.testing.assert_close(got, exp)
 
 

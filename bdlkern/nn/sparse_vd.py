@@ -1,0 +1,285 @@
+"""Sparse variational dropout (Molchanov, Ashukha & Vetrov 2017): :class:`SparseVDLinear`, trained
+with the local reparameterisation trick and pruned by its learnt ``log_alpha``, and
+:class:`SparseLinear`, the pruned layer with a CSR weight that ``SparseVDLinear.to_sparse()``
+returns."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .._sampling import current_sampling
+from ._base import _F32_F64, _NotScriptable, _check_dtype, _check_width
+
+
+class SparseVDLinear(_NotScriptable, nn.Module):
+    """A linear layer trained by sparse variational dropout (Molchanov, Ashukha & Vetrov 2017).
+
+    Every weight is ``N(theta, alpha theta^2)``; training maximises the ELBO, i.e. minimises the
+    data loss plus :meth:`kl` (scaled by ``1 / N_train`` when the data loss is a mean), which
+    drives most ``alpha`` to infinity: those weights are pure noise and are pruned.
+
+    * training: one LRT sample per input (``bdlkern.ops.lrt_linear``), ``[*, in] -> [*, out]``;
+    * eval: the deterministic pruned layer ``x (theta * (log_alpha < threshold))^T + bias``;
+    * inside ``bdlkern.sampling(S)``: S stochastic LRT samples with the sample-dimension rule of
+      :mod:`bdlkern._sampling`.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear`` (theta initialised like its weight).
+        threshold: prune weights with ``log_alpha >= threshold`` (3.0: alpha ~ 20, a dropout rate
+            above 0.95). Must be finite.
+        log_sigma2_init: initial ``log sigma^2`` of every weight (-10: almost deterministic).
+
+    Parameters: ``theta [out, in]``, ``log_sigma2 [out, in]``, ``bias [out]``.
+    """
+
+    _bdlkern_kl = True  # picked up by bdlkern.nn.regularization / kl_divergence
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = 3.0,
+        log_sigma2_init: float = -10.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"SparseVDLinear: threshold must be finite, got {threshold}")
+        if not math.isfinite(float(log_sigma2_init)):
+            raise ValueError(f"SparseVDLinear: log_sigma2_init must be finite, got {log_sigma2_init}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.threshold = float(threshold)
+        factory = {"device": device, "dtype": dtype}
+        self.theta = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.log_sigma2 = nn.Parameter(torch.full((out_features, in_features), float(log_sigma2_init), **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        nn.init.kaiming_uniform_(self.theta, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def log_alpha(self) -> torch.Tensor:
+        """``clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)``, ``[out, in]`` (differentiable)."""
+        return torch.clamp(self.log_sigma2 - torch.log(self.theta**2 + 1e-8), -8.0, 8.0)
+
+    def mask(self) -> torch.Tensor:
+        """Boolean ``[out, in]``: the weights kept after pruning (``log_alpha < threshold``)."""
+        return self.log_alpha.detach() < self.threshold
+
+    def pruned_weight(self) -> torch.Tensor:
+        """``theta`` with the pruned weights zeroed (what eval uses)."""
+        return self.theta * self.mask().to(self.theta.dtype)
+
+    def sparsity(self) -> float:
+        """Fraction of weights pruned at the current ``threshold``."""
+        return 1.0 - self.mask().double().mean().item()
+
+    def kl(self) -> torch.Tensor:
+        """The layer's KL term (``bdlkern.ops.sparse_vd_kl``), a 0-dim tensor."""
+        dtype = self.theta.dtype
+        if dtype not in _F32_F64 and not torch.is_autocast_enabled(self.theta.device.type):
+            raise TypeError(
+                f"SparseVDLinear: parameters of dtype {dtype} are not supported by the KL kernel (it takes "
+                "torch.float32, torch.float64); keep the parameters in torch.float32 and use torch.autocast "
+                "for lower precision"
+            )
+        return ops.sparse_vd_kl(self.theta, self.log_sigma2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, in] -> [*, out]``; inside ``sampling(S)`` ``[*, in]`` or ``[S, *, in]`` -> ``[S, *, out]``."""
+        _check_width(self, x, self.in_features)
+        state = current_sampling()
+        if state is not None:
+            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
+            rng_state, num_samples = state.layer_call(self, x, self.in_features)
+            return ops.lrt_linear(
+                x, self.theta, self.log_sigma2, self.bias, num_samples=num_samples, rng_state=rng_state
+            )
+        if self.training:
+            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
+            return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1).squeeze(0)
+        _check_dtype(self, x, self.theta.dtype)
+        return F.linear(x, self.pruned_weight(), self.bias)
+
+    def to_sparse(self) -> "SparseLinear":
+        """The pruned layer as a :class:`SparseLinear`: CSR of the weights with
+        ``log_alpha < threshold``, values theta and alpha theta^2 interleaved on that pattern (so it
+        can still draw stochastic LRT samples), and a copy of the bias."""
+        with torch.no_grad():
+            keep = self.mask()
+            variance = torch.exp(self.log_alpha) * self.theta**2
+            return SparseLinear.from_dense(self.theta, self.bias, variance=variance, mask=keep)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}"
+        )
+
+
+class SparseLinear(_NotScriptable, nn.Module):
+    """A linear layer with a CSR weight, for pruned networks (``SparseVDLinear.to_sparse()``).
+
+    * deterministic: ``y = x W^T + bias`` through ``bdlkern.ops.sparse_linear``; above the
+      measured :meth:`crossover_density` of the batch size it uses the dense GEMM instead, so it
+      does not lose to ``nn.Linear``;
+    * inside ``bdlkern.sampling(S)``, when the layer holds weight variances (``values [nnz, 2]``, as
+      ``to_sparse`` keeps them): S stochastic LRT samples from one pass over the sparse structure.
+
+    Buffers (all in the state dict; ``load_state_dict`` takes any nnz): ``crow`` int64 ``[N + 1]``,
+    ``col`` int64 ``[nnz]``, ``values`` ``[nnz]`` or ``[nnz, 2]`` (theta, alpha theta^2), ``bias``
+    ``[N]`` (optional) and ``row_order`` (rows longest first, for the CUDA kernel's warps).
+    ``values`` is float32 or float64 (the sparse kernels' dtypes, on both paths, so that what runs
+    does not depend on the batch size); the input must have its dtype and ``in_features`` features
+    in its last dimension.
+    """
+
+    #: (largest batch, density) rows: above that density the dense GEMM is faster at that batch
+    #: size. Measured on the 2-core AVX2 benchmark VM with W [1024, 1024], float32, 2 threads
+    #: (a sweep of densities 0.02-0.4 at 1-256 rows against ``F.linear``): a single row's GEMV is
+    #: overhead-bound on both paths and the CSR kernel wins below ~6%; from 4 to 64 rows it wins up
+    #: to 33-40%, at 256 rows up to ~30%. The table keeps a margin below those.
+    crossover_table: tuple[tuple[float, float], ...] = ((1, 0.04), (64, 0.28), (256, 0.25), (math.inf, 0.2))
+
+    def crossover_density(self, batch: int) -> float:
+        """The density above which a batch of ``batch`` rows takes the dense GEMM."""
+        for max_batch, density in self.crossover_table:
+            if batch <= max_batch:
+                return density
+        return self.crossover_table[-1][1]
+
+    def __init__(self, in_features: int, out_features: int, crow, col, values, bias=None):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        if not (isinstance(crow, torch.Tensor) and crow.dim() == 1 and crow.numel() == out_features + 1):
+            raise ValueError(f"SparseLinear: crow must be a 1-d tensor of out_features + 1 = {out_features + 1} entries")
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", bias)
+        self.register_buffer("row_order", self._row_order(crow))
+        self.register_buffer("_dense", None, persistent=False)  # the dense weight, made on demand
+        if values.dtype not in _F32_F64:
+            raise TypeError(
+                f"SparseLinear: values of dtype {values.dtype} are not supported by the sparse kernels (they "
+                "take torch.float32, torch.float64); build the layer in torch.float32 and use torch.autocast "
+                "for lower precision around it"
+            )
+        # A malformed structure fails here, at construction (the op checks it on every call too).
+        probe = torch.zeros(1, self.in_features, dtype=values.dtype, device=values.device)
+        torch.ops.bdlkern.sparse_linear(probe, crow, col, values, bias, None)
+
+    @staticmethod
+    def _row_order(crow: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(crow[1:] - crow[:-1], descending=True, stable=True)
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        variance: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> "SparseLinear":
+        """The CSR layer of a pruned dense ``weight [N, K]``: the entries where ``mask`` (default
+        ``weight != 0``) is true, with ``variance [N, K]`` (alpha theta^2) interleaved if given."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("SparseLinear.from_dense: weight must be a 2-d tensor [out_features, in_features]")
+        weight = weight.detach()
+        keep = (weight != 0) if mask is None else mask.to(torch.bool)
+        if keep.shape != weight.shape:
+            raise ValueError(f"SparseLinear.from_dense: mask must have the weight's shape {tuple(weight.shape)}")
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: rows ascending, cols ascending within
+        counts = torch.bincount(rows, minlength=weight.shape[0])
+        crow = torch.cat([torch.zeros(1, dtype=torch.long, device=weight.device), counts.cumsum(0)])
+        values = weight[rows, cols]
+        if variance is not None:
+            if variance.shape != weight.shape:
+                raise ValueError("SparseLinear.from_dense: variance must have the weight's shape")
+            values = torch.stack([values, variance.detach()[rows, cols].to(values.dtype)], dim=1)
+        return cls(
+            weight.shape[1], weight.shape[0], crow, cols.contiguous(), values.contiguous(),
+            None if bias is None else bias.detach().clone(),
+        )
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weights kept."""
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+    @property
+    def has_variance(self) -> bool:
+        return self.values.dim() == 2
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]``."""
+        return self._dense_matrices()[0]
+
+    def _dense_matrices(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, V or None): the dense ``[out, in]`` weight and, with variances, the weight variance.
+
+        Made from the CSR buffers in ops of static sizes, out of place, so that the same code serves
+        eager calls and ``torch.export`` (and so ``bdlkern.onnx``), where the dense path must be
+        built in the graph."""
+        starts = self.crow[1:-1]
+        # The row of each stored weight: a 1 where each row but the first starts, summed.
+        marks = torch.zeros(self.nnz + 1, dtype=torch.long, device=self.col.device)
+        rows = marks.scatter_add(0, starts, torch.ones_like(starts)).cumsum(0)[:-1]
+        values = self.values if self.values.dim() == 2 else self.values.unsqueeze(1)
+        planes = values.new_zeros(values.shape[1], self.out_features, self.in_features)
+        planes = planes.index_put((torch.arange(values.shape[1], device=values.device)[:, None], rows, self.col), values.t())
+        return planes[0], (planes[1] if self.values.dim() == 2 else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, in] -> [*, out]``; inside ``sampling(S)`` with variances ``[*, in]`` or
+        ``[S, *, in]`` -> ``[S, *, out]``."""
+        _check_width(self, x, self.in_features)
+        _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
+        state = current_sampling()
+        if state is not None and self.has_variance:
+            rng_state, num_samples = state.layer_call(self, x, self.in_features)
+            return ops.sparse_linear(
+                x, self.crow, self.col, self.values, self.bias, num_samples=num_samples, stochastic=True,
+                rng_state=rng_state, row_order=self.row_order,
+            )
+        rows = x.numel() // max(self.in_features, 1)
+        if self.density > self.crossover_density(rows):
+            if torch.compiler.is_exporting():  # the cache cannot be filled with a traced tensor
+                return F.linear(x, self.to_dense(), self.bias)
+            if self._dense is None or self._dense.dtype != self.values.dtype:
+                self._dense = self.to_dense()
+            return F.linear(x, self._dense, self.bias)
+        return ops.sparse_linear(x, self.crow, self.col, self.values, self.bias, row_order=self.row_order)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The number of stored weights differs from layer to layer: take the incoming shapes.
+        for name in ("crow", "col", "values", "row_order", "bias"):
+            key = prefix + name
+            if key in state_dict and state_dict[key] is not None:
+                current = getattr(self, name)
+                if current is None or current.shape != state_dict[key].shape:
+                    setattr(self, name, torch.empty_like(state_dict[key], device=self.col.device))
+        self._dense = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"density={self.density:.4f}, variance={self.has_variance}, bias={self.bias is not None}"
+        )
+

@@ -1,0 +1,179 @@
+"""What every op family of :mod:`bdlkern.ops` shares.
+
+* the stream tags (:data:`STREAMS`) and the namespaces whose fake kernels the families register
+  (``bdlkern``, and ``bdlkern_simt`` when the SIMT test extension is loaded);
+* ``rng_state``: drawing a fresh one (:func:`new_rng_state`, traceable under torch.compile /
+  torch.export) and resolving the ``rng_state`` / ``generator`` / ``device`` arguments of a wrapper;
+* argument checks that turn Python mistakes into errors naming the argument (shapes, real numbers,
+  stream names) and the device check the fake kernels make;
+* the explicit sample-dimension rule of the sampling ops (:func:`_sample_dim_input`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import math
+import operator
+
+import torch
+
+from .. import _C
+
+# Stream tags (Philox counter word 2), mirrored from csrc/include/bdlkern/random.h. Each op family
+# draws from its own tag; the numbers are part of the reproducibility contract.
+STREAMS: dict[str, int] = {
+    "user": 0,
+    "mc_dropout": 1,
+    "concrete_dropout": 2,
+    "lrt": 3,
+    "sparse_lrt": 4,
+}
+
+# The namespaces whose ops get fake kernels: bdlkern/__init__.py loads _C_simt (when it was built)
+# before it imports bdlkern.ops, so the SIMT ops are registered by the time this runs.
+_NAMESPACES = ["bdlkern"]
+if hasattr(torch.ops, "bdlkern_simt") and hasattr(torch.ops.bdlkern_simt, "philox_bits"):
+    _NAMESPACES.append("bdlkern_simt")
+
+ShapeLike = int | Sequence[int] | torch.Size
+
+
+def _is_int(v) -> bool:
+    """An integer index (int, NumPy integer, SymInt), not a bool or a float."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
+def _shape(shape: ShapeLike, name: str = "shape") -> list[int]:
+    if _is_int(shape):
+        return [shape if isinstance(shape, (int, torch.SymInt)) else operator.index(shape)]
+    if not isinstance(shape, (str, bytes)):
+        try:
+            dims = list(shape)
+        except TypeError:
+            dims = None
+        if dims is not None and all(_is_int(d) for d in dims):
+            return [d if isinstance(d, (int, torch.SymInt)) else operator.index(d) for d in dims]
+    raise TypeError(f"{name} must be an int or a sequence of ints, got {shape!r}")
+
+
+def _number(value, name: str, op: str) -> float:
+    """A real-valued argument as a Python float, with an error naming it."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}") from None
+
+
+def _stream(stream: int | str) -> int:
+    if isinstance(stream, str):
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {sorted(STREAMS)} or its tag, got {stream!r}")
+        return STREAMS[stream]
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise TypeError(f"stream must be an int tag or a stream name, got {type(stream).__name__}")
+    return stream
+
+
+def new_rng_state(
+    generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Draw a fresh ``rng_state`` from torch's random generator.
+
+    Args:
+        generator: the torch generator to draw from (default: the global generator of ``device``,
+            seeded by ``torch.manual_seed``).
+        device: where the state lives, which is where the ops that consume it run. Defaults to the
+            generator's device, else the CPU.
+
+    Returns:
+        int64 tensor of shape ``[2]``: a random 63-bit ``seed`` and ``offset = 0``.
+    """
+    if generator is None and (device is None or _is_cpu(device)) and not _tracing():
+        return _C._draw_cpu_rng_state()  # the same seed, one call instead of three ops
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but device is {device}: draw the state from a "
+            "generator of the device the op runs on"
+        )
+    # Out-of-place draw (traceable by torch.compile): seed uniform in [0, 2**63 - 1), offset 0.
+    seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=device)])
+
+
+def _is_cpu(device) -> bool:
+    return device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")
+
+
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = torch.compiler.is_exporting
+
+
+def _tracing() -> bool:
+    """Whether torch.compile / torch.export is tracing the call (they need the traceable draw)."""
+    return _is_compiling() or _is_exporting()
+
+
+def _resolve_state(
+    rng_state: torch.Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    if rng_state is None:
+        return new_rng_state(generator, device)
+    if generator is not None:
+        raise ValueError("pass rng_state or generator, not both")
+    if not isinstance(rng_state, torch.Tensor):
+        raise TypeError(f"rng_state must be an int64 tensor [seed, offset], got {type(rng_state).__name__}")
+    if device is not None and rng_state.device != torch.device(device):
+        raise ValueError(f"rng_state is on {rng_state.device} but device is {device}")
+    return rng_state
+
+
+def _sample_dim_input(
+    x: torch.Tensor, in_features: int | None, num_samples: int | None, op: str, weight: str = "the weights expect"
+):
+    """(x as the op takes it, S, batch shape) under the explicit sample-dimension rule, shared by
+    every sampling op: ``num_samples=S`` with ``x [*batch, in]`` (x as ``[rows, in]``), or
+    ``num_samples=None`` with ``x [S, *batch, in]`` (x as ``[S, rows, in]``). ``in_features=None``
+    leaves the feature check to the op."""
+    if num_samples is None:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{op}: x has no sample dimension (shape {tuple(x.shape)}): pass num_samples=S for an input "
+                "shared by all samples, or x of shape [S, *batch, in_features]"
+            )
+        samples, batch = x.shape[0], x.shape[1:-1]
+        # Explicit sizes: reshape(..., -1, K) is ambiguous for K == 0.
+        x_op = x.reshape(samples, math.prod(batch), x.shape[-1]) if x.dim() != 3 else x
+    else:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise TypeError(f"{op}: num_samples must be an int or None, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"{op}: num_samples must be >= 1, got {num_samples}")
+        if x.dim() < 1:
+            raise ValueError(f"{op}: x must have a feature dimension")
+        samples, batch = num_samples, x.shape[:-1]
+        # A 2-d x is already [rows, in]: no view (it costs more than a small layer's kernel).
+        x_op = x if x.dim() == 2 else x.reshape(math.prod(batch), x.shape[-1])
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features but {weight} in_features = {in_features}")
+    return x_op, samples, batch
+
+
+def _check_devices(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Mixed devices reach the fake kernel (meta outranks cpu in dispatch): check them here too."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} must be on {ref_name}'s device ({ref.device}), got {t.device}")

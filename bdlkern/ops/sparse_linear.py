@@ -1,0 +1,105 @@
+"""The sparse (CSR) linear layer: pruned sparse variational dropout at inference
+(:func:`sparse_linear`, deterministic or with stochastic LRT samples), and the fake kernels of
+``sparse_linear``, ``sparse_linear_lrt`` and their backward ops.
+
+The package re-exports the function under this module's name, so ``bdlkern.ops.sparse_linear`` (and
+``import bdlkern.ops.sparse_linear as m``) is the function; ``from bdlkern.ops.sparse_linear import
+...`` reads this module as usual, and ``sys.modules["bdlkern.ops.sparse_linear"]`` is the module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import _NAMESPACES, _check_devices, _resolve_state, _sample_dim_input
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    num_samples: int | None = None,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    rng_state: torch.Tensor | None = None,
+    row_order: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer whose weight W [N, K] is stored in CSR: the pruned sparse VD layer.
+
+    ``crow`` (int64 ``[N + 1]``), ``col`` (int64 ``[nnz]``, ascending within each row) and ``values``:
+    ``[nnz]`` (theta) or ``[nnz, 2]`` (theta and the weight variance ``alpha theta^2`` interleaved on
+    the same pattern). The structure is validated before any kernel runs.
+
+    * deterministic (default): ``y = x W^T + bias``, ``x [*, K] -> [*, N]``;
+    * ``stochastic=True``: S local-reparameterisation samples ``y_s = mu + sqrt(v + 1e-8) * eps_s``
+      with ``mu = x W^T + bias`` and ``v = x^2 V^T`` from one pass over the sparse structure, the
+      noise from the Philox stream (tag ``"sparse_lrt"``) over the output's logical coordinates, and
+      the sample-dimension rule of :func:`mc_dropout_linear` (``num_samples=S`` with ``x [*batch, K]``,
+      or ``x [S, *batch, K]``); needs ``values [nnz, 2]`` with variances ``>= 0``.
+
+    Differentiable in ``x`` only (saliency and adversarial uses); no gradient reaches the values.
+
+    Args:
+        row_order: optional int64 ``[N]`` permutation in which the CUDA kernel hands rows to warps
+            (longest first balances the work; ``bdlkern.nn.SparseLinear`` keeps one).
+    """
+    for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sparse_linear: {name} must be a tensor, got {type(t).__name__}")
+    if not stochastic:
+        if num_samples is not None:
+            raise ValueError("sparse_linear: num_samples needs stochastic=True (the deterministic layer has no samples)")
+        if x.dim() < 1:
+            raise ValueError("sparse_linear: x must have a feature dimension")
+        if x.dim() == 2:  # the usual [B, K]: no views (two reshapes cost more than a small layer)
+            return torch.ops.bdlkern.sparse_linear(x, crow, col, values, bias, row_order)
+        y = torch.ops.bdlkern.sparse_linear(
+            x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), crow, col, values, bias, row_order
+        )
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    # in_features is whatever the CSR's columns allow: the op checks col against x's last dim.
+    x_op, samples, batch = _sample_dim_input(x, None, num_samples, "sparse_linear")
+    state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
+    y, _ = torch.ops.bdlkern.sparse_linear_lrt(x_op, crow, col, values, bias, row_order, state, samples)
+    return y.reshape(samples, *batch, y.shape[-1])
+
+
+# ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
+def _register_fakes(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::sparse_linear")
+    def _fake(x, crow, col, values, bias=None, row_order=None):
+        _check_devices("sparse_linear", "x", x, crow=crow, col=col, values=values, bias=bias, row_order=row_order)
+        return x.new_empty((x.shape[0], crow.shape[0] - 1))
+
+    @torch.library.register_fake(f"{ns}::sparse_linear_backward")
+    def _fake_backward(grad_out, crow, col, values, in_features):
+        _check_devices("sparse_linear_backward", "grad_out", grad_out, crow=crow, col=col, values=values)
+        return grad_out.new_empty((grad_out.shape[0], in_features))
+
+    @torch.library.register_fake(f"{ns}::sparse_linear_lrt")
+    def _fake_lrt(x, crow, col, values, bias, row_order, rng_state, num_samples):
+        _check_devices(
+            "sparse_linear_lrt", "x", x, crow=crow, col=col, values=values, bias=bias, row_order=row_order,
+            rng_state=rng_state,
+        )
+        n = crow.shape[0] - 1
+        rows = x.shape[-2]
+        std_rows = rows if x.dim() == 2 else num_samples * rows
+        return x.new_empty((num_samples, rows, n)), x.new_empty((std_rows, n))
+
+    @torch.library.register_fake(f"{ns}::sparse_linear_lrt_backward")
+    def _fake_lrt_backward(grad_out, x, crow, col, values, std, rng_state):
+        _check_devices(
+            "sparse_linear_lrt_backward", "x", x, grad_out=grad_out, crow=crow, col=col, values=values, std=std,
+            rng_state=rng_state,
+        )
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+for _ns in _NAMESPACES:
+    _register_fakes(_ns)
