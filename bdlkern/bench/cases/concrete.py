@@ -14,7 +14,7 @@ import torch
 
 import bdlkern
 from bdlkern.testing import reference as ref
-from bdlkern.bench import Workload, case
+from bdlkern.bench.registry import Workload, case
 
 FULL = {"B": 256, "F": 4096}
 QUICK = {"B": 32, "F": 512}

@@ -15,7 +15,7 @@ import torch
 
 import bdlkern
 from bdlkern.testing import reference as ref
-from bdlkern.bench import Workload, case
+from bdlkern.bench.registry import Workload, case
 
 FULL = {"S": 32, "B": 256, "K": 1024, "N": 1024}
 QUICK = {"S": 4, "B": 32, "K": 128, "N": 128}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bdlkern
-from bdlkern.bench import Workload, case
+from bdlkern.bench.registry import Workload, case
 
 IN, HIDDEN, OUT, BATCH = 13, 50, 1, 32
 P = 0.1
