@@ -46,6 +46,9 @@ The harness is one module per concern; this package re-exports their names, so
 * :mod:`~bdlkern.bench.compare`: throughput, :func:`speedups`, :func:`headline_speedup`;
 * :mod:`~bdlkern.bench.runner`: :func:`run_case`, :func:`run_benchmarks` (the JSON report);
 * :mod:`~bdlkern.bench.report`: the printed header, table and notes;
+* :mod:`~bdlkern.bench.baselines`: the eager PyTorch code the cases time as baselines (written
+  for speed, the way a competent user would; the test oracle ``bdlkern.testing.reference`` only
+  checks results);
 * :mod:`~bdlkern.bench.cases`: the case definitions, one module per family.
 """
 

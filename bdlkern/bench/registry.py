@@ -18,8 +18,8 @@ import torch
 #: What a baseline stands for; printed in the ``kind`` column. The subject's kind is ``"bdlkern"``.
 BASELINE_KINDS = (
     "library",  # the closest path through torch or another library (torch.bernoulli_, torch.sparse)
-    "reference",  # bdlkern.testing.reference run eagerly (the naive implementation)
-    "compiled",  # torch.compile of the reference
+    "reference",  # the eager PyTorch a user writes without bdlkern (bdlkern.bench.baselines)
+    "compiled",  # torch.compile of that eager code
     "limit",  # a physical-limit proxy: a plain GEMM or copy of the same shape
     "variant",  # another configuration of the bdlkern op (per-element vs shared masks)
 )
