@@ -1,4 +1,5 @@
-"""The benchmark harness (bdlkern.bench): the CLI end to end in quick mode, and its parts.
+"""The benchmark harness (bdlkern.bench): the CLI end to end in quick mode, its parts, and its
+eager baselines against the test oracle.
 
 Benchmarks are not timed tests: nothing here asserts that bdlkern is fast, only that the harness
 measures, records and compares what it claims to.
@@ -14,8 +15,11 @@ import time
 import pytest
 import torch
 
+import bdlkern
 from bdlkern import bench
+from bdlkern.bench import baselines
 from bdlkern.bench.__main__ import main
+from bdlkern.testing import reference as ref
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +249,192 @@ def test_time_fns_interleaves_and_times_each():
     assert blocks == ["a", "b"] * 3
     with pytest.raises(ValueError, match="repeats >= 1"):
         bench.time_fns({"a": lambda: None}, repeats=0)
+
+
+# ---- baselines: the eager code the cases time computes what the oracle computes -----------------
+# The oracle (bdlkern.testing.reference) is never timed; the baselines (bdlkern.bench.baselines)
+# are. Where a baseline takes its random draw as an argument, it gets the oracle's draw from the
+# same rng_state and must give the oracle's result (float64, so only summation order differs);
+# F.dropout draws inside one op, so that baseline is held to the oracle's distribution instead.
+F64 = torch.float64
+STREAMS = bdlkern.ops.STREAMS
+
+
+def _rand(g, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=F64) * scale).requires_grad_()
+
+
+def _grads(y, leaves, seed=0):
+    """Gradients of ``<y, g>`` for a fixed random ``g``: every output element weighs in."""
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    return torch.autograd.grad(y, leaves, g)
+
+
+def _assert_same(got, want, leaves):
+    """Equal values, and equal gradients with respect to each of ``leaves``."""
+    torch.testing.assert_close(got, want)
+    for i, (a, b) in enumerate(zip(_grads(got, leaves), _grads(want, leaves))):
+        torch.testing.assert_close(a, b, msg=lambda m, i=i: f"gradient of input {i}: {m}")
+
+
+def test_baseline_mc_dropout_shared_mask_matches_oracle():
+    g = torch.Generator().manual_seed(0)
+    S, B, K, N, p = 3, 5, 7, 4, 0.3
+    x, w, b = _rand(g, B, K), _rand(g, N, K), _rand(g, N)
+    state = (12345, 6)
+    mask = ref.dropout_mask(state, (S, K), p, stream=STREAMS["mc_dropout"])
+    got = baselines.mc_dropout_linear_shared(x, w, b, p, S, mask=mask)
+    want = ref.mc_dropout_linear(x, w, b, p, S, shared_mask=True, rng_state=state)
+    assert got.shape == (S, B, N)
+    _assert_same(got, want, (x, w, b))
+    # The draw the cases time: through an identity weight the dropped input shows, and every row
+    # of a sample keeps the same features, each scaled by 1 / (1 - p).
+    torch.manual_seed(0)
+    y = baselines.mc_dropout_linear_shared(x.detach(), torch.eye(K, dtype=F64), None, p, 4000)
+    kept = y != 0
+    assert (kept == kept[:, :1]).all()
+    torch.testing.assert_close(y[kept], (x.detach() / (1 - p)).expand_as(y)[kept])
+    assert abs(kept[:, 0].double().mean().item() - (1 - p)) < 0.02  # 28000 draws: sd 0.003
+
+
+def test_baseline_mc_dropout_matches_oracle_in_distribution():
+    """Per-element masks: the baseline's samples and the oracle's have the exact mean
+    ``x W^T + b`` and variance ``p / (1 - p) * x^2 (W^2)^T``, and each dropped input element is 0
+    or ``x / (1 - p)``."""
+    g = torch.Generator().manual_seed(1)
+    S, B, K, N, p = 20000, 2, 6, 3, 0.3
+    x, w, b = (t.detach() for t in (_rand(g, B, K), _rand(g, N, K), _rand(g, N)))
+    torch.manual_seed(0)
+    ye = baselines.mc_dropout_linear(x, torch.eye(K, dtype=F64), None, p, 2000)
+    kept = ye != 0
+    torch.testing.assert_close(ye[kept], (x / (1 - p)).expand_as(ye)[kept])
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.01  # 24000 draws: sd 0.003
+
+    mean = torch.nn.functional.linear(x, w, b)
+    var = p / (1 - p) * torch.nn.functional.linear(x * x, w * w)
+    torch.manual_seed(1)
+    samples = {
+        "baseline": baselines.mc_dropout_linear(x, w, b, p, S),
+        "oracle": ref.mc_dropout_linear(x, w, b, p, S, rng_state=(77, 0)),
+    }
+    for name, y in samples.items():
+        assert y.shape == (S, B, N), name
+        # the sample mean within 5 standard errors; the sample variance within 10 %
+        assert ((y.mean(0) - mean).abs() <= 5 * (var / S).sqrt()).all(), name
+        torch.testing.assert_close(y.var(0), var, rtol=0.1, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_baseline_concrete_dropout_matches_oracle():
+    g = torch.Generator().manual_seed(2)
+    x = _rand(g, 6, 5)
+    p_logit = torch.tensor(-1.0, dtype=F64, requires_grad=True)
+    state = (99, 3)
+    u = ref.uniform(state, x.shape, stream=STREAMS["concrete_dropout"], dtype=F64)
+    got = baselines.concrete_dropout(x, p_logit, 0.1, u=u)
+    _assert_same(got, ref.concrete_dropout(x, p_logit, 0.1, rng_state=state), (x, p_logit))
+    # the timed call draws u with torch.rand_like
+    torch.manual_seed(3)
+    drawn = baselines.concrete_dropout(x, p_logit, 0.1)
+    torch.manual_seed(3)
+    torch.testing.assert_close(drawn, baselines.concrete_dropout(x, p_logit, 0.1, u=torch.rand_like(x)))
+
+    w = _rand(g, 4, 5)
+    for args in ((w, p_logit, 5, 1e-6, 1e-5), (w, p_logit, 3, 0.5, 2.0)):
+        got = baselines.concrete_dropout_regularizer(*args)
+        _assert_same(got, ref.concrete_dropout_regularizer(*args), (w, p_logit))
+
+
+def test_baseline_eager_concrete_layer():
+    """The overhead case's eager Concrete layer: the baseline formula, then its linear layer; the
+    oracle's regulariser with the layer's coefficients."""
+    torch.manual_seed(0)
+    layer = baselines.EagerConcreteLinear(5, 3, init_p=0.2, weight_regularizer=1e-3, dropout_regularizer=1e-2).double()
+    assert torch.sigmoid(layer.p_logit).item() == pytest.approx(0.2)
+    x = torch.randn(4, 5, dtype=F64)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    u = torch.rand_like(x)
+    want = layer.linear(baselines.concrete_dropout(x, layer.p_logit, layer.temperature, u=u))
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(
+        layer.regularization(), ref.concrete_dropout_regularizer(layer.linear.weight, layer.p_logit, 5, 1e-3, 1e-2)
+    )
+
+
+def _sparse_vd_params(g, n, k):
+    theta = _rand(g, n, k, scale=0.5)
+    # log alpha over (-12, 12): both clamps of [-8, 8] are hit
+    log_alpha = torch.rand(n, k, generator=g, dtype=F64) * 24 - 12
+    log_sigma2 = (log_alpha + torch.log(theta.detach() ** 2 + 1e-8)).requires_grad_()
+    return theta, log_sigma2
+
+
+def test_baseline_lrt_and_kl_match_oracle():
+    g = torch.Generator().manual_seed(4)
+    S, B, K, N = 3, 4, 5, 6
+    theta, log_sigma2 = _sparse_vd_params(g, N, K)
+    x, bias = _rand(g, B, K), _rand(g, N)
+    leaves = (x, theta, log_sigma2, bias)
+    state = (5, 1)
+    for samples in (S, None):
+        shape = (B, N) if samples is None else (samples, B, N)
+        eps = ref.normal(state, shape, stream=STREAMS["lrt"], dtype=F64)
+        got = baselines.lrt_linear(*leaves, samples, eps=eps)
+        _assert_same(got, ref.lrt_linear(*leaves, samples, rng_state=state), leaves)
+    torch.manual_seed(5)
+    drawn = baselines.lrt_linear(*leaves, S)
+    torch.manual_seed(5)
+    torch.testing.assert_close(drawn, baselines.lrt_linear(*leaves, S, eps=torch.randn(S, B, N, dtype=F64)))
+
+    got = baselines.sparse_vd_kl(theta, log_sigma2)
+    _assert_same(got, ref.sparse_vd_kl(theta, log_sigma2), (theta, log_sigma2))
+    # float32, as the cases time it, against the float64 oracle
+    t32, s32 = theta.detach().float(), log_sigma2.detach().float()
+    kl32 = baselines.sparse_vd_kl(t32, s32).item()
+    assert kl32 == pytest.approx(ref.sparse_vd_kl(t32.double(), s32.double()).item(), rel=1e-5)
+
+
+def test_baseline_eager_lrt_layer():
+    """The overhead case's eager LRT layer: one LRT sample per input and the oracle's KL."""
+    torch.manual_seed(0)
+    layer = baselines.EagerLRTLinear(5, 3).double()
+    x = torch.randn(4, 5, dtype=F64)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    eps = torch.randn(4, 3, dtype=F64)
+    torch.testing.assert_close(y, baselines.lrt_linear(x, layer.theta, layer.log_sigma2, layer.bias, eps=eps))
+    torch.testing.assert_close(layer.kl(), ref.sparse_vd_kl(layer.theta, layer.log_sigma2))
+
+
+def test_baseline_torch_sparse_layers_match_oracle():
+    g = torch.Generator().manual_seed(6)
+    S, B, K, N = 3, 4, 9, 7
+    keep = torch.rand(N, K, generator=g) < 0.3
+    w = torch.randn(N, K, generator=g, dtype=F64) * keep
+    v = (torch.rand(N, K, generator=g, dtype=F64) + 0.1) * keep  # nonzero wherever w is kept
+    bias = torch.randn(N, generator=g, dtype=F64)
+    x = torch.randn(B, K, generator=g, dtype=F64)
+    w_csr, v_csr = baselines.to_csr(w), baselines.to_csr(v)
+    assert torch.equal(w_csr.col_indices(), v_csr.col_indices())
+    crow, col = w_csr.crow_indices(), w_csr.col_indices()
+
+    for b in (bias, None):
+        torch.testing.assert_close(baselines.CsrLinear(w, b)(x), ref.sparse_linear(x, crow, col, w_csr.values(), b))
+
+    values = torch.stack([w_csr.values(), v_csr.values()], dim=1)
+    state = (31, 2)
+    eps = ref.normal(state, (S, B, N), stream=STREAMS["sparse_lrt"], dtype=F64)
+    want = ref.sparse_linear(x, crow, col, values, bias, S, stochastic=True, rng_state=state)
+    torch.testing.assert_close(baselines.CsrLinear(w, bias, variance=v).sample(x, S, eps=eps), want)
+    torch.testing.assert_close(baselines.lrt_sample(x, w, v, bias, S, eps=eps), want)
+    with pytest.raises(ValueError, match="variance"):
+        baselines.CsrLinear(w, bias).moments(x)
+
+
+def test_cases_time_baselines_not_the_oracle():
+    """Importing the harness (every case module) leaves the test oracle unloaded: what the cases
+    time comes from bdlkern.bench.baselines; only their checks import the oracle, when they run."""
+    code = "import sys, bdlkern.bench; sys.exit('bdlkern.testing.reference' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

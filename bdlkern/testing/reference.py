@@ -1,4 +1,5 @@
-"""Pure-Python/PyTorch references: the test oracle and the "naive" baseline.
+"""Pure-Python/PyTorch references: the test oracle (never timed; the benchmarks time their own
+eager baselines, ``bdlkern.bench.baselines``, which tests/test_bench.py holds to this oracle).
 
 Everything here is written from the definitions in docs/design.md (sections 1 and 2),
 independently of the C++/CUDA kernels: the Philox generator is NumPy integer arithmetic, the
@@ -131,8 +132,8 @@ def mc_dropout_linear(
 
     With ``rng_state`` the masks are rebuilt from the bdlkern stream (tag 1, index
     ``(s * B + b) * K + k``, or ``s * K + k`` with ``shared_mask``) -- the test oracle of
-    ``bdlkern.ops.mc_dropout_linear``. Without it, ``F.dropout`` draws torch's own masks -- the
-    naive baseline users write today (it materialises the ``[S, *batch, in]`` input).
+    ``bdlkern.ops.mc_dropout_linear``. Without it, ``F.dropout`` draws torch's own masks (it
+    materialises the ``[S, *batch, in]`` input).
     """
     if num_samples is not None:
         x = x.unsqueeze(0).expand(num_samples, *x.shape)
@@ -176,8 +177,8 @@ def concrete_dropout(
 
     With ``rng_state`` the uniforms ``u`` are rebuilt from the bdlkern stream (tag 2, one per mask
     element: the elements of ``x``, or ``(n, c)`` with ``channel_dim=1``) -- the test oracle of
-    ``bdlkern.ops.concrete_dropout``. Without it ``u = torch.rand`` -- the naive baseline (it keeps
-    ``u`` and every intermediate for autograd).
+    ``bdlkern.ops.concrete_dropout``. Without it ``u = torch.rand`` (it keeps ``u`` and every
+    intermediate for autograd).
     """
     eps = CONCRETE_EPS
     if channel_dim == 1:
@@ -218,8 +219,8 @@ def lrt_linear(x, theta, log_sigma2, bias=None, num_samples=None, *, rng_state=N
     ``y = mu + sqrt(v + 1e-8) * eps``; ``[S, *batch, out]``.
 
     With ``rng_state`` eps is rebuilt from the bdlkern stream (tag 3, index ``(s * R + r) * N + o``
-    over the flattened output) -- the test oracle. Without it ``eps = torch.randn`` -- the naive
-    baseline (autograd keeps every intermediate).
+    over the flattened output) -- the test oracle. Without it ``eps = torch.randn`` (autograd keeps
+    every intermediate).
     """
     if num_samples is not None:
         x = x.unsqueeze(0).expand(num_samples, *x.shape)

@@ -3,9 +3,10 @@
 Problem (full size): x [256, 4096] float32, one learnt rate for the layer (scalar ``p_logit``),
 temperature 0.1; quick: x [32, 512]. Forward + backward computes the gradients of x and p_logit.
 
-Baselines: the notebooks' formula in plain PyTorch (``bdlkern.testing.reference.concrete_dropout`` with
+Baselines: the notebooks' formula in plain PyTorch (``bdlkern.bench.baselines.concrete_dropout``,
 ``torch.rand`` noise), eager and ``torch.compile``d, and a limit proxy: the two elementwise passes a
-fused kernel cannot avoid (``y = x * s`` forward, ``grad_x = g * s`` backward).
+fused kernel cannot avoid (``y = x * s`` forward, ``grad_x = g * s`` backward). The check compares
+bdlkern with the test oracle, ``bdlkern.testing.reference``, imported when it runs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import torch
 
 import bdlkern
-from bdlkern.testing import reference as ref
-from bdlkern.bench import Workload, case
+from bdlkern.bench import baselines
+from bdlkern.bench.registry import Workload, case
 
 FULL = {"B": 256, "F": 4096}
 QUICK = {"B": 32, "F": 512}
@@ -36,6 +37,8 @@ def _problem(device: torch.device, quick: bool):
 
 def _check(x, p_logit, state):
     def check() -> None:
+        from bdlkern.testing import reference as ref
+
         y = bdlkern.ops.concrete_dropout(x, p_logit, TEMPERATURE, rng_state=state)
         expected = ref.concrete_dropout(x.double(), p_logit.double(), TEMPERATURE, rng_state=state.cpu())
         torch.testing.assert_close(y.detach().cpu().double(), expected.detach().cpu(), rtol=1e-4, atol=1e-4)
@@ -56,7 +59,7 @@ def _check(x, p_logit, state):
 )
 def _forward_backward(device: torch.device, quick: bool) -> Workload:
     dims, x, p_logit, grad, state = _problem(device, quick)
-    compiled = torch.compile(lambda x, p: ref.concrete_dropout(x, p, TEMPERATURE))
+    compiled = torch.compile(lambda x, p: baselines.concrete_dropout(x, p, TEMPERATURE))
     xd, scale = x.detach(), torch.tensor(1.1, device=device)
     n = dims["B"] * dims["F"]
 
@@ -70,7 +73,7 @@ def _forward_backward(device: torch.device, quick: bool) -> Workload:
     return Workload(
         variants={
             "bdlkern.concrete_dropout": run(lambda: bdlkern.ops.concrete_dropout(x, p_logit, TEMPERATURE, rng_state=state)),
-            "reference (eager)": run(lambda: ref.concrete_dropout(x, p_logit, TEMPERATURE)),
+            "reference (eager)": run(lambda: baselines.concrete_dropout(x, p_logit, TEMPERATURE)),
             "reference (torch.compile)": run(lambda: compiled(x, p_logit)),
             "x*s and g*s (2 elementwise passes)": lambda: (xd * scale, grad * scale),
         },
@@ -95,13 +98,13 @@ def _forward_backward(device: torch.device, quick: bool) -> Workload:
 def _forward(device: torch.device, quick: bool) -> Workload:
     dims, x, p_logit, _, state = _problem(device, quick)
     xd, pd = x.detach(), p_logit.detach()
-    compiled = torch.compile(lambda x, p: ref.concrete_dropout(x, p, TEMPERATURE))
+    compiled = torch.compile(lambda x, p: baselines.concrete_dropout(x, p, TEMPERATURE))
     scale = torch.tensor(1.1, device=device)
     n = dims["B"] * dims["F"]
     return Workload(
         variants={
             "bdlkern.concrete_dropout": lambda: bdlkern.ops.concrete_dropout(xd, pd, TEMPERATURE, rng_state=state),
-            "reference (eager)": lambda: ref.concrete_dropout(xd, pd, TEMPERATURE),
+            "reference (eager)": lambda: baselines.concrete_dropout(xd, pd, TEMPERATURE),
             "reference (torch.compile)": lambda: compiled(xd, pd),
             "x*s (1 elementwise pass)": lambda: xd * scale,
         },

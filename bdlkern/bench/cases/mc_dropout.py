@@ -4,9 +4,12 @@ Problem (full size): S = 32 samples of x [256, 1024] through W [1024, 1024], p =
 every sample sharing the input (the first MC layer of a network). Quick: S = 4, x [32, 128],
 W [128, 128].
 
-Baselines: the reference users write today (``x.expand -> F.dropout -> F.linear``, eager and
-``torch.compile``d), and the limit proxy: one plain ``addmm`` of the same [S*B, in] x [in, out]
-shape with the input already in memory (what a fused kernel cannot beat).
+Baselines (:mod:`bdlkern.bench.baselines`): the code users write today (``x.expand -> F.dropout
+-> F.linear``, eager and ``torch.compile``d; for shared masks a ``bernoulli_`` mask per sample and
+feature broadcast over the batch), and the limit proxy: one plain ``addmm`` of the same
+[S*B, in] x [in, out] shape with the input already in memory (what a fused kernel cannot beat).
+The checks compare bdlkern with the test oracle, ``bdlkern.testing.reference``, imported when a
+check runs.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import torch
 
 import bdlkern
-from bdlkern.testing import reference as ref
-from bdlkern.bench import Workload, case
+from bdlkern.bench import baselines
+from bdlkern.bench.registry import Workload, case
 
 FULL = {"S": 32, "B": 256, "K": 1024, "N": 1024}
 QUICK = {"S": 4, "B": 32, "K": 128, "N": 128}
@@ -55,6 +58,8 @@ def _params(dims, **extra):
 
 def _check_against_reference(x, w, b, S, state, shared_mask=False):
     def check() -> None:
+        from bdlkern.testing import reference as ref
+
         y = bdlkern.ops.mc_dropout_linear(x, w, b, P, S, shared_mask=shared_mask, rng_state=state)
         expected = ref.mc_dropout_linear(x, w, b, P, S, shared_mask=shared_mask, rng_state=state.cpu())
         torch.testing.assert_close(y.cpu(), expected.cpu(), rtol=1e-4, atol=1e-4)
@@ -76,12 +81,12 @@ def _check_against_reference(x, w, b, S, state, shared_mask=False):
 def _forward(device: torch.device, quick: bool) -> Workload:
     dims, x, w, b, state = _problem(device, quick)
     S = dims["S"]
-    compiled = torch.compile(lambda x, w, b: ref.mc_dropout_linear(x, w, b, P, S))
+    compiled = torch.compile(lambda x, w, b: baselines.mc_dropout_linear(x, w, b, P, S))
     x_rows = x.repeat(S, 1)  # the limit proxy's input, already materialised
     return Workload(
         variants={
             "bdlkern.mc_dropout_linear": lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state),
-            "reference (eager)": lambda: ref.mc_dropout_linear(x, w, b, P, S),
+            "reference (eager)": lambda: baselines.mc_dropout_linear(x, w, b, P, S),
             "reference (torch.compile)": lambda: compiled(x, w, b),
             "addmm [S*B,in]x[in,out]": lambda: torch.addmm(b, x_rows, w.t()),
         },
@@ -110,7 +115,7 @@ def _shared(device: torch.device, quick: bool) -> Workload:
                 x, w, b, P, S, shared_mask=True, rng_state=state
             ),
             "bdlkern per-element masks": lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state),
-            "reference shared mask (eager)": lambda: ref.mc_dropout_linear(x, w, b, P, S, shared_mask=True),
+            "reference shared mask (eager)": lambda: baselines.mc_dropout_linear_shared(x, w, b, P, S),
         },
         params=_params(dims, shared_mask=True),
         flops={
@@ -136,7 +141,7 @@ def _shared(device: torch.device, quick: bool) -> Workload:
 def _forward_backward(device: torch.device, quick: bool) -> Workload:
     dims, x, w, b, state = _problem(device, quick, requires_grad=True)
     S = dims["S"]
-    compiled = torch.compile(lambda x, w, b: ref.mc_dropout_linear(x, w, b, P, S))
+    compiled = torch.compile(lambda x, w, b: baselines.mc_dropout_linear(x, w, b, P, S))
     grad = torch.randn(S, dims["B"], dims["N"], device=device)
     x_rows = x.detach().repeat(S, 1)
     g_rows = grad.reshape(-1, dims["N"])
@@ -156,6 +161,8 @@ def _forward_backward(device: torch.device, quick: bool) -> Workload:
     def check() -> None:
         # The gradients the subject times, against autograd through the reference with the same
         # masks (rng_state), on CPU copies of the inputs.
+        from bdlkern.testing import reference as ref
+
         got = run(lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state))()
         leaves = [t.detach().cpu().requires_grad_() for t in (x, w, b)]
         y = ref.mc_dropout_linear(*leaves, P, S, rng_state=state.cpu())
@@ -166,7 +173,7 @@ def _forward_backward(device: torch.device, quick: bool) -> Workload:
     return Workload(
         variants={
             "bdlkern.mc_dropout_linear": run(lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state)),
-            "reference (eager)": run(lambda: ref.mc_dropout_linear(x, w, b, P, S)),
+            "reference (eager)": run(lambda: baselines.mc_dropout_linear(x, w, b, P, S)),
             "reference (torch.compile)": run(lambda: compiled(x, w, b)),
             "3 GEMMs of the same shapes": gemms,
         },

@@ -4,8 +4,9 @@ Bayesian-DL workloads (UCI regression, active learning, small tabular models).
 * ``overhead.mlp_step.*``: one Adam training step of a UCI-sized MLP, 13 -> 50 -> 1, batch 32, on
   one thread, with each bdlkern layer against the eager PyTorch a user writes without bdlkern:
   ``MCDropoutLinear`` against ``nn.Dropout -> nn.Linear``; ``ConcreteDropoutLinear`` against the
-  Concrete dropout of the paper's notebooks (``torch.rand`` relaxed mask, the regulariser); and
-  ``SparseVDLinear`` against an eager LRT layer (two ``F.linear``, ``torch.randn``, the KL);
+  Concrete dropout of the paper's notebooks (``torch.rand`` relaxed mask, the regulariser:
+  ``bdlkern.bench.baselines.EagerConcreteLinear``); and ``SparseVDLinear`` against an eager LRT
+  layer (two ``F.linear``, ``torch.randn``, the KL: ``baselines.EagerLRTLinear``);
 * ``overhead.op_call``: one 1 x 1 ``bdlkern.ops.mc_dropout_linear`` call (one sample) against a
   1 x 1 ``F.linear``: the fixed cost of the op path (Python wrapper, rng_state, dispatcher,
   autograd, kernel setup) against torch's own.
@@ -18,14 +19,14 @@ trained, many at a time), restored afterwards.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import bdlkern
-from bdlkern.bench import Workload, case
+from bdlkern.bench import baselines
+from bdlkern.bench.registry import Workload, case
 
 IN, HIDDEN, OUT, BATCH = 13, 50, 1, 32
 P = 0.1
@@ -111,30 +112,6 @@ _step_case(
 )
 
 
-class _EagerConcreteLinear(nn.Module):
-    """Concrete dropout as the paper's notebooks write it: a learnt logit, a relaxed mask from
-    ``torch.rand``, then the linear layer; its regulariser."""
-
-    def __init__(self, in_features, out_features, init_p=0.1, temperature=0.1):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features)
-        self.p_logit = nn.Parameter(torch.tensor(math.log(init_p) - math.log1p(-init_p)))
-        self.temperature = temperature
-
-    def forward(self, x):
-        eps = 1e-7
-        p = torch.sigmoid(self.p_logit)
-        u = torch.rand_like(x)
-        drop = torch.log(p + eps) - torch.log(1 - p + eps) + torch.log(u + eps) - torch.log(1 - u + eps)
-        z = torch.sigmoid(drop / self.temperature)
-        return self.linear(x * (1 - z) / (1 - p))
-
-    def regularization(self):
-        return bdlkern.ops.concrete_dropout_regularizer(
-            self.linear.weight, self.p_logit, self.linear.in_features, 1e-6, 1e-5
-        )
-
-
 def _concrete_loss(model, x, y):
     reg = sum(m.regularization() for m in model if hasattr(m, "regularization"))
     return F.mse_loss(model(x), y) + reg / N_TRAIN
@@ -151,32 +128,13 @@ _step_case(
         nn.ReLU(),
         bdlkern.nn.ConcreteDropoutLinear(HIDDEN, OUT, weight_regularizer=1e-6, dropout_regularizer=1e-5),
     ),
-    lambda: nn.Sequential(_EagerConcreteLinear(IN, HIDDEN), nn.ReLU(), _EagerConcreteLinear(HIDDEN, OUT)),
+    lambda: nn.Sequential(
+        baselines.EagerConcreteLinear(IN, HIDDEN, weight_regularizer=1e-6, dropout_regularizer=1e-5),
+        nn.ReLU(),
+        baselines.EagerConcreteLinear(HIDDEN, OUT, weight_regularizer=1e-6, dropout_regularizer=1e-5),
+    ),
     _concrete_loss,
 )
-
-
-class _EagerLRTLinear(nn.Module):
-    """The LRT layer of sparse VD as users write it: two F.linear, torch.randn, the KL."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__()
-        self.theta = nn.Parameter(torch.randn(out_features, in_features) / math.sqrt(in_features))
-        self.log_sigma2 = nn.Parameter(torch.full((out_features, in_features), -10.0))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-
-    def log_alpha(self):
-        return torch.clamp(self.log_sigma2 - torch.log(self.theta**2 + 1e-8), -8.0, 8.0)
-
-    def forward(self, x):
-        mu = F.linear(x, self.theta, self.bias)
-        var = F.linear(x * x, torch.exp(self.log_alpha()) * self.theta**2)
-        return mu + torch.sqrt(var + 1e-8) * torch.randn_like(mu)
-
-    def kl(self):
-        la = self.log_alpha()
-        k1, k2, k3 = 0.63576, 1.87320, 1.48695
-        return -(k1 * torch.sigmoid(k2 + k3 * la) - 0.5 * torch.log1p(torch.exp(-la)) - k1).sum()
 
 
 def _kl_loss(model, x, y):
@@ -191,7 +149,7 @@ _step_case(
     "eager LRT layer MLP",
     "reference",
     lambda: nn.Sequential(bdlkern.nn.SparseVDLinear(IN, HIDDEN), nn.ReLU(), bdlkern.nn.SparseVDLinear(HIDDEN, OUT)),
-    lambda: nn.Sequential(_EagerLRTLinear(IN, HIDDEN), nn.ReLU(), _EagerLRTLinear(HIDDEN, OUT)),
+    lambda: nn.Sequential(baselines.EagerLRTLinear(IN, HIDDEN), nn.ReLU(), baselines.EagerLRTLinear(HIDDEN, OUT)),
     _kl_loss,
 )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import bdlkern
-from bdlkern.bench import Workload, case
+from bdlkern.bench.registry import Workload, case
 
 N_FULL = 32 * 1024 * 1024
 N_QUICK = 1024 * 1024

@@ -3,23 +3,22 @@
 Problems (full size): W [1024, 1024] float32 with log alpha spread over (-6, 6); the LRT layer on
 x [256, 1024] with one noise sample per input (training); quick: W [128, 128], x [32, 128].
 
-Baselines: the reference written out in plain PyTorch (``bdlkern.testing.reference``: clamp/exp for
-alpha theta^2, two ``F.linear``, sqrt, ``torch.randn``; autograd for backward), eager and
-``torch.compile``d; for the LRT layer also the limit proxy of its GEMMs (the 2 forward and 4
+Baselines: the layer and the KL written out in plain PyTorch (``bdlkern.bench.baselines``:
+clamp/exp for alpha theta^2, two ``F.linear``, sqrt, ``torch.randn``; autograd for backward), eager
+and ``torch.compile``d; for the LRT layer also the limit proxy of its GEMMs (the 2 forward and 4
 backward products of the same shapes). The pruned CSR layer (``sparse_linear.*``) is compared with
-dense ``F.linear`` and torch.sparse CSR products, and its stochastic samples also with the dense
-two-GEMM LRT layer (eager and compiled).
+dense ``F.linear`` and torch.sparse CSR products (``baselines.CsrLinear``), and its stochastic
+samples also with the dense two-GEMM LRT layer (eager and compiled). The checks compare bdlkern
+with the test oracle, ``bdlkern.testing.reference``, imported when a check runs.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 import bdlkern
-from bdlkern.testing import reference as ref
-from bdlkern.bench import Workload, case
+from bdlkern.bench import baselines
+from bdlkern.bench.registry import Workload, case
 
 FULL = {"B": 256, "K": 1024, "N": 1024}
 QUICK = {"B": 32, "K": 128, "N": 128}
@@ -60,7 +59,7 @@ def _lrt(device: torch.device, quick: bool) -> Workload:
     x = torch.randn(dims["B"], dims["K"], generator=torch.Generator().manual_seed(2)).to(device).requires_grad_()
     grad = torch.randn(1, dims["B"], dims["N"], generator=torch.Generator().manual_seed(3)).to(device)
     state = _state(device)
-    compiled = torch.compile(lambda x, t, s, b: ref.lrt_linear(x, t, s, b, 1))
+    compiled = torch.compile(lambda x, t, s, b: baselines.lrt_linear(x, t, s, b, 1))
     params = (x, theta, log_sigma2, bias)
     xd, td = x.detach(), theta.detach()
     gd = grad[0]
@@ -75,6 +74,8 @@ def _lrt(device: torch.device, quick: bool) -> Workload:
         return (xd @ td.t(), xd @ td.t(), gd @ td, gd @ td, gd.t() @ xd, gd.t() @ xd)
 
     def check() -> None:
+        from bdlkern.testing import reference as ref
+
         y = bdlkern.ops.lrt_linear(x, theta, log_sigma2, bias, num_samples=1, rng_state=state)
         expected = ref.lrt_linear(*(t.detach().cpu().double() for t in params), 1, rng_state=state.cpu())
         torch.testing.assert_close(y.detach().cpu().double(), expected, rtol=1e-3, atol=1e-3)
@@ -83,7 +84,7 @@ def _lrt(device: torch.device, quick: bool) -> Workload:
     return Workload(
         variants={
             "bdlkern.lrt_linear": run(lambda: bdlkern.ops.lrt_linear(x, theta, log_sigma2, bias, num_samples=1, rng_state=state)),
-            "reference (eager)": run(lambda: ref.lrt_linear(x, theta, log_sigma2, bias, 1)),
+            "reference (eager)": run(lambda: baselines.lrt_linear(x, theta, log_sigma2, bias, 1)),
             "reference (torch.compile)": run(lambda: compiled(x, theta, log_sigma2, bias)),
             "6 GEMMs of the same shapes": gemms,
         },
@@ -107,7 +108,7 @@ KL_TRAIN_SIZE = 50_000
 def _kl(device: torch.device, quick: bool) -> Workload:
     dims = QUICK if quick else FULL
     theta, log_sigma2, _ = _weights(dims, device)
-    compiled = torch.compile(ref.sparse_vd_kl)
+    compiled = torch.compile(baselines.sparse_vd_kl)
 
     def run(f):
         # What training differentiates: the KL divided by the training-set size (the ELBO per
@@ -119,6 +120,8 @@ def _kl(device: torch.device, quick: bool) -> Workload:
         return call
 
     def check() -> None:
+        from bdlkern.testing import reference as ref
+
         got = bdlkern.ops.sparse_vd_kl(theta, log_sigma2).item()
         expected = ref.sparse_vd_kl(theta.detach().double(), log_sigma2.detach().double()).item()
         if abs(got - expected) > 1e-5 * abs(expected) + 1e-3:
@@ -134,7 +137,7 @@ def _kl(device: torch.device, quick: bool) -> Workload:
     return Workload(
         variants={
             "bdlkern.sparse_vd_kl": run(bdlkern.ops.sparse_vd_kl),
-            "reference (eager)": run(ref.sparse_vd_kl),
+            "reference (eager)": run(baselines.sparse_vd_kl),
             "reference (torch.compile)": run(compiled),
         },
         params={**dims, "train_size": KL_TRAIN_SIZE, "dtype": "float32"},
@@ -175,14 +178,13 @@ def _register_sparse_case(batch: int, density: float) -> None:
     )
     def _setup(device: torch.device, quick: bool) -> Workload:
         layer, w, _, bias, x = _sparse_problem(device, quick, density, batch)
-        with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            w_csr = w.to_sparse_csr()
-        bias_col = bias.unsqueeze(1)
+        csr = baselines.CsrLinear(w, bias)
 
         def check() -> None:
+            dense = torch.nn.functional.linear(x, w, bias)
             got = bdlkern.ops.sparse_linear(x, layer.crow, layer.col, layer.values, layer.bias)
-            torch.testing.assert_close(got, torch.nn.functional.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(csr(x), dense, rtol=1e-4, atol=1e-4)  # the baseline too
 
         return Workload(
             variants={
@@ -190,7 +192,7 @@ def _register_sparse_case(batch: int, density: float) -> None:
                     x, layer.crow, layer.col, layer.values, layer.bias, row_order=layer.row_order
                 ),
                 "dense F.linear": lambda: torch.nn.functional.linear(x, w, bias),
-                "torch.sparse CSR addmm": lambda: torch.addmm(bias_col, w_csr, x.t()).t(),
+                "torch.sparse CSR addmm": lambda: csr(x),
             },
             params={"B": batch, "K": w.shape[1], "N": w.shape[0], "density": density, "nnz": layer.nnz, "dtype": "float32"},
             flops={
@@ -225,34 +227,19 @@ def _stochastic(device: torch.device, quick: bool) -> Workload:
     layer, w, v, bias, x = _sparse_problem(device, quick, 0.05, 64, variance=True)
     state = _state(device)
     values = layer.values
-    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        w_csr, v_csr = w.to_sparse_csr(), v.to_sparse_csr()
-
-    def dense_lrt(x, w, v, bias):
-        mu = torch.nn.functional.linear(x, w, bias)
-        var = torch.nn.functional.linear(x * x, v)
-        eps = torch.randn(samples, *mu.shape, device=mu.device, dtype=mu.dtype)
-        return mu + torch.sqrt(var + 1e-8) * eps
-
-    def sparse_lrt():
-        # The same LRT sample with torch's CSR products: the mean and the variance, each one
-        # sparse x dense product over the kept weights, then the noise for every sample.
-        mu = torch.sparse.mm(w_csr, x.t()).t() + bias
-        var = torch.sparse.mm(v_csr, (x * x).t()).t()
-        eps = torch.randn(samples, *mu.shape, device=mu.device, dtype=mu.dtype)
-        return mu + torch.sqrt(var + 1e-8) * eps
-
-    compiled = torch.compile(dense_lrt)
+    # The same LRT samples with torch's CSR products: the mean and the variance, each one sparse x
+    # dense product over the kept weights, then the noise for every sample.
+    csr = baselines.CsrLinear(w, bias, variance=v)
+    compiled = torch.compile(lambda x, w, v, b: baselines.lrt_sample(x, w, v, b, samples))
 
     def check() -> None:
+        from bdlkern.testing import reference as ref
+
         got = bdlkern.ops.sparse_linear(x, layer.crow, layer.col, values, bias, num_samples=samples, stochastic=True, rng_state=state)
         expected = ref.sparse_linear(x.cpu(), layer.crow.cpu(), layer.col.cpu(), values.cpu(), bias.cpu(), samples, stochastic=True, rng_state=state.cpu())
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
         # the torch.sparse baseline computes the same two moments as the dense one
-        dense_moments = (torch.nn.functional.linear(x, w, bias), torch.nn.functional.linear(x * x, v))
-        sparse_moments = (torch.sparse.mm(w_csr, x.t()).t() + bias, torch.sparse.mm(v_csr, (x * x).t()).t())
-        for a, b in zip(sparse_moments, dense_moments):
+        for a, b in zip(csr.moments(x), baselines.lrt_moments(x, w, v, bias)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
     return Workload(
@@ -261,9 +248,9 @@ def _stochastic(device: torch.device, quick: bool) -> Workload:
                 x, layer.crow, layer.col, values, bias, num_samples=samples, stochastic=True, rng_state=state,
                 row_order=layer.row_order,
             ),
-            "dense two-GEMM LRT reference": lambda: dense_lrt(x, w, v, bias),
+            "dense two-GEMM LRT reference": lambda: baselines.lrt_sample(x, w, v, bias, samples),
             "dense LRT (torch.compile)": lambda: compiled(x, w, v, bias),
-            "torch.sparse two-product LRT": sparse_lrt,
+            "torch.sparse two-product LRT": lambda: csr.sample(x, samples),
         },
         params={"S": samples, "B": 64, "K": w.shape[1], "N": w.shape[0], "density": 0.05, "dtype": "float32"},
         elements=samples * 64 * w.shape[0],
