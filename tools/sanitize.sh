@@ -34,7 +34,7 @@ suffix=$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUF
 # The op tests: every kernel family, the SIMT emulator itself, the property and bad-input suites.
 op_tests=(tests/test_rng.py tests/test_simt.py tests/test_mc_dropout.py tests/test_concrete_dropout.py
   tests/test_sparse_vd.py)
-for extra in tests/test_properties.py tests/test_bad_input.py tests/test_serialization.py tests/test_autocast.py \
+for extra in tests/test_properties_*.py tests/test_bad_input.py tests/test_serialization.py tests/test_autocast.py \
   tests/test_double_backward.py tests/test_fuzz_modules.py; do
   [[ -f $extra ]] && op_tests+=("$extra")
 done
@@ -94,7 +94,7 @@ cpp_test() {
   "$exe" "$@"
 }
 
-# Fewer hypothesis examples (BDLKERN_FUZZ_DIVISOR, tests/test_properties.py): a sanitized run is
+# Fewer hypothesis examples (BDLKERN_FUZZ_DIVISOR, tests/_properties.py): a sanitized run is
 # 3-20x slower, and its point is the instrumented code paths, which a few examples reach.
 pytest_args=(-q -p no:cacheprovider -m "not slow" -o addopts="--strict-markers" --durations=10)
 start=$SECONDS
