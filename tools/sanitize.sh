@@ -39,13 +39,18 @@ for extra in tests/test_properties_*.py tests/test_bad_input.py tests/test_seria
   [[ -f $extra ]] && op_tests+=("$extra")
 done
 
-# stage DIR: a package directory whose Python sources are the tree's, for the .so files built there.
+# stage DIR: a package directory whose Python sources are the tree's, for the .so files built there:
+# links to its modules and to its subpackages (every folder with an __init__.py: bench, testing,
+# uncertainty, ...). Links left by an earlier run to sources that have since moved are removed.
 stage() {
-  local pkg=$1/bdlkern
+  local pkg=$1/bdlkern f d
   mkdir -p "$pkg"
+  find "$pkg" -maxdepth 1 -xtype l -delete
   for f in bdlkern/*.py; do ln -sfn "$root/$f" "$pkg/"; done
-  ln -sfn "$root/bdlkern/bench" "$pkg/bench"
-  ln -sfn "$root/bdlkern/testing" "$pkg/testing"
+  for d in bdlkern/*/; do
+    d=${d%/}
+    if [[ -f $d/__init__.py ]]; then ln -sfn "$root/$d" "$pkg/$(basename "$d")"; fi
+  done
 }
 
 # build DIR SANITIZERS [ENV...]: the extensions with -fsanitize=SANITIZERS into DIR/bdlkern.
