@@ -57,12 +57,12 @@ def threads():
     torch.set_num_threads(before)
 
 
-# ---- hypothesis: the profile of the property-based tests (tests/test_properties.py) --------------
+# ---- hypothesis: the profile of the property-based tests (tests/test_properties_*.py) ------------
 # Derandomized (the same examples every run), no deadline (the SIMT emulator is slow and its speed
 # varies with the machine's load), no example database, and few examples: each test sets its own
-# max_examples to keep the whole file near a minute and a half on two cores. The function-scoped
-# `threads` fixture is safe to share between examples (it only restores the thread count at the
-# end). HYPOTHESIS_PROFILE picks another registered profile.
+# max_examples to keep the property files together near a minute and a half on two cores. The
+# function-scoped `threads` fixture is safe to share between examples (it only restores the thread
+# count at the end). HYPOTHESIS_PROFILE picks another registered profile.
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

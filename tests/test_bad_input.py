@@ -15,9 +15,9 @@
 Each case must raise (RuntimeError from TORCH_CHECK, ValueError / TypeError from Python) with a
 message that matches the offending argument's name. A row_order pointing outside the matrix is run
 in a child process, since a kernel that trusts it reads and writes out of bounds. Negative seeds
-and offsets are not bad input (they are unsigned 64-bit words): test_properties.py draws them.
-Cases the other test files check are repeated only where the matrix extends them (the raw op, the
-other namespace, the other ops that take the same argument).
+and offsets are not bad input (they are unsigned 64-bit words): the property tests
+(test_properties_*.py) draw them. Cases the other test files check are repeated only where the
+matrix extends them (the raw op, the other namespace, the other ops that take the same argument).
 """
 
 from __future__ import annotations

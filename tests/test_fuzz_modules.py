@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import bdlkern
 from bdlkern.testing import reference as ref
 
-from test_properties import examples
+from _properties import examples
 
 KINDS = ["mc", "mc_shared", "concrete", "sparse_vd", "sparse_csr", "sparse_dense"]
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8}

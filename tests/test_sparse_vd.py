@@ -13,7 +13,7 @@ from torch.library import opcheck
 
 import bdlkern
 from bdlkern.testing import reference as ref
-from test_properties import assert_design_rule
+from _properties import assert_design_rule
 
 
 def make_layer(S, B, K, N, *, shared_input, dtype=torch.float64, device="cpu", seed=0, bias=True):

@@ -34,18 +34,23 @@ suffix=$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUF
 # The op tests: every kernel family, the SIMT emulator itself, the property and bad-input suites.
 op_tests=(tests/test_rng.py tests/test_simt.py tests/test_mc_dropout.py tests/test_concrete_dropout.py
   tests/test_sparse_vd.py)
-for extra in tests/test_properties.py tests/test_bad_input.py tests/test_serialization.py tests/test_autocast.py \
+for extra in tests/test_properties_*.py tests/test_bad_input.py tests/test_serialization.py tests/test_autocast.py \
   tests/test_double_backward.py tests/test_fuzz_modules.py; do
   [[ -f $extra ]] && op_tests+=("$extra")
 done
 
-# stage DIR: a package directory whose Python sources are the tree's, for the .so files built there.
+# stage DIR: a package directory whose Python sources are the tree's, for the .so files built there:
+# links to its modules and to its subpackages (every folder with an __init__.py: bench, testing,
+# uncertainty, ...). Links left by an earlier run to sources that have since moved are removed.
 stage() {
-  local pkg=$1/bdlkern
+  local pkg=$1/bdlkern f d
   mkdir -p "$pkg"
+  find "$pkg" -maxdepth 1 -xtype l -delete
   for f in bdlkern/*.py; do ln -sfn "$root/$f" "$pkg/"; done
-  ln -sfn "$root/bdlkern/bench" "$pkg/bench"
-  ln -sfn "$root/bdlkern/testing" "$pkg/testing"
+  for d in bdlkern/*/; do
+    d=${d%/}
+    if [[ -f $d/__init__.py ]]; then ln -sfn "$root/$d" "$pkg/$(basename "$d")"; fi
+  done
 }
 
 # build DIR SANITIZERS [ENV...]: the extensions with -fsanitize=SANITIZERS into DIR/bdlkern.
@@ -94,7 +99,7 @@ cpp_test() {
   "$exe" "$@"
 }
 
-# Fewer hypothesis examples (BDLKERN_FUZZ_DIVISOR, tests/test_properties.py): a sanitized run is
+# Fewer hypothesis examples (BDLKERN_FUZZ_DIVISOR, tests/_properties.py): a sanitized run is
 # 3-20x slower, and its point is the instrumented code paths, which a few examples reach.
 pytest_args=(-q -p no:cacheprovider -m "not slow" -o addopts="--strict-markers" --durations=10)
 start=$SECONDS
