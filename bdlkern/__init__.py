@@ -1,8 +1,9 @@
 """bdlkern: fused PyTorch kernels for Bayesian deep learning.
 
-Importing the package loads the compiled operator library (``torch.ops.bdlkern.*``) and, when it
-was built, the SIMT test extension (``torch.ops.bdlkern_simt.*``: the CUDA kernel sources run on
-CPU tensors by the emulator in ``csrc/include/bdlkern/common/simt.h``).
+Importing the package loads the compiled operator library (``torch.ops.bdlkern.*``) and nothing
+test-only: the SIMT test namespace (``torch.ops.bdlkern_simt.*``, the CUDA kernel sources run on
+CPU tensors by an emulator) is loaded by :func:`bdlkern.testing.simt.load`, and the test oracle
+lives in :mod:`bdlkern.testing.reference`.
 """
 
 import torch
@@ -29,13 +30,6 @@ _check_torch_version()
 
 from . import _C  # noqa: E402,F401  (registers torch.ops.bdlkern)
 
-try:
-    from . import _C_simt  # noqa: F401  (registers torch.ops.bdlkern_simt)
-
-    _HAS_SIMT = True
-except ImportError:  # built with BDLKERN_SIMT=0 or without CUDA headers
-    _HAS_SIMT = False
-
 from . import ops  # noqa: E402  (registers the fake kernels)
 from . import nn, uncertainty  # noqa: E402
 from ._sampling import NoStochasticLayerWarning, current_sampling, sampling  # noqa: E402
@@ -53,7 +47,7 @@ def build_info() -> dict:
         ``parallel_backend``, ``compiler`` and ``debug_info`` (compiled with -g).
     """
     info = dict(_C.build_info())
-    info["simt"] = _HAS_SIMT
+    info["simt"] = has_simt()
     info["threads"] = torch.get_num_threads()
     return info
 
@@ -69,8 +63,11 @@ def __getattr__(name: str):
 
 
 def has_simt() -> bool:
-    """True when the SIMT emulation test extension was built and loaded."""
-    return _HAS_SIMT
+    """True when this build has the SIMT emulation test extension (``BDLKERN_SIMT=1``). Importing
+    bdlkern does not load it: :func:`bdlkern.testing.simt.load` does."""
+    import importlib.util
+
+    return importlib.util.find_spec(__name__ + "._C_simt") is not None
 
 
 __all__ = [

@@ -11,6 +11,10 @@ import pytest
 import torch
 
 import bdlkern
+from bdlkern.testing import simt as _simt
+
+if _simt.available():
+    _simt.load()  # torch.ops.bdlkern_simt: import bdlkern leaves the test namespace out
 
 BACKENDS = ["cpu", "simt", "cuda"]
 

@@ -384,7 +384,8 @@ def test_row_order_out_of_range_is_rejected_in_a_child_process(ns):
     """Each case prints its outcome before the next starts, so a crash names the case it hit."""
     code = textwrap.dedent(
         f"""
-        import re, torch, bdlkern
+        import re, torch, bdlkern, bdlkern.testing.simt
+        bdlkern.testing.simt.load()
         crow, col, st = torch.tensor({CROW}), torch.tensor({COL}), torch.tensor([1, 2])
         x, ops = torch.randn(3, 6), torch.ops.{ns}
         for op, order in {ROW_ORDER_OUT_OF_RANGE!r}:

@@ -127,18 +127,22 @@ def test_release_build_carries_no_debug_information():
 
 
 def test_the_test_extension_is_a_separate_opt_in_library():
-    """_C_simt is its own extension (BDLKERN_SIMT=1, which the Makefile's build sets): _C holds no
-    bdlkern_simt op, so a release build without it has no test-only code."""
+    """_C_simt is its own extension (BDLKERN_SIMT=1, which the Makefile's build sets) that only
+    bdlkern.testing.simt.load() loads: _C holds no bdlkern_simt op (not even the self-tests' CUDA
+    kernels, which live in _C_simt_cuda), and import bdlkern registers none."""
     out = run_python(
         """
-        import sys, torch
-        sys.modules["bdlkern._C_simt"] = None  # as in a release build: the module does not exist
-        import bdlkern
-        print(bdlkern.has_simt(), hasattr(torch.ops.bdlkern_simt, "mc_dropout_linear"))
+        import torch, bdlkern
+        def simt_ops():
+            return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("bdlkern_simt::"))
+        print(bdlkern.has_simt(), len(simt_ops()))
+        import bdlkern.testing.simt
+        bdlkern.testing.simt.load()
+        print(len(simt_ops()) > 0, hasattr(torch.ops.bdlkern_simt, "mc_dropout_linear"))
         """
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["True", "0", "True", "True"], out.stdout
 
 
 def test_metadata_requires_only_torch_of_the_build_and_numpy():
@@ -180,11 +184,13 @@ def test_production_never_imports_the_test_oracle():
         conv = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(3, 2, 3))
         conv(torch.randn(1, 3, 5, 5))
         bdlkern.uncertainty.mc_predict(nn.Sequential(mods[0]), x, num_samples=2, seed=0)
-        print("bdlkern.testing" in sys.modules, "bdlkern.testing.reference" in sys.modules)
+        simt_ops = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("bdlkern_simt::")]
+        print("bdlkern.testing" in sys.modules, "bdlkern.testing.reference" in sys.modules,
+              "bdlkern._C_simt" in sys.modules, len(simt_ops))
         print(bdlkern.reference.__name__)
         """
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split("\n")
-    assert lines[0].split() == ["False", "False"], proc.stdout
+    assert lines[0].split() == ["False", "False", "False", "0"], proc.stdout
     assert lines[1] == "bdlkern.testing.reference"

@@ -115,7 +115,13 @@ def _check_lrt_grads(c, args, fn, got_grads):
         low_grads = [a.push(t.double()) for a, t in zip(args, grads(fn(c, low_in), low_in, c["gy"].float()))]
         for what, got, lo, e in zip(names, got_grads, low_grads, exact_grads):
             top = e.abs().max().item() if e.numel() else 0.0
-            assert_design_rule(got, lo, e, what, 1e-5 * top)
+            floor = 1e-5 * top
+            if what == "grad_bias":
+                # A pure sum of grad_out (over S and B, and over N for a broadcast bias) whose terms
+                # may cancel: its rounding scales with the sum of |terms|, not with the result, and
+                # differs with the summation order (one unit of float32 at that scale).
+                floor = max(floor, EPS[dtype] * c["gy"].abs().sum().item())
+            assert_design_rule(got, lo, e, what, floor)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

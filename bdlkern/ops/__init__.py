@@ -45,6 +45,19 @@ from .sparse_vd import lrt_linear, sparse_vd_kl
 # the function, which is what the public name has always been.
 from .sparse_linear import sparse_linear
 
+
+def _register_namespace(ns: str) -> None:
+    """Register every family's fake kernels for ``ns``, an op namespace with bdlkern's schemas (the
+    SIMT test namespace ``bdlkern_simt``, which :func:`bdlkern.testing.simt.load` registers). A
+    namespace already registered is left alone."""
+    if ns in _NAMESPACES:
+        return
+    import importlib
+
+    for family in ("rng", "mc_dropout", "concrete", "sparse_vd", "sparse_linear"):
+        importlib.import_module(f"{__name__}.{family}")._register_fakes(ns)
+    _NAMESPACES.append(ns)
+
 __all__ = [
     "STREAMS",
     "new_rng_state",

@@ -30,11 +30,10 @@ STREAMS: dict[str, int] = {
     "sparse_lrt": 4,
 }
 
-# The namespaces whose ops get fake kernels: bdlkern/__init__.py loads _C_simt (when it was built)
-# before it imports bdlkern.ops, so the SIMT ops are registered by the time this runs.
+# The op namespaces whose fake kernels are registered: `bdlkern` when the families import, a test
+# namespace with the same schemas (bdlkern_simt) when bdlkern.testing.simt loads its extension
+# (bdlkern.ops._register_namespace).
 _NAMESPACES = ["bdlkern"]
-if hasattr(torch.ops, "bdlkern_simt") and hasattr(torch.ops.bdlkern_simt, "philox_bits"):
-    _NAMESPACES.append("bdlkern_simt")
 
 ShapeLike = int | Sequence[int] | torch.Size
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _NAMESPACES, _check_devices, _is_int, _number, _resolve_state
+from ._common import _check_devices, _is_int, _number, _resolve_state
 
 
 def _channel_dim(channel_dim: int | None, x: torch.Tensor, op: str) -> int:
@@ -128,5 +128,4 @@ def _register_fakes(ns: str) -> None:
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(p_logit)
 
 
-for _ns in _NAMESPACES:
-    _register_fakes(_ns)
+_register_fakes("bdlkern")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _NAMESPACES, ShapeLike, _check_devices, _number, _resolve_state, _shape, _stream
+from ._common import ShapeLike, _check_devices, _number, _resolve_state, _shape, _stream
 
 
 def philox_bits(
@@ -120,5 +120,4 @@ def _register_fakes(ns: str) -> None:
         return rng_state.new_empty(size, dtype=dtype or torch.float32)
 
 
-for _ns in _NAMESPACES:
-    _register_fakes(_ns)
+_register_fakes("bdlkern")
