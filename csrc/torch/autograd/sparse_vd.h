@@ -1,0 +1,178 @@
+// C++ autograd of lrt_linear and the sparse-VD KL (plain and with its gradient) (see csrc/torch/autograd.h for the scheme, double backward
+// included). Templated on the op namespace.
+#pragma once
+
+#include "common.h"
+
+namespace bdlkern {
+namespace ops {
+
+template <Name Ns>
+struct SparseVDAutograd {
+  using C = AutogradCommon<Ns>;
+  using Tensor = at::Tensor;
+  using OptTensor = std::optional<at::Tensor>;
+  using Ctx = torch::autograd::AutogradContext;
+  using Grads = torch::autograd::variable_list;
+
+  // ---- lrt_linear --------------------------------------------------------------------------
+  struct LrtLinear : torch::autograd::Function<LrtLinear> {
+    static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& theta, const Tensor& log_sigma2,
+                         const OptTensor& bias, const Tensor& rng_state, int64_t S) {
+      Tensor y, std;
+      {
+        at::AutoDispatchBelowADInplaceOrView below;
+        std::tie(y, std) =
+            op_handle<Ns, "lrt_linear",
+                      std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                 const OptTensor&, const Tensor&, int64_t)>()
+                .call(x, theta, log_sigma2, bias, rng_state, S);
+      }
+      ctx->mark_non_differentiable({std});
+      // std takes no gradient: without this, autograd would fill a tensor of zeros of its size
+      // for it on every backward.
+      ctx->set_materialize_grads(false);
+      ctx->save_for_backward({x, theta, log_sigma2, std, rng_state});
+      ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+      return {y, std};
+    }
+
+    static Grads backward(Ctx* ctx, Grads grads) {
+      Grads out(6);
+      const Tensor& grad = grads[0];
+      if (!grad.defined()) return out;
+      const auto saved = ctx->get_saved_variables();
+      const Tensor &x = saved[0], &theta = saved[1], &log_sigma2 = saved[2], &std = saved[3],
+                   &state = saved[4];
+      const bool bias_grad = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+      if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
+        const Tensor variance = at::exp(C::log_alpha(theta, log_sigma2)) * theta * theta;
+        const Tensor y = C::lrt_composite(x, theta, variance, state, grad.size(0), kStreamLRT);
+        const Grads g = C::composite_grads(y, {x, theta, log_sigma2}, C::needs(ctx, {0, 1, 2}), grad);
+        std::copy(g.begin(), g.end(), out.begin());
+        if (bias_grad) out[3] = grad.sum({0, 1});
+        return out;
+      }
+      auto [gx, gt, gs, gb] =
+          op_handle<Ns, "lrt_linear_backward",
+                    std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                               const Tensor&, const Tensor&,
+                                                               const Tensor&, const Tensor&)>()
+              .call(grad, x, theta, log_sigma2, std, state);
+      if (ctx->needs_input_grad(0)) out[0] = gx;
+      if (ctx->needs_input_grad(1)) out[1] = gt;
+      if (ctx->needs_input_grad(2)) out[2] = gs;
+      if (bias_grad) out[3] = gb;
+      return out;
+    }
+  };
+
+  static std::tuple<Tensor, Tensor> lrt_linear(const Tensor& x, const Tensor& theta,
+                                               const Tensor& log_sigma2, const OptTensor& bias,
+                                               const Tensor& rng_state, int64_t S) {
+    const Grads out = LrtLinear::apply(x, theta, log_sigma2, bias, rng_state, S);
+    return {out[0], out[1]};
+  }
+
+  // ---- the KL ------------------------------------------------------------------------------
+  static Tensor kl_composite(const Tensor& theta, const Tensor& log_sigma2) {
+    const Tensor la = C::log_alpha(theta, log_sigma2);
+    constexpr double k1 = 0.63576, k2 = 1.87320, k3 = 1.48695;
+    return -(k1 * at::sigmoid(k2 + k3 * la) - 0.5 * at::log1p(at::exp(-la)) - k1).sum();
+  }
+
+  static Grads kl_composite_grads(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2,
+                                  const Tensor& grad) {
+    return C::composite_grads(kl_composite(theta, log_sigma2), {theta, log_sigma2}, C::needs(ctx, {0, 1}),
+                           grad);
+  }
+
+  struct SparseVDKL : torch::autograd::Function<SparseVDKL> {
+    static Tensor forward(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2) {
+      Tensor kl;
+      {
+        at::AutoDispatchBelowADInplaceOrView below;
+        kl = op_handle<Ns, "sparse_vd_kl", Tensor(const Tensor&, const Tensor&)>().call(theta,
+                                                                                        log_sigma2);
+      }
+      ctx->save_for_backward({theta, log_sigma2});
+      return kl;
+    }
+
+    static Grads backward(Ctx* ctx, Grads grads) {
+      const auto saved = ctx->get_saved_variables();
+      if (at::GradMode::is_enabled()) return kl_composite_grads(ctx, saved[0], saved[1], grads[0]);
+      auto [gt, gs] =
+          op_handle<Ns, "sparse_vd_kl_backward",
+                    std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>()
+              .call(grads[0], saved[0], saved[1]);
+      return {ctx->needs_input_grad(0) ? gt : Tensor(), ctx->needs_input_grad(1) ? gs : Tensor()};
+    }
+  };
+
+  static Tensor sparse_vd_kl(const Tensor& theta, const Tensor& log_sigma2) {
+    return SparseVDKL::apply(theta, log_sigma2);
+  }
+
+  // The KL and its gradient at grad 1 from one pass (what the public sparse_vd_kl calls when a
+  // gradient will be needed): backward only scales the saved gradient.
+  struct SparseVDKLWithGrad : torch::autograd::Function<SparseVDKLWithGrad> {
+    static Grads forward(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2) {
+      Tensor kl, gt, gs;
+      {
+        at::AutoDispatchBelowADInplaceOrView below;
+        std::tie(kl, gt, gs) =
+            op_handle<Ns, "sparse_vd_kl_with_grad",
+                      std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&)>()
+                .call(theta, log_sigma2);
+      }
+      ctx->mark_non_differentiable({gt, gs});
+      // No gradient ever flows into the two gradient outputs: no theta-sized zeros per backward.
+      ctx->set_materialize_grads(false);
+      // theta and log_sigma2 too, for a double backward only: saving an input copies nothing, and
+      // its version counter catches in-place changes.
+      ctx->save_for_backward({gt, gs, theta, log_sigma2});
+      return {kl, gt, gs};
+    }
+
+    // The loss is the KL itself: grad 1, a plain CPU scalar with no graph (no tracing subclass,
+    // no double backward, nothing to synchronise to read it).
+    static bool is_plain_cpu_one(const Tensor& grad) {
+      // Dense CPU below autograd: no Python subclass (fake tensors), no functionalization.
+      const c10::DispatchKeySet keys = grad.key_set() -
+                                       c10::autograd_dispatch_keyset_with_ADInplaceOrView -
+                                       c10::autocast_dispatch_keyset;
+      return keys.highestPriorityTypeId() == c10::DispatchKey::CPU && grad.numel() == 1 &&
+             !grad.requires_grad() && grad.item<double>() == 1.0;
+    }
+
+    static Grads backward(Ctx* ctx, Grads grads) {
+      const Tensor& grad = grads[0];
+      if (!grad.defined()) return {Tensor(), Tensor()};
+      const auto saved = ctx->get_saved_variables();
+      if (at::GradMode::is_enabled()) return kl_composite_grads(ctx, saved[2], saved[3], grad);
+      const bool need_t = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
+      if (is_plain_cpu_one(grad)) {
+        // The saved gradient as it is, with no pass over it. Saved tensors are version-checked:
+        // modifying the returned gradient in place and backwarding again raises autograd's error.
+        return {need_t ? saved[0] : Tensor(), need_s ? saved[1] : Tensor()};
+      }
+      return {need_t ? grad * saved[0] : Tensor(), need_s ? grad * saved[1] : Tensor()};
+    }
+  };
+
+  static std::tuple<Tensor, Tensor, Tensor> sparse_vd_kl_with_grad(const Tensor& theta,
+                                                                   const Tensor& log_sigma2) {
+    const Grads out = SparseVDKLWithGrad::apply(theta, log_sigma2);
+    return {out[0], out[1], out[2]};
+  }
+
+  static void register_impls(torch::Library& m) {
+    m.impl("lrt_linear", &lrt_linear);
+    m.impl("sparse_vd_kl", &sparse_vd_kl);
+    m.impl("sparse_vd_kl_with_grad", &sparse_vd_kl_with_grad);
+  }
+};
+
+}  // namespace ops
+}  // namespace bdlkern
