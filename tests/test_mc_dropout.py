@@ -480,3 +480,31 @@ def test_gradcheck_through_simt_autograd():
         return ops.mc_dropout_linear(x, w, b, state, 0.4, 2, False)
 
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+@pytest.mark.parametrize("shared_mask", [False, True])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_cpu_one_pass_and_gemm_paths_agree(shared_mask, shared_input):
+    """The CPU op runs small problems (S B K N up to 2^16 multiply-adds) in one pass and larger ones
+    through chunked GEMMs (csrc/torch/mc_dropout_cpu.cpp). Sample 0's masks do not depend on S, so
+    S = 1 (65536 MACs: one pass) and S = 3 (GEMMs) must agree on sample 0 (the output, and the
+    gradients of a cotangent that is zero on samples 1 and 2), and both match the reference."""
+    B, K, N = 16, 64, 64
+    x3, w, b = make_problem(3, B, K, N, shared_input=shared_input, seed=5)
+    state = torch.tensor([99, 3])
+    g3 = torch.randn(3, B, N, dtype=torch.float64)
+    g3[1:] = 0
+    ops = torch.ops.bdlkern
+    runs = {}
+    for S in (1, 3):
+        x = x3 if shared_input else x3[:S].contiguous()
+        g = g3[:S].contiguous()
+        y = ops.mc_dropout_linear(x, w, b, state, 0.3, S, shared_mask)
+        torch.testing.assert_close(y, reference(x, w, b, 0.3, S, shared_mask, state, shared_input), rtol=1e-12, atol=1e-12)
+        gx = ops.mc_dropout_linear_grad_input(g, w, state, 0.3, shared_mask, shared_input)
+        gw = ops.mc_dropout_linear_grad_weight(g, x, state, 0.3, shared_mask)
+        runs[S] = (y, gx, gw)
+    (y1, gx1, gw1), (y3, gx3, gw3) = runs[1], runs[3]
+    torch.testing.assert_close(y3[0], y1[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw3, gw1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx3 if shared_input else gx3[0], gx1 if shared_input else gx1[0], rtol=1e-12, atol=1e-12)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _check_devices, _number, _resolve_state, _sample_dim_input
+from .._C import _draw_cpu_rng_state
+from ._common import _check_devices, _number, _resolve_state, _sample_dim_input, _tracing
+
+_op = torch.ops.bdlkern.mc_dropout_linear.default
 
 
 def mc_dropout_linear(
@@ -48,6 +51,21 @@ def mc_dropout_linear(
     Returns:
         ``[S, *batch, out]``. Differentiable in ``x``, ``weight`` and ``bias``.
     """
+    if (
+        rng_state is None
+        and generator is None
+        and type(num_samples) is int
+        and type(p) is float
+        and type(x) is torch.Tensor
+        and x.dim() == 2
+        and x.is_cpu
+        and not _tracing()
+    ):
+        # The common eager call ([B, in] CPU input, a fresh state): what the general path below
+        # resolves is known, so go straight to the op, which checks every argument itself.
+        if num_samples < 1:
+            raise ValueError(f"mc_dropout_linear: num_samples must be >= 1, got {num_samples}")
+        return _op(x, weight, bias, _draw_cpu_rng_state(), p, num_samples, bool(shared_mask))
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("mc_dropout_linear: x and weight must be tensors")
     if weight.dim() != 2:
@@ -55,7 +73,7 @@ def mc_dropout_linear(
     x_op, samples, batch = _sample_dim_input(x, weight.shape[1], num_samples, "mc_dropout_linear", "weight expects")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
     p = _number(p, "p", "mc_dropout_linear")
-    y = torch.ops.bdlkern.mc_dropout_linear.default(x_op, weight, bias, state, p, samples, bool(shared_mask))
+    y = _op(x_op, weight, bias, state, p, samples, bool(shared_mask))
     return y if len(batch) == 1 else y.reshape(samples, *batch, weight.shape[0])
 
 

@@ -63,6 +63,20 @@ struct AutogradCommon {
     return result;
   }
 
+  // Whether a call must go through its autograd Function: grad mode is on and an input requires
+  // grad, or an input carries a forward-mode tangent (which the Function then rejects, as it has
+  // no jvp, instead of dropping it). Otherwise (inference, torch.no_grad, frozen layers) the
+  // Autograd kernel calls the op below autograd directly, as ATen's own kernels skip their nodes:
+  // a Function costs microseconds, as much as a small layer's whole kernel.
+  static bool wants_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+  static bool wants_grad(const OptTensor& t) { return t.has_value() && wants_grad(*t); }
+  static bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+  static bool has_tangent(const OptTensor& t) { return t.has_value() && has_tangent(*t); }
+  template <class... Ts>
+  static bool needs_graph(const Ts&... ts) {
+    return (at::GradMode::is_enabled() && (wants_grad(ts) || ...)) || (has_tangent(ts) || ...);
+  }
+
   static c10::SymIntArrayRef sizes(at::IntArrayRef concrete) {
     return c10::fromIntArrayRefSlow(concrete);
   }

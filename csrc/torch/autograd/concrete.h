@@ -16,16 +16,18 @@ struct ConcreteAutograd {
   using Grads = torch::autograd::variable_list;
 
   // ---- concrete_dropout --------------------------------------------------------------------
+  static Tensor below(const Tensor& x, const Tensor& p_logit, const Tensor& rng_state,
+                      double temperature, int64_t channel_dim) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op_handle<Ns, "concrete_dropout",
+                     Tensor(const Tensor&, const Tensor&, const Tensor&, double, int64_t)>()
+        .call(x, p_logit, rng_state, temperature, channel_dim);
+  }
+
   struct ConcreteDropout : torch::autograd::Function<ConcreteDropout> {
     static Tensor forward(Ctx* ctx, const Tensor& x, const Tensor& p_logit, const Tensor& rng_state,
                           double temperature, int64_t channel_dim) {
-      Tensor y;
-      {
-        at::AutoDispatchBelowADInplaceOrView below;
-        y = op_handle<Ns, "concrete_dropout",
-                      Tensor(const Tensor&, const Tensor&, const Tensor&, double, int64_t)>()
-                .call(x, p_logit, rng_state, temperature, channel_dim);
-      }
+      const Tensor y = below(x, p_logit, rng_state, temperature, channel_dim);
       ctx->save_for_backward({x, p_logit, rng_state});
       ctx->saved_data["temperature"] = temperature;
       ctx->saved_data["channel_dim"] = channel_dim;
@@ -76,6 +78,7 @@ struct ConcreteAutograd {
 
   static Tensor concrete_dropout(const Tensor& x, const Tensor& p_logit, const Tensor& rng_state,
                                  double temperature, int64_t channel_dim) {
+    if (!C::needs_graph(x, p_logit)) return below(x, p_logit, rng_state, temperature, channel_dim);
     return ConcreteDropout::apply(x, p_logit, rng_state, temperature, channel_dim);
   }
 

@@ -16,17 +16,19 @@ struct MCDropoutAutograd {
   using Grads = torch::autograd::variable_list;
 
   // ---- mc_dropout_linear -------------------------------------------------------------------
+  static Tensor below(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                      const Tensor& rng_state, double p, int64_t S, bool shared_mask) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op_handle<Ns, "mc_dropout_linear",
+                     Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
+                            int64_t, bool)>()
+        .call(x, weight, bias, rng_state, p, S, shared_mask);
+  }
+
   struct MCDropoutLinear : torch::autograd::Function<MCDropoutLinear> {
     static Tensor forward(Ctx* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                           const Tensor& rng_state, double p, int64_t S, bool shared_mask) {
-      Tensor y;
-      {
-        at::AutoDispatchBelowADInplaceOrView below;
-        y = op_handle<Ns, "mc_dropout_linear",
-                      Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
-                             int64_t, bool)>()
-                .call(x, weight, bias, rng_state, p, S, shared_mask);
-      }
+      const Tensor y = below(x, weight, bias, rng_state, p, S, shared_mask);
       ctx->save_for_backward({x, weight, rng_state});
       ctx->saved_data["p"] = p;
       ctx->saved_data["shared_mask"] = shared_mask;
@@ -75,6 +77,7 @@ struct MCDropoutAutograd {
 
   static Tensor mc_dropout_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                   const Tensor& rng_state, double p, int64_t S, bool shared_mask) {
+    if (!C::needs_graph(x, weight, bias)) return below(x, weight, bias, rng_state, p, S, shared_mask);
     return MCDropoutLinear::apply(x, weight, bias, rng_state, p, S, shared_mask);
   }
 

@@ -85,6 +85,10 @@ struct SparseLinearAutograd {
   static Tensor sparse_linear(const Tensor& x, const Tensor& crow, const Tensor& col,
                               const Tensor& values, const OptTensor& bias,
                               const OptTensor& row_order) {
+    if (!C::needs_graph(x, values, bias)) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return sparse_linear_below(x, crow, col, values, bias, row_order);
+    }
     return SparseLinear::apply(x, crow, col, values, bias, row_order);
   }
 
@@ -99,20 +103,23 @@ struct SparseLinearAutograd {
     return {dense[0], dense[1]};
   }
 
+  static std::tuple<Tensor, Tensor> lrt_below(const Tensor& x, const Tensor& crow, const Tensor& col,
+                                              const Tensor& values, const OptTensor& bias,
+                                              const OptTensor& row_order, const Tensor& rng_state,
+                                              int64_t S) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op_handle<Ns, "sparse_linear_lrt",
+                     std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, const OptTensor&, const OptTensor&,
+                                                const Tensor&, int64_t)>()
+        .call(x, crow, col, values, bias, row_order, rng_state, S);
+  }
+
   struct SparseLinearLrt : torch::autograd::Function<SparseLinearLrt> {
     static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& crow, const Tensor& col,
                          const Tensor& values, const OptTensor& bias, const OptTensor& row_order,
                          const Tensor& rng_state, int64_t S) {
-      Tensor y, std;
-      {
-        at::AutoDispatchBelowADInplaceOrView below;
-        std::tie(y, std) =
-            op_handle<Ns, "sparse_linear_lrt",
-                      std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                 const Tensor&, const OptTensor&, const OptTensor&,
-                                                 const Tensor&, int64_t)>()
-                .call(x, crow, col, values, bias, row_order, rng_state, S);
-      }
+      auto [y, std] = lrt_below(x, crow, col, values, bias, row_order, rng_state, S);
       ctx->mark_non_differentiable({std});
       ctx->set_materialize_grads(false);  // std takes no gradient
       ctx->save_for_backward({x, crow, col, values, std, rng_state});
@@ -145,6 +152,7 @@ struct SparseLinearAutograd {
                                                       const OptTensor& bias,
                                                       const OptTensor& row_order,
                                                       const Tensor& rng_state, int64_t S) {
+    if (!C::needs_graph(x, values, bias)) return lrt_below(x, crow, col, values, bias, row_order, rng_state, S);
     const Grads out = SparseLinearLrt::apply(x, crow, col, values, bias, row_order, rng_state, S);
     return {out[0], out[1]};
   }

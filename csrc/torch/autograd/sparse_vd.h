@@ -16,18 +16,20 @@ struct SparseVDAutograd {
   using Grads = torch::autograd::variable_list;
 
   // ---- lrt_linear --------------------------------------------------------------------------
+  static std::tuple<Tensor, Tensor> below(const Tensor& x, const Tensor& theta,
+                                          const Tensor& log_sigma2, const OptTensor& bias,
+                                          const Tensor& rng_state, int64_t S) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op_handle<Ns, "lrt_linear",
+                     std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                const OptTensor&, const Tensor&, int64_t)>()
+        .call(x, theta, log_sigma2, bias, rng_state, S);
+  }
+
   struct LrtLinear : torch::autograd::Function<LrtLinear> {
     static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& theta, const Tensor& log_sigma2,
                          const OptTensor& bias, const Tensor& rng_state, int64_t S) {
-      Tensor y, std;
-      {
-        at::AutoDispatchBelowADInplaceOrView below;
-        std::tie(y, std) =
-            op_handle<Ns, "lrt_linear",
-                      std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                 const OptTensor&, const Tensor&, int64_t)>()
-                .call(x, theta, log_sigma2, bias, rng_state, S);
-      }
+      auto [y, std] = below(x, theta, log_sigma2, bias, rng_state, S);
       ctx->mark_non_differentiable({std});
       // std takes no gradient: without this, autograd would fill a tensor of zeros of its size
       // for it on every backward.
@@ -70,6 +72,7 @@ struct SparseVDAutograd {
   static std::tuple<Tensor, Tensor> lrt_linear(const Tensor& x, const Tensor& theta,
                                                const Tensor& log_sigma2, const OptTensor& bias,
                                                const Tensor& rng_state, int64_t S) {
+    if (!C::needs_graph(x, theta, log_sigma2, bias)) return below(x, theta, log_sigma2, bias, rng_state, S);
     const Grads out = LrtLinear::apply(x, theta, log_sigma2, bias, rng_state, S);
     return {out[0], out[1]};
   }

@@ -42,11 +42,15 @@ struct MCDropoutLinearParams {
 
 BDLKERN_DECLARE_MC_DROPOUT_KERNELS(CudaTag)
 BDLKERN_DECLARE_MC_DROPOUT_KERNELS(SimtTag)
+// CPU (float32 / float64): the whole op in one single-threaded pass, for small problems, where the
+// GEMM path below would spend more on its fixed costs than on arithmetic. p.shared_input with
+// grad_input sums the samples in ascending order.
+BDLKERN_DECLARE_MC_DROPOUT_KERNELS(CpuTag)
 
 #undef BDLKERN_DECLARE_MC_DROPOUT_KERNELS
 
 // ---- CPU: the mask passes around the GEMMs ------------------------------------------------------
-// On the CPU the three products are ATen GEMMs on cache-sized chunks of rows, run by the binding
+// On the CPU (above the small-problem size) the three products are ATen GEMMs on cache-sized chunks of rows, run by the binding
 // (csrc/torch/mc_dropout_cpu.cpp); the CPU kernels (csrc/kernels/cpu/mc_dropout_linear.cpp) are the
 // passes that make the mask from Philox and apply it, on float or double (p.dtype) row-major
 // buffers. Row r of the flattened [S * B] rows belongs to sample r / B and batch row r % B; the
