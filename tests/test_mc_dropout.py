@@ -37,6 +37,7 @@ SHAPES = [  # S, B, K, N
     (2, 37, 70, 33),
     (4, 16, 64, 64),
     (1, 9, 130, 17),
+    (2, 4, 5, 40),  # N > K: the CPU one-pass grad_weight accumulates grad_w^T
 ]
 
 

@@ -8,11 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .._C import _draw_cpu_rng_state
 from .._sampling import current_sampling
-from ..ops._common import _tracing
-
-_mc_dropout_linear = torch.ops.bdlkern.mc_dropout_linear.default
 from ._base import _MC_DTYPES, _NotScriptable, _check_dtype, _check_width
 
 
@@ -87,14 +83,9 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
         if self.training and self.p > 0.0:
             weight = self.weight
             _check_dtype(self, x, weight.dtype, _MC_DTYPES, "MC-dropout")
-            if x.dim() == 2 and x.is_cpu and not _tracing():
-                # The eager training step of the common [B, in] CPU input: the op itself, with what
-                # the wrapper would resolve already known (a fresh CPU state, one sample). Small
-                # layers (UCI-sized MLPs) spend more on Python than on arithmetic.
-                # Training is plain dropout: per-element masks (shared_mask is a sampling option).
-                y = _mc_dropout_linear(x, weight, self.bias, _draw_cpu_rng_state(), self.p, 1, False)
-            else:
-                y = ops.mc_dropout_linear(x, weight, self.bias, self.p, 1)
+            # Training is plain dropout: one sample, per-element masks (shared_mask is a sampling
+            # option). The wrapper's eager path serves the common [B, in] CPU input.
+            y = ops.mc_dropout_linear(x, weight, self.bias, self.p, 1)
             return y.squeeze(0)  # a view: its backward is free, [0]'s fills zeros
         _check_dtype(self, x, self.weight.dtype)
         return F.linear(x, self.weight, self.bias)

@@ -119,6 +119,15 @@ _is_compiling = torch.compiler.is_compiling
 _is_exporting = torch.compiler.is_exporting
 
 
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+
+
+def _plain(t) -> bool:
+    """A tensor whose calls need no __torch_function__ (a plain Tensor or an nn.Parameter): the
+    eager entries may call the op without going through torch.ops."""
+    return t.__class__ is torch.Tensor or t.__class__ is torch.nn.Parameter
+
+
 def _tracing() -> bool:
     """Whether torch.compile / torch.export is tracing the call (they need the traceable draw)."""
     return _is_compiling() or _is_exporting()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .._C import _draw_cpu_rng_state
-from ._common import _check_devices, _number, _resolve_state, _sample_dim_input, _tracing
+from .._C import _mc_dropout_linear_eager as _eager
+from ._common import _check_devices, _number, _plain, _resolve_state, _sample_dim_input, _torch_function_mode, _tracing
 
 _op = torch.ops.bdlkern.mc_dropout_linear.default
 
@@ -56,16 +56,19 @@ def mc_dropout_linear(
         and generator is None
         and type(num_samples) is int
         and type(p) is float
-        and type(x) is torch.Tensor
+        and x.__class__ is torch.Tensor
         and x.dim() == 2
         and x.is_cpu
+        and _plain(weight)
+        and (bias is None or _plain(bias))
         and not _tracing()
+        and not _torch_function_mode()
     ):
         # The common eager call ([B, in] CPU input, a fresh state): what the general path below
-        # resolves is known, so go straight to the op, which checks every argument itself.
+        # resolves is known, so go straight to the op (unboxed; it checks every argument itself).
         if num_samples < 1:
             raise ValueError(f"mc_dropout_linear: num_samples must be >= 1, got {num_samples}")
-        return _op(x, weight, bias, _draw_cpu_rng_state(), p, num_samples, bool(shared_mask))
+        return _eager(x, weight, bias, p, num_samples, bool(shared_mask))
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("mc_dropout_linear: x and weight must be tensors")
     if weight.dim() != 2:

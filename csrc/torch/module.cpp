@@ -7,6 +7,8 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <mutex>
+
+#include "autocast.h"
 #include <ATen/Config.h>
 #include <torch/headeronly/version.h>
 
@@ -44,6 +46,20 @@ static at::Tensor draw_cpu_rng_state() {
   return state;
 }
 
+// The eager entry of bdlkern.ops.mc_dropout_linear for CPU inputs with a fresh state: the same
+// op through the dispatcher (autograd, autocast, dispatch modes and the profiler all see it),
+// called unboxed. A call through torch.ops from Python boxes every argument into a stack and back,
+// which on a small layer costs more than the kernel. The Python side uses it only when neither
+// torch.compile/export (which must see torch.ops) nor a __torch_function__ override is involved.
+static at::Tensor mc_dropout_linear_eager(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias, double p,
+                                          int64_t num_samples, bool shared_mask) {
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         const at::Tensor&, double, int64_t, bool);
+  return bdlkern::ops::op_handle<"bdlkern", "mc_dropout_linear", Sig>().call(
+      x, weight, bias, draw_cpu_rng_state(), p, num_samples, shared_mask);
+}
+
 static py::dict build_info() {
   py::dict info;
   info["version"] = BDLKERN_VERSION;
@@ -76,4 +92,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this extension was built: a dict.");
   m.def("_draw_cpu_rng_state", &draw_cpu_rng_state,
         "[seed, 0] from torch's default CPU generator, as torch.randint(0, 2**63 - 1) draws it.");
+  m.def("_mc_dropout_linear_eager", &mc_dropout_linear_eager,
+        "torch.ops.bdlkern.mc_dropout_linear with a fresh CPU rng_state, called unboxed.");
 }

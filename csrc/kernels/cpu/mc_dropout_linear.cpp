@@ -242,19 +242,33 @@ void grad_input_small(const MCDropoutLinearParams& p, const T* gy, const T* w, T
   }
 }
 
-// grad_w[n, :] = sum_r dY[r, n] xm[r, :].
+// grad_w[n, :] = sum_r dY[r, n] xm[r, :]. The AXPYs run along the longer of K and N: along K
+// straight into grad_w, or along N into grad_w^T, transposed at the end (an AXPY of 13 floats
+// would leave AVX-512 all tail).
 template <typename T>
 void grad_weight_small(const MCDropoutLinearParams& p, const T* gy, const T* x, T* __restrict__ gw) {
   const MCDropoutMask mask = make_mask(p);
   const SmallMaskWords words(p, mask);
   const int64_t K = p.in_features, N = p.out_features, R = p.num_samples * p.rows;
   const T scale = static_cast<T>(p.scale);
-  std::fill(gw, gw + N * K, T(0));
+  const bool along_n = N > K;
+  std::vector<T> acc_buf(along_n ? static_cast<size_t>(K * N) : 0);
+  T* acc = along_n ? acc_buf.data() : gw;  // [K, N] or [N, K]
+  std::fill(acc, acc + N * K, T(0));
   std::vector<T> xm_buf(static_cast<size_t>(K));
   T* __restrict__ xm = xm_buf.data();
   for (int64_t r = 0; r < R; ++r) {
     apply_mask(input_row(x, p, r), words.row(r), mask.threshold, scale, xm, K);
-    rank1(gy + r * N, xm, N, K, gw);
+    if (along_n) {
+      rank1(xm, gy + r * N, K, N, acc);  // grad_w^T[k, :] += xm[k] dY[r, :]
+    } else {
+      rank1(gy + r * N, xm, N, K, acc);  // grad_w[n, :] += dY[r, n] xm
+    }
+  }
+  if (along_n) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < K; ++k) gw[n * K + k] = acc[k * N + n];
+    }
   }
 }
 
