@@ -13,7 +13,7 @@ import torch
 import bdlkern
 from bdlkern.testing import simt as _simt
 
-if _simt.available():
+if bdlkern.has_simt():
     _simt.load()  # torch.ops.bdlkern_simt: import bdlkern leaves the test namespace out
 
 BACKENDS = ["cpu", "simt", "cuda"]

@@ -74,3 +74,84 @@ def test_compile_fullgraph_without_a_state_takes_the_traceable_path():
     eager = bdlkern.ops.mc_dropout_linear(x, w, b, 0.5, 2)
     # The traced draw (torch.randint) and the eager one consume the generator alike: same masks.
     assert torch.equal(compiled, eager)
+
+
+def test_bad_input_raises_the_same_error_with_and_without_a_state():
+    """The eager path is taken only for arguments the general checks would pass: a bad call raises
+    the general path's exception whether or not the caller passes rng_state."""
+    x, w, b = _problem()
+    bad = {
+        "1-d weight": dict(x=x, weight=w[0]),
+        "width mismatch": dict(x=x, weight=w[:, :5]),
+        "num_samples 0": dict(x=x, weight=w, num_samples=0),
+    }
+    for what, kwargs in bad.items():
+        kwargs = {"bias": None, "p": 0.5, "num_samples": 2, **kwargs}
+        errors = []
+        for state in ({}, {"rng_state": bdlkern.ops.new_rng_state()}):
+            try:
+                bdlkern.ops.mc_dropout_linear(**kwargs, **state)
+            except Exception as e:  # noqa: BLE001 - the type is what is compared
+                errors.append((type(e), str(e)))
+            else:
+                errors.append(None)
+        assert errors[0] is not None and errors[0] == errors[1], (what, errors)
+
+
+def test_non_contiguous_input_matches_its_contiguous_copy():
+    x, w, b = _problem()
+    x_t = x.t().contiguous().t()  # same values, column-major strides
+    assert not x_t.is_contiguous()
+    torch.manual_seed(2)
+    got = bdlkern.ops.mc_dropout_linear(x_t, w, b, 0.4, 2)
+    torch.manual_seed(2)
+    want = bdlkern.ops.mc_dropout_linear(x, w, b, 0.4, 2)
+    assert torch.equal(got, want)
+
+
+class _ConvNet(torch.nn.Module):
+    """A model the library did not write: conv, pooling, a custom forward with a residual sum, and
+    MC-dropout heads on the flattened features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = bdlkern.nn.MCDropoutLinear(4 * 4 * 4, 6, p=0.3)
+        self.out = bdlkern.nn.MCDropoutLinear(6, 2, p=0.3)
+
+    def forward(self, img):
+        h = torch.relu(self.conv(img)) + img.mean(1, keepdim=True)
+        h = torch.nn.functional.max_pool2d(h, 2).flatten(1)
+        return self.out(torch.relu(self.head(h)))
+
+
+def test_training_step_of_a_custom_conv_model_equals_the_general_path():
+    """One training step through the eager path, and the same step with every MC layer forced onto
+    the general path (a torch-function mode does that, and records that the op ran): same loss and
+    gradients to the bit."""
+    torch.manual_seed(0)
+    model = _ConvNet().train()
+    img = torch.randn(5, 3, 8, 8)
+
+    class Through(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if "bdlkern.mc_dropout_linear" in str(func):
+                Through.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for mode in (None, Through()):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        if mode is None:
+            loss = model(img).square().sum()
+        else:
+            with mode:
+                loss = model(img).square().sum()
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert Through.calls == 2
+    for a, c in zip(*results):
+        assert torch.equal(a, c)

@@ -55,19 +55,21 @@ def mc_dropout_linear(
         rng_state is None
         and generator is None
         and type(num_samples) is int
+        and num_samples >= 1
         and type(p) is float
         and x.__class__ is torch.Tensor
         and x.dim() == 2
         and x.is_cpu
         and _plain(weight)
+        and weight.dim() == 2
+        and x.shape[1] == weight.shape[1]
         and (bias is None or _plain(bias))
         and not _tracing()
         and not _torch_function_mode()
     ):
-        # The common eager call ([B, in] CPU input, a fresh state): what the general path below
-        # resolves is known, so go straight to the op (unboxed; it checks every argument itself).
-        if num_samples < 1:
-            raise ValueError(f"mc_dropout_linear: num_samples must be >= 1, got {num_samples}")
+        # The common eager call ([B, in] CPU input, a fresh state, the shapes the checks below
+        # would pass): go straight to the op, unboxed; it checks the rest itself. Anything else,
+        # bad input included, takes the general path and its errors.
         return _eager(x, weight, bias, p, num_samples, bool(shared_mask))
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("mc_dropout_linear: x and weight must be tensors")

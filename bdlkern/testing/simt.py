@@ -12,14 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-import torch
-
-__all__ = ["available", "load"]
-
-
-def available() -> bool:
-    """Whether this build has the SIMT test extension (without loading it)."""
-    return importlib.util.find_spec("bdlkern._C_simt") is not None
+__all__ = ["load"]
 
 
 def load() -> None:
@@ -29,15 +22,16 @@ def load() -> None:
     Raises:
         ImportError: the build has no SIMT extension (a release build, or ``BDLKERN_SIMT=0``).
     """
-    if not available():
+    import bdlkern
+
+    if not bdlkern.has_simt():
         raise ImportError(
             "bdlkern was built without the SIMT test extension: rebuild with BDLKERN_SIMT=1 "
             "(make build does) to run the CUDA kernel sources under the emulator"
         )
     importlib.import_module("bdlkern._C_simt")
-    if importlib.util.find_spec("bdlkern._C_simt_cuda") is not None:
+    if importlib.util.find_spec("bdlkern._C_simt_cuda") is not None:  # CUDA development builds
         importlib.import_module("bdlkern._C_simt_cuda")
     from bdlkern import ops
 
     ops._register_namespace("bdlkern_simt")
-    assert hasattr(torch.ops.bdlkern_simt, "philox_bits")

@@ -19,6 +19,7 @@ struct SparseLinearAutograd {
   static Tensor sparse_linear_below(const Tensor& x, const Tensor& crow, const Tensor& col,
                                     const Tensor& values, const OptTensor& bias,
                                     const OptTensor& row_order) {
+    at::AutoDispatchBelowADInplaceOrView below;
     return op_handle<Ns, "sparse_linear",
                      Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                             const OptTensor&, const OptTensor&)>()
@@ -60,11 +61,7 @@ struct SparseLinearAutograd {
   struct SparseLinear : torch::autograd::Function<SparseLinear> {
     static Tensor forward(Ctx* ctx, const Tensor& x, const Tensor& crow, const Tensor& col,
                           const Tensor& values, const OptTensor& bias, const OptTensor& row_order) {
-      Tensor y;
-      {
-        at::AutoDispatchBelowADInplaceOrView below;
-        y = sparse_linear_below(x, crow, col, values, bias, row_order);
-      }
+      const Tensor y = sparse_linear_below(x, crow, col, values, bias, row_order);
       ctx->save_for_backward({crow, col, values});
       ctx->saved_data["in_features"] = x.size(-1);
       return y;
@@ -85,10 +82,7 @@ struct SparseLinearAutograd {
   static Tensor sparse_linear(const Tensor& x, const Tensor& crow, const Tensor& col,
                               const Tensor& values, const OptTensor& bias,
                               const OptTensor& row_order) {
-    if (!C::needs_graph(x, values, bias)) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      return sparse_linear_below(x, crow, col, values, bias, row_order);
-    }
+    if (!C::needs_graph(x, values, bias)) return sparse_linear_below(x, crow, col, values, bias, row_order);
     return SparseLinear::apply(x, crow, col, values, bias, row_order);
   }
 
