@@ -32,7 +32,7 @@ from . import _C  # noqa: E402,F401  (registers torch.ops.bdlkern)
 
 from . import ops  # noqa: E402  (registers the fake kernels)
 from . import nn, uncertainty  # noqa: E402
-from ._sampling import NoStochasticLayerWarning, current_sampling, sampling  # noqa: E402
+from ._sampling import NoStochasticLayerWarning, current_sampling, sampling, unfold_samples  # noqa: E402
 
 from ._version import __version__  # noqa: E402
 
@@ -78,5 +78,6 @@ __all__ = [
     "uncertainty",
     "sampling",
     "current_sampling",
+    "unfold_samples",
     "NoStochasticLayerWarning",
 ]

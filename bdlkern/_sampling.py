@@ -12,6 +12,23 @@ The rule that tells a sample dimension apart is explicit, never a guess from sha
 * when an MC layer that already ran in the block runs again, a new forward pass has begun and the
   rule starts over: ``with sampling(S): a = model(x1); b = model(x2)`` works as two passes.
 
+Where the samples sit is the pass's *layout*, set by its first MC layer:
+
+* **stacked** (the first MC layer is a linear one: ``MCDropoutLinear``, ``ConcreteDropoutLinear``,
+  ``SparseVDLinear``, ...): tensors carry a leading ``[S, ...]`` dimension; an MLP maps
+  ``[N, in]`` to ``[S, N, out]``;
+* **folded** (the first MC layer is a convolution: ``MCDropoutConv1d/2d/3d``): the samples are
+  folded into the batch, sample-major, so that row ``s * N + n`` is sample ``s`` of input ``n``.
+  The ordinary layers between MC layers (``nn.Conv2d``, ``BatchNorm2d``, ``MaxPool2d``,
+  ``AdaptiveAvgPool2d``, ``Flatten``, activations) then work unchanged on ``[S * N, ...]``,
+  and a later linear MC layer takes ``[S * N, ..., in]`` and returns ``[S * N, ..., out]``. A
+  conv net maps ``[N, C, H, W]`` to ``[S * N, classes]``; :func:`unfold_samples` (or
+  :meth:`SamplingState.unfold`) views that as ``[S, N, classes]``, and
+  :func:`bdlkern.uncertainty.mc_predict` does it for you.
+
+A convolution MC layer in a stacked pass takes ``[S, N, C, *spatial]`` and returns
+``[S, N, C_out, *spatial_out]``.
+
 Each MC layer call draws a fresh ``rng_state`` from torch's generator of the input's device. With
 ``seed``, call k of the block reads the Philox stream of that seed from block ``k * 2**40`` on: a
 pure function of (seed, k), so the same seed gives the same samples whatever ran before, on every
@@ -53,6 +70,10 @@ class SamplingState:
         self._seen: set[int] = set()  # ids of the MC layers that ran in the current pass
         #: MC layer calls in this block so far (0 after a pass: the model has no MC layer).
         self.mc_layer_calls = 0
+        #: The current pass's layout ("stacked" or "folded", set by its first MC layer; None before)
+        #: and, for a folded pass, N: the batch of its first MC layer's input.
+        self.layout: str | None = None
+        self.batch: int | None = None
 
     def next_has_sample_dim(self, layer: torch.nn.Module) -> bool:
         """Whether a call of ``layer`` now would get an input with the sample dimension (it is not
@@ -69,26 +90,84 @@ class SamplingState:
         self._seen.add(key)
         return not first
 
-    def layer_call(self, layer: torch.nn.Module, x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int | None]:
-        """Registers a call of MC layer ``layer`` on ``x`` and applies the rule of this module.
+    def layer_call(
+        self, layer: torch.nn.Module, x: torch.Tensor, in_features: int
+    ) -> tuple[torch.Tensor, int | None, torch.Tensor, bool]:
+        """Registers a call of the linear MC layer ``layer`` on ``x`` and applies the rule of this
+        module.
 
         Returns:
-            (a fresh rng_state for the call, the ``num_samples`` argument of the layer's op): S
-            when ``x`` has no sample dimension (the first MC layer of the pass), None when it has.
+            (a fresh rng_state for the call, the ``num_samples`` argument of the layer's op, the
+            input as the op takes it, folded). ``num_samples`` is S when ``x`` has no sample
+            dimension (the first MC layer of the pass; the pass is then stacked), None when it
+            has. In a folded pass the input ``[S * N, ..., in]`` is returned viewed as
+            ``[S, N, ..., in]`` and ``folded`` is True: the layer flattens its ``[S, N, ..., out]``
+            result back (``y.flatten(0, 1)``).
 
         Raises:
-            ValueError: a later MC layer of the pass got an input without the leading ``[S, ...]``.
+            ValueError: a later MC layer of the pass got an input without the pass's samples.
         """
         rng_state = self.rng_state(x.device)
         if not self.input_has_sample_dim(layer):
-            return rng_state, self.num_samples
-        if x.dim() < 2 or x.shape[0] != self.num_samples:
+            self.layout, self.batch = "stacked", None
+            return rng_state, self.num_samples, x, False
+        S = self.num_samples
+        if self.layout == "folded":
+            if x.dim() < 2 or x.shape[0] != S * self.batch:
+                raise ValueError(
+                    f"{type(layer).__name__}: inside sampling({S}) this layer follows a convolution MC layer, so its "
+                    f"input must have the samples folded into the batch, [S * N = {S} * {self.batch}, ..., "
+                    f"{in_features}], got shape {tuple(x.shape)}"
+                )
+            return rng_state, None, x.unflatten(0, (S, self.batch)), True
+        if x.dim() < 2 or x.shape[0] != S:
             raise ValueError(
-                f"{type(layer).__name__}: inside sampling({self.num_samples}) this layer is not the first MC "
-                f"layer of the pass, so its input must be [S={self.num_samples}, ..., {in_features}], got shape "
+                f"{type(layer).__name__}: inside sampling({S}) this layer is not the first MC "
+                f"layer of the pass, so its input must be [S={S}, ..., {in_features}], got shape "
                 f"{tuple(x.shape)}"
             )
-        return rng_state, None
+        return rng_state, None, x, False
+
+    def conv_call(self, layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor, bool]:
+        """Registers a call of the convolution MC layer ``layer`` on ``x`` (``[B, C, *spatial]``).
+
+        Returns:
+            (a fresh rng_state, whether the input carries the samples, the input as the op takes
+            it, stacked). The first MC layer of a pass starts a folded pass with ``N = B``; later
+            ones in a folded pass take ``[S * N, C, ...]``; in a stacked pass the input
+            ``[S, N, C, ...]`` is returned flattened to ``[S * N, C, ...]`` and ``stacked`` is
+            True: the layer unflattens its result (``y.unflatten(0, (S, -1))``).
+
+        Raises:
+            ValueError: a later MC layer got an input without the pass's samples.
+        """
+        rng_state = self.rng_state(x.device)
+        if not self.input_has_sample_dim(layer):
+            self.layout, self.batch = "folded", (x.shape[0] if x.dim() > 0 else 0)
+            return rng_state, False, x, False
+        S = self.num_samples
+        name = type(layer).__name__
+        if self.layout == "folded":
+            if x.dim() < 1 or x.shape[0] != S * self.batch:
+                raise ValueError(
+                    f"{name}: inside sampling({S}) this layer is not the first MC layer of the pass, so its input "
+                    f"must have the samples folded into the batch, [S * N = {S} * {self.batch}, C, ...], got shape "
+                    f"{tuple(x.shape)}"
+                )
+            return rng_state, True, x, False
+        if x.dim() < 3 or x.shape[0] != S:
+            raise ValueError(
+                f"{name}: inside sampling({S}) this layer follows a linear MC layer (a stacked pass), so its input "
+                f"must be [S={S}, N, C, ...], got shape {tuple(x.shape)}"
+            )
+        return rng_state, True, x.flatten(0, 1), True
+
+    def unfold(self, out: torch.Tensor) -> torch.Tensor:
+        """The output of the last pass with the samples in front: ``[S, N, ...]`` from a folded
+        ``[S * N, ...]``; a stacked output is returned as it is."""
+        if self.layout != "folded":
+            return out
+        return unfold_samples(out, self.num_samples)
 
     def rng_state(self, device: torch.device) -> torch.Tensor:
         """A fresh rng_state for one MC layer call on ``device``."""
@@ -175,6 +254,24 @@ def _fork_and_seed_torch_generators(seed: int) -> list[tuple[torch.Generator, to
         saved.append((generator, generator.get_state()))
         generator.manual_seed(seed % 2**64)
     return saved
+
+
+def unfold_samples(out: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """View a folded, sample-major ``[S * N, ...]`` tensor (the output of a conv net inside
+    ``sampling(S)``, see the module docstring) as ``[S, N, ...]``. No copy.
+
+    Raises:
+        ValueError: ``out``'s leading dimension is not a multiple of ``num_samples``.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"unfold_samples: num_samples must be an int >= 1, got {num_samples!r}")
+    if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] % num_samples:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"unfold_samples: expected a tensor [S * N, ...] with S = num_samples = {num_samples} folded "
+            f"sample-major into its leading dimension, got {shape}"
+        )
+    return out.unflatten(0, (num_samples, out.shape[0] // num_samples))
 
 
 def current_sampling() -> SamplingState | None:

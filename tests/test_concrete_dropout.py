@@ -387,7 +387,8 @@ def test_hard_masks_of_per_feature_rates_match_the_reference():
 @pytest.mark.parametrize("per_feature", [False, True])
 def test_hard_spatial_masks_of_conv_rates_match_the_reference(per_feature):
     """ConcreteDropout2d inside sampling: one hard mask value per (sample, image, channel) with one
-    rate or one per channel, for the first layer of the pass and a later one."""
+    rate or one per channel, for the first layer of the pass and a later one; the samples are
+    folded into the batch, sample-major (the conv layout of bdlkern._sampling)."""
     torch.manual_seed(5)
     first = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(3, 4, 3, padding=1), per_feature=per_feature)
     second = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(4, 2, 3), per_feature=per_feature)
@@ -400,8 +401,9 @@ def test_hard_spatial_masks_of_conv_rates_match_the_reference(per_feature):
     flat = img.expand(S, *img.shape).reshape(S * 6, 3, 7, 7)  # samples folded into the batch
     h = first.layer(_hard_reference(flat, first.p_logit, torch.tensor([seed, 0]), channel_dim=1)).relu()
     expected = second.layer(_hard_reference(h, second.p_logit, torch.tensor([seed, 1 << 40]), channel_dim=1))
-    assert y.shape == (S, 6, 2, 5, 5)
-    torch.testing.assert_close(y, expected.reshape(S, 6, 2, 5, 5).detach())
+    assert y.shape == (S * 6, 2, 5, 5)
+    torch.testing.assert_close(y, expected.detach())
+    torch.testing.assert_close(bdlkern.unfold_samples(y, S), expected.reshape(S, 6, 2, 5, 5).detach())
 
 
 def test_wrapper_on_linear_and_conv2d():
@@ -427,7 +429,7 @@ def test_wrapper_on_linear_and_conv2d():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with bdlkern.sampling(4, seed=0):
         mc = spatial.eval()(img)
-    assert mc.shape == (4, 2, 4, 6, 6)
+    assert mc.shape == (4 * 2, 4, 6, 6)  # the samples folded into the batch
     # regularization(model) sums every term of a model.
     model = nn.Sequential(wrapped, nn.ReLU())
     total = bdlkern.nn.regularization(nn.ModuleList([model, spatial]))

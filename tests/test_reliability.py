@@ -119,19 +119,26 @@ def test_concrete_dropout2d_checks_channels(mode):
     with pytest.raises(ValueError, match=label + r": expected .*\[B, 3, \*, \*\].* got shape \(3, 8, 8\)"):
         run(module, torch.randn(3, 8, 8), mode)  # unbatched: the spatial mask would drop rows
     out = run(module, torch.randn(2, 3, 8, 8), mode)
-    assert out.shape == ((3, 2, 8, 6, 6) if mode == "sampling" else (2, 8, 6, 6))
+    # inside sampling the samples are folded into the batch, sample-major: [S * N, ...]
+    assert out.shape == ((3 * 2, 8, 6, 6) if mode == "sampling" else (2, 8, 6, 6))
 
 
-def test_concrete_dropout2d_channels_after_the_sample_dim():
+def test_concrete_dropout2d_channels_after_the_first_mc_layer():
+    """A later conv MC layer of a folded pass checks the channels of [S * N, C, ...] (dimension 1)
+    and the folded batch."""
     torch.manual_seed(0)
     first, second = ConcreteDropout2d(nn.Conv2d(3, 8, 3)), ConcreteDropout2d(nn.Conv2d(8, 4, 3))
     with bdlkern.sampling(3, seed=1):
         h = first(torch.randn(2, 3, 8, 8))
-        assert second(h).shape == (3, 2, 4, 4, 4)
+        assert second(h).shape == (3 * 2, 4, 4, 4)
         first(torch.randn(2, 3, 8, 8))  # a new pass
         h = first(torch.randn(2, 3, 8, 8))
-        with pytest.raises(ValueError, match="input has 7 channels in dimension 2, expected 8"):
-            second(h[:, :, :7])
+        with pytest.raises(ValueError, match="input has 7 channels in dimension 1, expected 8"):
+            second(h[:, :7])
+        first(torch.randn(2, 3, 8, 8))  # a new pass
+        h = first(torch.randn(2, 3, 8, 8))
+        with pytest.raises(ValueError, match=r"\[S \* N = 3 \* 2, C, \.\.\.\], got shape \(4, 8, 6, 6\)"):
+            second(h[:4])
 
 
 def test_concrete_dropout_on_linear_and_unknown_layers():

@@ -19,7 +19,8 @@ the module's terms (never a silently wrong result or a message about an internal
 None of the modules can be compiled by TorchScript (``torch.jit.script`` raises a
 ``RuntimeError`` saying so); ``torch.compile`` and ``torch.export`` are the supported routes.
 
-Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropoutLinear`),
+Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropoutLinear`, :class:`MCDropoutConv2d` and its 1-d / 3-d
+siblings),
 :mod:`~bdlkern.nn.concrete` (the Concrete-dropout modules) and :mod:`~bdlkern.nn.sparse_vd`
 (:class:`SparseVDLinear`, :class:`SparseLinear`); the ``convert`` module holds what works on a
 whole model (:func:`convert`, :func:`regularization`, :func:`kl_divergence`), and ``_base`` the
@@ -38,7 +39,7 @@ from ._base import (  # noqa: F401  (the shared checks stay reachable as bdlkern
     _module_label,
     _width_error,
 )
-from .mc_dropout import MCDropoutLinear
+from .mc_dropout import MCDropoutConv1d, MCDropoutConv2d, MCDropoutConv3d, MCDropoutLinear
 from .concrete import (  # noqa: F401
     ConcreteDropout,
     ConcreteDropout2d,
@@ -56,6 +57,9 @@ from .convert import convert, kl_divergence, regularization
 
 __all__ = [
     "MCDropoutLinear",
+    "MCDropoutConv1d",
+    "MCDropoutConv2d",
+    "MCDropoutConv3d",
     "ConcreteDropout",
     "ConcreteDropout2d",
     "ConcreteDropoutLinear",

@@ -129,8 +129,10 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
         return self.p_logit.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``layer(dropout(x))``; inside ``sampling(S)`` the output has the leading sample dimension
-        (see :mod:`bdlkern._sampling` for when the input has it)."""
+        """``layer(dropout(x))``; inside ``sampling(S)`` the output carries the samples: a leading
+        ``[S, ...]`` dimension, or folded into the batch (``[S * N, ...]``) for a wrapped
+        convolution in a folded pass (see :mod:`bdlkern._sampling` for the layouts and for when
+        the input has the samples)."""
         state = current_sampling()
         if state is None:
             self._check_input(x, False)
@@ -139,25 +141,34 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
                 return self._layer(self._relaxed(x))
             _check_dtype(self, x, self._param_dtype(x))
             return self._layer(x)
-        self._check_input(x, state.next_has_sample_dim(self))
+        conv = self.channel_dim == 1  # a wrapped convolution: samples folded into the batch
+        later = state.next_has_sample_dim(self)
+        self._check_input(x, later and (not conv or state.layout == "stacked"))
         if self.relaxed_eval:
             _check_dtype(self, x, self._param_dtype(x), _F32_F64, "Concrete-dropout")
         elif self._fuses():
             _check_dtype(self, x, self._param_dtype(x), _MC_DTYPES, "MC-dropout")
         else:
             _check_dtype(self, x, self._param_dtype(x), _F32_F64, "Concrete-dropout")
-        rng_state, num_samples = state.layer_call(self, x, self.input_dim)
-        has_sample_dim = num_samples is None
         S = state.num_samples
+        if conv:
+            # One mask value per (row, channel) of the folded [S * N, C, ...] input: the same
+            # value for a row whether the input arrived with its samples or was repeated here.
+            rng_state, has_samples, xs, stacked = state.conv_call(self, x)
+            if not has_samples:
+                xs = xs.repeat(S, *([1] * (xs.dim() - 1)))
+            dropped = self._relaxed(xs, rng_state) if self.relaxed_eval else self._hard(xs, rng_state)
+            out = self._layer(dropped)
+            return out.unflatten(0, (S, -1)) if stacked else out
+        rng_state, num_samples, x, folded = state.layer_call(self, x, self.input_dim)
+        has_sample_dim = num_samples is None
+        out = None
         if not self.relaxed_eval:
-            fused = self._fused_mc(x, num_samples, rng_state)
-            if fused is not None:
-                return fused
-        xs = x if has_sample_dim else x.unsqueeze(0).expand(S, *x.shape)
-        flat = xs.reshape(S * xs.shape[1], *xs.shape[2:]) if self.channel_dim == 1 else xs
-        dropped = self._relaxed(flat, rng_state) if self.relaxed_eval else self._hard(flat, rng_state)
-        out = self._layer(dropped)
-        return out.reshape(S, xs.shape[1], *out.shape[1:]) if self.channel_dim == 1 else out
+            out = self._fused_mc(x, num_samples, rng_state)
+        if out is None:
+            xs = x if has_sample_dim else x.unsqueeze(0).expand(S, *x.shape)
+            out = self._layer(self._relaxed(xs, rng_state) if self.relaxed_eval else self._hard(xs, rng_state))
+        return out.flatten(0, 1) if folded else out
 
     def _concrete_repr(self) -> str:
         p = self.p

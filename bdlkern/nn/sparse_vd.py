@@ -100,10 +100,9 @@ class SparseVDLinear(_NotScriptable, nn.Module):
         state = current_sampling()
         if state is not None:
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            rng_state, num_samples = state.layer_call(self, x, self.in_features)
-            return ops.lrt_linear(
-                x, self.theta, self.log_sigma2, self.bias, num_samples=num_samples, rng_state=rng_state
-            )
+            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features)
+            y = ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=num_samples, rng_state=rng_state)
+            return y.flatten(0, 1) if folded else y
         if self.training:
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
             return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1).squeeze(0)
@@ -252,11 +251,12 @@ class SparseLinear(_NotScriptable, nn.Module):
         _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
         state = current_sampling()
         if state is not None and self.has_variance:
-            rng_state, num_samples = state.layer_call(self, x, self.in_features)
-            return ops.sparse_linear(
+            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features)
+            y = ops.sparse_linear(
                 x, self.crow, self.col, self.values, self.bias, num_samples=num_samples, stochastic=True,
                 rng_state=rng_state, row_order=self.row_order,
             )
+            return y.flatten(0, 1) if folded else y
         rows = x.numel() // max(self.in_features, 1)
         if self.density > self.crossover_density(rows):
             if torch.compiler.is_exporting():  # the cache cannot be filled with a traced tensor

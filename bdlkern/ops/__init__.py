@@ -38,7 +38,7 @@ from ._common import (  # noqa: F401  (the private helpers stay reachable as bdl
     new_rng_state,
 )
 from .rng import dropout_mask, normal, philox_bits, uniform
-from .mc_dropout import mc_dropout_linear
+from .mc_dropout import mc_dropout_conv, mc_dropout_linear
 from .concrete import _channel_dim, concrete_dropout, concrete_dropout_regularizer  # noqa: F401
 from .sparse_vd import lrt_linear, sparse_vd_kl
 # Importing the submodule binds bdlkern.ops.sparse_linear to it; this import then rebinds the name to
@@ -66,6 +66,7 @@ __all__ = [
     "uniform",
     "normal",
     "mc_dropout_linear",
+    "mc_dropout_conv",
     "concrete_dropout",
     "concrete_dropout_regularizer",
     "lrt_linear",

@@ -1,12 +1,13 @@
-"""MC-dropout linear: S Monte Carlo dropout samples of a linear layer in one fused call
-(:func:`mc_dropout_linear`), and the fake kernels of the forward and of its two backward ops."""
+"""MC dropout: S Monte Carlo dropout samples of a linear layer in one fused call
+(:func:`mc_dropout_linear`) and of a convolution with the samples folded into the batch
+(:func:`mc_dropout_conv`), and the fake kernels of their forward and backward ops."""
 
 from __future__ import annotations
 
 import torch
 
 from .._C import _mc_dropout_linear_eager as _eager
-from ._common import _check_devices, _number, _plain, _resolve_state, _sample_dim_input, _torch_function_mode, _tracing
+from ._common import _check_devices, _is_int, _number, _plain, _resolve_state, _sample_dim_input, _torch_function_mode, _tracing
 
 _op = torch.ops.bdlkern.mc_dropout_linear.default
 
@@ -97,10 +98,180 @@ def _register_fakes(ns: str) -> None:
         shape = (batch, weight.shape[1]) if sum_samples else (samples, batch, weight.shape[1])
         return weight.new_empty(shape)
 
+    _register_conv_fakes(ns)
+
     @torch.library.register_fake(f"{ns}::mc_dropout_linear_grad_weight")
     def _grad_weight_fake(grad_out, x, rng_state, p, shared_mask):
         _check_devices("mc_dropout_linear_grad_weight", "grad_out", grad_out, x=x, rng_state=rng_state)
         return x.new_empty((grad_out.shape[2], x.shape[-1]))
+
+
+
+
+# ---- the MC-dropout convolution ---------------------------------------------------------------
+_conv_op = torch.ops.bdlkern.mc_dropout_conv.default
+_MASKS = ("element", "channel")
+
+
+def _conv_arg(value, dims: int, name: str, minimum: int) -> list[int]:
+    """stride / padding / dilation as ``dims`` ints (an int is repeated), checked."""
+    if _is_int(value):
+        values = [int(value)] * dims
+    elif isinstance(value, (tuple, list)) and all(_is_int(v) for v in value):
+        values = [int(v) for v in value]
+        if len(values) == 1:
+            values = values * dims
+    else:
+        raise TypeError(f"mc_dropout_conv: {name} must be an int or a tuple of {dims} ints, got {value!r}")
+    if len(values) != dims:
+        raise ValueError(f"mc_dropout_conv: {name} must have {dims} values (one per spatial dimension), got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"mc_dropout_conv: {name} must be >= {minimum}, got {value!r}")
+    return values
+
+
+def _conv_padding(padding, weight: torch.Tensor, dilation: list[int], stride: list[int]) -> list[int]:
+    """``padding`` as ints; ``"valid"`` is 0 and ``"same"`` the symmetric padding that keeps the
+    size (stride 1 and an odd effective kernel; F.conv2d pads asymmetrically otherwise, which this
+    op does not do)."""
+    dims = weight.dim() - 2
+    if not isinstance(padding, str):
+        return _conv_arg(padding, dims, "padding", 0)
+    if padding == "valid":
+        return [0] * dims
+    if padding != "same":
+        raise ValueError(f"mc_dropout_conv: padding must be ints, 'valid' or 'same', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError("mc_dropout_conv: padding='same' needs stride 1 (as F.conv2d)")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if any(t % 2 for t in total):
+        raise ValueError(
+            "mc_dropout_conv: padding='same' with an even effective kernel size needs asymmetric padding, "
+            "which this op does not do; pad the input with F.pad and use padding=0"
+        )
+    return [t // 2 for t in total]
+
+
+def mc_dropout_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    p: float = 0.5,
+    num_samples: int = 1,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    mask: str = "element",
+    shared_mask: bool = False,
+    input_has_samples: bool = False,
+    generator: torch.Generator | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """S Monte Carlo dropout samples of a convolution (1-d, 2-d or 3-d by the rank of ``weight``),
+    with the samples folded into the batch, sample-major.
+
+    ``Y = conv(Xs * M / (1 - p), weight, bias)``, where ``Xs`` is ``x`` repeated for the ``S``
+    samples (row ``s * N + n`` is sample ``s`` of image ``n``) and ``M`` a keep-mask from the
+    Philox stream (tag ``"mc_dropout"``) over logical coordinates, re-made in backward (nothing
+    random is stored). One fused pass masks, scales and writes the folded input; the convolution
+    is ATen's (oneDNN / cuDNN).
+
+    Mask kinds (the stream index of a flag, ``g = s * N + n``, or ``g = s`` with ``shared_mask``):
+
+    * ``mask="element"`` (``nn.Dropout`` before the conv): one flag per input element,
+      index ``(g * C + c) * L + l`` with ``L`` the number of spatial positions;
+    * ``mask="channel"`` (``nn.Dropout2d`` / ``Dropout1d``): one flag per channel plane, index
+      ``g * C + c``;
+    * ``shared_mask=True``: the N images of a sample share its flags (a posterior sample of the
+      filter bank). With channel masks and ``groups == 1`` each sample's convolution runs on the
+      kept channels only, so dropped channels cost no FLOPs (on CUDA the kept channels are read
+      on the host, one 16-byte copy per call).
+
+    A flag depends only on its coordinates, so an input with samples and the same input shared
+    by all samples see the same masks.
+
+    Args:
+        x: ``[N, C_in, *spatial]`` shared by the samples, or ``[S * N, C_in, *spatial]``
+            sample-major with ``input_has_samples=True``. float32 / float64 / bfloat16 (float16
+            where ATen convolves it).
+        weight: ``[C_out, C_in / groups, *kernel]``, same dtype and device as ``x``.
+        bias: ``[C_out]`` or None.
+        p: drop probability in ``[0, 1)``.
+        num_samples: S >= 1.
+        stride, padding, dilation, groups: as ``F.conv2d`` (``padding`` also ``"valid"`` /
+            ``"same"``).
+        mask: ``"element"`` or ``"channel"``.
+        shared_mask: share the masks of a sample across its images.
+        input_has_samples: ``x`` already carries the samples (a deeper MC layer).
+        generator / rng_state: where the masks come from (see :func:`new_rng_state`).
+
+    Returns:
+        ``[S * N, C_out, *spatial_out]``, sample-major (``bdlkern.unfold_samples`` views it as
+        ``[S, N, ...]``). Differentiable in ``x``, ``weight`` and ``bias``.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("mc_dropout_conv: x and weight must be tensors")
+    if not 3 <= weight.dim() <= 5:
+        raise ValueError(
+            f"mc_dropout_conv: weight must be [out_channels, in_channels / groups, *kernel] with 1 to 3 "
+            f"kernel dimensions, got shape {tuple(weight.shape)}"
+        )
+    if x.dim() != weight.dim():
+        raise ValueError(
+            f"mc_dropout_conv: x must be [batch, channels, *spatial] with {weight.dim() - 2} spatial "
+            f"dimension(s) for a weight of shape {tuple(weight.shape)}, got shape {tuple(x.shape)}"
+        )
+    if mask not in _MASKS:
+        raise ValueError(f"mc_dropout_conv: mask must be 'element' or 'channel', got {mask!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"mc_dropout_conv: num_samples must be an int >= 1, got {num_samples!r}")
+    if isinstance(groups, bool) or not _is_int(groups) or int(groups) < 1:
+        raise ValueError(f"mc_dropout_conv: groups must be an int >= 1, got {groups!r}")
+    dims = weight.dim() - 2
+    stride_ = _conv_arg(stride, dims, "stride", 1)
+    dilation_ = _conv_arg(dilation, dims, "dilation", 1)
+    padding_ = _conv_padding(padding, weight, dilation_, stride_)
+    state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
+    p = _number(p, "p", "mc_dropout_conv")
+    return _conv_op(
+        x, weight, bias, state, p, num_samples, not input_has_samples, stride_, padding_, dilation_,
+        int(groups), mask == "channel", bool(shared_mask),
+    )
+
+
+def _conv_out_shape(x, weight, num_samples, shared_input, stride, padding, dilation):
+    batch = x.shape[0] * num_samples if shared_input else x.shape[0]
+    spatial = [
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    ]
+    return (batch, weight.shape[0], *spatial)
+
+
+def _register_conv_fakes(ns: str) -> None:
+    @torch.library.register_fake(f"{ns}::mc_dropout_conv")
+    def _mc_dropout_conv_fake(
+        x, weight, bias, rng_state, p, num_samples, shared_input, stride, padding, dilation, groups,
+        channel_mask=False, shared_mask=False,
+    ):
+        _check_devices("mc_dropout_conv", "x", x, weight=weight, bias=bias, rng_state=rng_state)
+        shape = _conv_out_shape(x, weight, num_samples, shared_input, stride, padding, dilation)
+        return x.new_empty(shape)
+
+    @torch.library.register_fake(f"{ns}::mc_dropout_conv_backward")
+    def _mc_dropout_conv_backward_fake(
+        grad_out, x, weight, rng_state, p, num_samples, shared_input, stride, padding, dilation, groups,
+        channel_mask, shared_mask, output_mask,
+    ):
+        _check_devices("mc_dropout_conv_backward", "x", x, grad_out=grad_out, weight=weight, rng_state=rng_state)
+        empty = x.new_empty(0)
+        return (
+            x.new_empty(x.shape) if output_mask[0] else empty,
+            weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0),
+            weight.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0),
+        )
 
 
 _register_fakes("bdlkern")

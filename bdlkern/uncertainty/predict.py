@@ -67,6 +67,14 @@ def _run_block(
     if state.mc_layer_calls == 0:
         # No bdlkern MC layer ran: the model is deterministic, every sample is the same output.
         return out.unsqueeze(0).expand(num_samples, *out.shape).contiguous(), True
+    if state.layout == "folded":
+        # A conv net: the samples are folded into the batch, sample-major ([S * N, ...]).
+        if out.dim() < 1 or out.shape[0] % num_samples:
+            raise ValueError(
+                f"mc_predict: the model's first MC layer is a convolution, so its output must have the samples "
+                f"folded into the batch, [S * N, ...] with S = num_samples = {num_samples}, got shape {tuple(out.shape)}"
+            )
+        return state.unfold(out), False
     if out.dim() < 2 or out.shape[0] != num_samples:
         raise ValueError(
             f"mc_predict: the model's output must have a leading sample dimension of size "

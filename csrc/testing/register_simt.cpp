@@ -5,6 +5,7 @@
 #include "../torch/autocast.h"
 #include "../torch/concrete.h"
 #include "../torch/mc_dropout.h"
+#include "../torch/mc_dropout_conv.h"
 #include "../torch/rng.h"
 #include "../torch/schemas.h"
 #include "selftest_ops.h"
@@ -22,6 +23,7 @@ TORCH_LIBRARY(bdlkern_simt, m) {
 TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
   bdlkern::ops::RngOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::SimtTag>::register_impls(m);
+  bdlkern::ops::MCDropoutConvOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::SimtTag>::register_impls(m);
@@ -34,6 +36,6 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, AutocastCPU, m) {
   using namespace bdlkern::ops;
   using Tag = bdlkern::SimtTag;
   AutocastRegistrar<"bdlkern_simt", c10::DeviceType::CPU, true>{m}
-      .register_all<RngOps<Tag>, MCDropoutOps<Tag>, ConcreteOps<Tag>, SparseVDOps<Tag>,
+      .register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>, SparseVDOps<Tag>,
                     SparseLinearOps<Tag>>();
 }

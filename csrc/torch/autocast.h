@@ -103,7 +103,7 @@ struct AutocastRegistrar {
 
   // The same kernels for both namespaces and every backend: the bindings of one backend give the
   // signatures (they are the same for every backend).
-  template <class Rng, class MC, class Concrete, class VD, class Csr>
+  template <class Rng, class MC, class MCConv, class Concrete, class VD, class Csr>
   void register_all() const {
     using enum CastPolicy;
     // No floating inputs: nothing to cast; the guard keeps their ATen calls out of autocast.
@@ -115,6 +115,8 @@ struct AutocastRegistrar {
     impl<"mc_dropout_linear", kLowerPrecision>(&MC::forward);
     impl<"mc_dropout_linear_grad_input", kAsGiven>(&MC::grad_input);
     impl<"mc_dropout_linear_grad_weight", kAsGiven>(&MC::grad_weight);
+    impl<"mc_dropout_conv", kLowerPrecision>(&MCConv::forward);
+    impl<"mc_dropout_conv_backward", kAsGiven>(&MCConv::backward);
     impl<"concrete_dropout", kFloat32>(&Concrete::forward);
     impl<"concrete_dropout_backward", kAsGiven>(&Concrete::backward);
     impl<"lrt_linear", kFloat32>(&VD::forward);

@@ -4,6 +4,7 @@
 #include "autocast.h"
 #include "concrete.h"
 #include "mc_dropout.h"
+#include "mc_dropout_conv.h"
 #include "rng.h"
 #include "sparse_linear.h"
 #include "sparse_vd.h"
@@ -11,6 +12,7 @@
 TORCH_LIBRARY_IMPL(bdlkern, CPU, m) {
   bdlkern::ops::RngOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::CpuTag>::register_impls(m);
+  bdlkern::ops::MCDropoutConvOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::CpuTag>::register_impls(m);
@@ -24,7 +26,7 @@ void register_autocast(torch::Library& m) {
   using namespace bdlkern::ops;
   using Tag = bdlkern::CpuTag;
   AutocastRegistrar<"bdlkern", Dev, HalfOnCpu>{m}
-      .template register_all<RngOps<Tag>, MCDropoutOps<Tag>, ConcreteOps<Tag>, SparseVDOps<Tag>,
+      .template register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>, SparseVDOps<Tag>,
                              SparseLinearOps<Tag>>();
 }
 }  // namespace

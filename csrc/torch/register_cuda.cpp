@@ -3,6 +3,7 @@
 
 #include "concrete.h"
 #include "mc_dropout.h"
+#include "mc_dropout_conv.h"
 #include "rng.h"
 #include "sparse_linear.h"
 #include "sparse_vd.h"
@@ -12,6 +13,7 @@
 TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
   bdlkern::ops::RngOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::MCDropoutOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::MCDropoutConvOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::CudaTag>::register_impls(m);

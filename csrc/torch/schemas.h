@@ -25,6 +25,18 @@ inline void define_mc_dropout_schemas(torch::Library& m) {
   m.def(
       "mc_dropout_linear_grad_weight(Tensor grad_out, Tensor x, Tensor rng_state, float p, "
       "bool shared_mask) -> Tensor");
+  // x [N, C, *sp] shared by the samples (shared_input) or [S N, C, *sp]; y [S N, C_out, *sp_out]
+  // sample-major. The backward returns (grad_x, grad_weight, grad_bias), an empty tensor for
+  // each gradient output_mask leaves out.
+  m.def(
+      "mc_dropout_conv(Tensor x, Tensor weight, Tensor? bias, Tensor rng_state, float p, "
+      "int num_samples, bool shared_input, int[] stride, int[] padding, int[] dilation, "
+      "int groups, bool channel_mask=False, bool shared_mask=False) -> Tensor");
+  m.def(
+      "mc_dropout_conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor rng_state, "
+      "float p, int num_samples, bool shared_input, int[] stride, int[] padding, int[] dilation, "
+      "int groups, bool channel_mask, bool shared_mask, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 inline void define_concrete_schemas(torch::Library& m) {

@@ -16,18 +16,19 @@
 #include <bdlkern/rng/masks.h>
 
 #include <algorithm>
-#include <bit>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "mask_select.h"
 #include "philox_simd.h"
 #include "vec_math.h"
 
 namespace bdlkern {
 namespace {
 
+using cpu::apply_mask;
 using cpu::stream_words;
 
 constexpr int64_t kRowGrain = 4;       // rows per parallel task
@@ -36,25 +37,6 @@ constexpr int64_t kColumnGrain = 256;  // columns per task when reducing over sa
 MCDropoutMask make_mask(const MCDropoutLinearParams& p) {
   return MCDropoutMask{make_stream(p.rng_state, kStreamMCDropout), p.threshold, p.rows,
                        p.in_features, p.shared_mask};
-}
-
-// out[k] = keep(word[k]) ? x[k] * scale : 0. The threshold is < 2^32 unless p == 0, where
-// every element is kept. The select is done on the bits (an all-ones or all-zeros mask ANDed
-// with the scaled value): random keep flags would mispredict a branch half the time (measured
-// 6x slower), and a multiply by 0 would turn a dropped NaN into NaN instead of 0.
-template <typename T>
-void apply_mask(const T* x, const uint32_t* words, uint64_t threshold, T scale, T* out,
-                int64_t n) {
-  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  if (threshold > 0xffffffffull) {
-    for (int64_t k = 0; k < n; ++k) out[k] = x[k] * scale;
-    return;
-  }
-  const uint32_t t = static_cast<uint32_t>(threshold);
-  for (int64_t k = 0; k < n; ++k) {
-    const Bits keep = Bits{0} - static_cast<Bits>(words[k] < t);
-    out[k] = std::bit_cast<T>(std::bit_cast<Bits>(x[k] * scale) & keep);
-  }
 }
 
 // Input row of flattened row r.
