@@ -384,11 +384,24 @@ def test_hard_masks_of_per_feature_rates_match_the_reference():
     torch.testing.assert_close(y, expected.detach())
 
 
+def _mc_conv_reference(x, p_logit, rng_state, S, has_samples):
+    """The fused path of a ConcreteDropout2d with one rate inside sampling: the MC-dropout conv
+    op's channel masks (stream "mc_dropout", one flag per (row, channel) of the folded input, kept
+    iff the word is below the integer threshold of keep = 1 - p) on the input repeated S times."""
+    p = float(torch.sigmoid(p_logit.detach()))
+    xs = x if has_samples else x.repeat(S, *([1] * (x.dim() - 1)))
+    keep = bdlkern.ops.dropout_mask(list(xs.shape[:2]), p, rng_state=rng_state, stream="mc_dropout")
+    assert 0.2 < keep.double().mean() < 0.95, "the rates must drop some channels and keep others"
+    return xs * keep.reshape(*keep.shape, *([1] * (xs.dim() - 2))).to(xs.dtype) / (1 - p)
+
+
 @pytest.mark.parametrize("per_feature", [False, True])
 def test_hard_spatial_masks_of_conv_rates_match_the_reference(per_feature):
     """ConcreteDropout2d inside sampling: one hard mask value per (sample, image, channel) with one
     rate or one per channel, for the first layer of the pass and a later one; the samples are
-    folded into the batch, sample-major (the conv layout of bdlkern._sampling)."""
+    folded into the batch, sample-major (the conv layout of bdlkern._sampling). One rate runs the
+    fused MC-dropout conv op (its mask stream); rates per channel mask the repeated input with the
+    concrete stream's uniforms."""
     torch.manual_seed(5)
     first = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(3, 4, 3, padding=1), per_feature=per_feature)
     second = bdlkern.nn.ConcreteDropout2d(nn.Conv2d(4, 2, 3), per_feature=per_feature)
@@ -398,12 +411,17 @@ def test_hard_spatial_masks_of_conv_rates_match_the_reference(per_feature):
     S, seed = 4, 21
     with bdlkern.sampling(S, seed=seed):
         y = model(img)
-    flat = img.expand(S, *img.shape).reshape(S * 6, 3, 7, 7)  # samples folded into the batch
-    h = first.layer(_hard_reference(flat, first.p_logit, torch.tensor([seed, 0]), channel_dim=1)).relu()
-    expected = second.layer(_hard_reference(h, second.p_logit, torch.tensor([seed, 1 << 40]), channel_dim=1))
+    states = torch.tensor([seed, 0]), torch.tensor([seed, 1 << 40])
+    if per_feature:
+        flat = img.expand(S, *img.shape).reshape(S * 6, 3, 7, 7)  # samples folded into the batch
+        h = first.layer(_hard_reference(flat, first.p_logit, states[0], channel_dim=1)).relu()
+        expected = second.layer(_hard_reference(h, second.p_logit, states[1], channel_dim=1))
+    else:
+        h = first.layer(_mc_conv_reference(img, first.p_logit, states[0], S, False)).relu()
+        expected = second.layer(_mc_conv_reference(h, second.p_logit, states[1], S, True))
     assert y.shape == (S * 6, 2, 5, 5)
-    torch.testing.assert_close(y, expected.detach())
-    torch.testing.assert_close(bdlkern.unfold_samples(y, S), expected.reshape(S, 6, 2, 5, 5).detach())
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bdlkern.unfold_samples(y, S), expected.reshape(S, 6, 2, 5, 5).detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_wrapper_on_linear_and_conv2d():

@@ -22,7 +22,7 @@ None of the modules can be compiled by TorchScript (``torch.jit.script`` raises 
 Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropoutLinear`, :class:`MCDropoutConv2d` and its 1-d / 3-d
 siblings),
 :mod:`~bdlkern.nn.concrete` (the Concrete-dropout modules) and :mod:`~bdlkern.nn.sparse_vd`
-(:class:`SparseVDLinear`, :class:`SparseLinear`); the ``convert`` module holds what works on a
+(:class:`SparseVDLinear`, :class:`SparseVDConv2d` and its 1-d / 3-d siblings, :class:`SparseLinear`); the ``convert`` module holds what works on a
 whole model (:func:`convert`, :func:`regularization`, :func:`kl_divergence`), and ``_base`` the
 input checks every module shares. Every name is importable from ``bdlkern.nn`` itself.
 """
@@ -50,7 +50,16 @@ from .concrete import (  # noqa: F401
     _input_dim_of,
     _logit,
 )
-from .sparse_vd import SparseLinear, SparseVDLinear
+from .sparse_vd import (
+    SparseConv1d,
+    SparseConv2d,
+    SparseConv3d,
+    SparseLinear,
+    SparseVDConv1d,
+    SparseVDConv2d,
+    SparseVDConv3d,
+    SparseVDLinear,
+)
 # Importing the submodule binds bdlkern.nn.convert to it; this import then rebinds the name to the
 # function, which is what the public name has always been.
 from .convert import convert, kl_divergence, regularization
@@ -64,7 +73,13 @@ __all__ = [
     "ConcreteDropout2d",
     "ConcreteDropoutLinear",
     "SparseLinear",
+    "SparseConv1d",
+    "SparseConv2d",
+    "SparseConv3d",
     "SparseVDLinear",
+    "SparseVDConv1d",
+    "SparseVDConv2d",
+    "SparseVDConv3d",
     "convert",
     "kl_divergence",
     "regularization",

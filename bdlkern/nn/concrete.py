@@ -120,6 +120,11 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
         """Whether :meth:`_fused_mc` takes the call (it must agree with it)."""
         return False
 
+    def _fused_conv_mc(self, x: torch.Tensor, num_samples: int, has_samples: bool, rng_state: torch.Tensor):
+        """The fused MC-dropout convolution with channel masks, where the layer allows it (a
+        zero-padded torch convolution with one rate); None otherwise."""
+        return None
+
     def _check_input(self, x: torch.Tensor, sample_dim: bool) -> None:
         """The width check of the layer behind the dropout (``sample_dim``: ``x`` carries the
         leading sample dimension of ``sampling``)."""
@@ -155,10 +160,12 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
             # One mask value per (row, channel) of the folded [S * N, C, ...] input: the same
             # value for a row whether the input arrived with its samples or was repeated here.
             rng_state, has_samples, xs, stacked = state.conv_call(self, x)
-            if not has_samples:
-                xs = xs.repeat(S, *([1] * (xs.dim() - 1)))
-            dropped = self._relaxed(xs, rng_state) if self.relaxed_eval else self._hard(xs, rng_state)
-            out = self._layer(dropped)
+            out = None if self.relaxed_eval else self._fused_conv_mc(xs, S, has_samples, rng_state)
+            if out is None:
+                if not has_samples:
+                    xs = xs.repeat(S, *([1] * (xs.dim() - 1)))
+                dropped = self._relaxed(xs, rng_state) if self.relaxed_eval else self._hard(xs, rng_state)
+                out = self._layer(dropped)
             return out.unflatten(0, (S, -1)) if stacked else out
         rng_state, num_samples, x, folded = state.layer_call(self, x, self.input_dim)
         has_sample_dim = num_samples is None
@@ -374,6 +381,22 @@ class ConcreteDropout(_ConcreteDropoutMixin, nn.Module):
 
     def _fuses(self):
         return type(self.layer) is nn.Linear and _fusable_rate(self)
+
+    def _fused_conv_mc(self, x, num_samples, has_samples, rng_state):
+        # Hard channel masks with the learnt rate, drawn by the MC-dropout conv op (its stream and
+        # integer threshold, as the Linear path uses mc_dropout_linear) instead of masking a
+        # repeated input in eager mode.
+        layer = self.layer
+        if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or layer.padding_mode != "zeros":
+            return None
+        if not _fusable_rate(self):
+            return None
+        p = min(float(self.p.item()), 1.0 - 2.0**-24)
+        return ops.mc_dropout_conv(
+            x, layer.weight, layer.bias, p, num_samples, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups, mask="channel", input_has_samples=has_samples,
+            rng_state=rng_state,
+        )
 
     def _check_input(self, x, sample_dim):
         # getattr: a module pickled whole before these attributes existed has neither

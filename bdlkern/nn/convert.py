@@ -10,12 +10,12 @@ from torch import nn
 
 from .concrete import _ConcreteDropoutMixin
 from .mc_dropout import MCDropoutConv1d, MCDropoutConv2d, MCDropoutConv3d, MCDropoutLinear
-from .sparse_vd import SparseVDLinear
 
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:
-    """The sum of the KL terms of every :class:`SparseVDLinear` in ``model`` (0-dim)."""
-    terms = [m.kl() for m in model.modules() if isinstance(m, SparseVDLinear)]
+    """The sum of the KL terms of every sparse-VD layer (:class:`SparseVDLinear`,
+    :class:`SparseVDConv2d`, ...) in ``model`` (0-dim)."""
+    terms = [m.kl() for m in model.modules() if getattr(m, "_bdlkern_kl", False) and callable(getattr(m, "kl", None))]
     if not terms:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)

@@ -1,7 +1,8 @@
-"""Sparse variational dropout (Molchanov, Ashukha & Vetrov 2017): :class:`SparseVDLinear`, trained
-with the local reparameterisation trick and pruned by its learnt ``log_alpha``, and
-:class:`SparseLinear`, the pruned layer with a CSR weight that ``SparseVDLinear.to_sparse()``
-returns."""
+"""Sparse variational dropout (Molchanov, Ashukha & Vetrov 2017): :class:`SparseVDLinear` and
+:class:`SparseVDConv1d` / :class:`SparseVDConv2d` / :class:`SparseVDConv3d`, trained with the
+local reparameterisation trick and pruned by their learnt ``log_alpha``, and the pruned layers
+with a CSR weight that their ``to_sparse()`` returns: :class:`SparseLinear` and
+:class:`SparseConv1d` / :class:`SparseConv2d` / :class:`SparseConv3d`."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class SparseVDLinear(_NotScriptable, nn.Module):
         dtype = self.theta.dtype
         if dtype not in _F32_F64 and not torch.is_autocast_enabled(self.theta.device.type):
             raise TypeError(
-                f"SparseVDLinear: parameters of dtype {dtype} are not supported by the KL kernel (it takes "
+                f"{type(self).__name__}: parameters of dtype {dtype} are not supported by the KL kernel (it takes "
                 "torch.float32, torch.float64); keep the parameters in torch.float32 and use torch.autocast "
                 "for lower precision"
             )
@@ -123,6 +124,166 @@ class SparseVDLinear(_NotScriptable, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"threshold={self.threshold}"
         )
+
+
+class _SparseVDConvNd(_NotScriptable, nn.Module):
+    """A convolution trained by sparse variational dropout (Molchanov, Ashukha & Vetrov 2017), the
+    conv counterpart of :class:`SparseVDLinear`: every weight is ``N(theta, alpha theta^2)``, the
+    layer adds :meth:`kl` to the loss, and weights with ``log_alpha >= threshold`` are pruned.
+
+    * training: one LRT sample per input (``bdlkern.ops.lrt_conv``), ``[N, C, *] -> [N, C_out, *]``;
+    * eval: the deterministic pruned convolution ``conv(x, theta * (log_alpha < threshold)) + bias``;
+    * inside ``bdlkern.sampling(S)``: S stochastic LRT samples folded into the batch, sample-major
+      (the folded layout of :mod:`bdlkern._sampling`).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as the
+            torch convolution (theta initialised like its weight; ``padding_mode`` is zeros).
+        threshold, log_sigma2_init: as :class:`SparseVDLinear`.
+
+    Parameters: ``theta [C_out, C_in / groups, *kernel]``, ``log_sigma2`` (same shape),
+    ``bias [C_out]``.
+    """
+
+    _bdlkern_kl = True  # picked up by bdlkern.nn.regularization / kl_divergence
+    _dims: int
+    _conv_type: type
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        threshold: float = 3.0,
+        log_sigma2_init: float = -10.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"{name}: threshold must be finite, got {threshold}")
+        if not math.isfinite(float(log_sigma2_init)):
+            raise ValueError(f"{name}: log_sigma2_init must be finite, got {log_sigma2_init}")
+        # The torch convolution checks and normalises the geometry (and owns the initialisation).
+        template = self._conv_type(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            bias=bias, device=device, dtype=dtype,
+        )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = template.kernel_size, template.stride
+        self.padding, self.dilation, self.groups = template.padding, template.dilation, groups
+        self.threshold = float(threshold)
+        self.theta = nn.Parameter(template.weight.detach().clone())
+        self.log_sigma2 = nn.Parameter(torch.full_like(self.theta, float(log_sigma2_init)))
+        self.bias = nn.Parameter(template.bias.detach().clone()) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, threshold: float = 3.0, log_sigma2_init: float = -10.0):
+        """A sparse-VD layer whose ``theta`` and bias are ``conv``'s weight and bias (to fine-tune a
+        trained network, as Molchanov et al. do); ``padding_mode`` must be zeros."""
+        if not isinstance(conv, cls._conv_type):
+            raise TypeError(f"{cls.__name__}.from_conv: expected an nn.{cls._conv_type.__name__}, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{cls.__name__}.from_conv: padding_mode={conv.padding_mode!r} is not supported; use 'zeros'")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, threshold=threshold,
+            log_sigma2_init=log_sigma2_init, device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            layer.theta.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    log_alpha = SparseVDLinear.log_alpha
+    mask = SparseVDLinear.mask
+    pruned_weight = SparseVDLinear.pruned_weight
+    sparsity = SparseVDLinear.sparsity
+    kl = SparseVDLinear.kl
+
+    def _error_label(self) -> str:
+        return f"{type(self).__name__}(in_channels={self.in_channels}, out_channels={self.out_channels})"
+
+    def to_sparse(self) -> "_SparseConvNd":
+        """The pruned layer as a :class:`SparseConv2d` (or 1-d / 3-d): CSR of the weights with
+        ``log_alpha < threshold``, values theta and alpha theta^2 interleaved on that pattern (so it
+        can still draw stochastic LRT samples), and a copy of the bias."""
+        sparse_type = {1: SparseConv1d, 2: SparseConv2d, 3: SparseConv3d}[self._dims]
+        with torch.no_grad():
+            variance = torch.exp(self.log_alpha) * self.theta**2
+            return sparse_type.from_dense(
+                self.theta, self.bias, variance=variance, mask=self.mask(), stride=self.stride, padding=self.padding,
+                dilation=self.dilation, groups=self.groups,
+            )
+
+    def _check_channels(self, x: torch.Tensor, where: str) -> None:
+        if x.dim() != self._dims + 2 or x.shape[1] != self.in_channels:
+            spatial = ", ".join(["*"] * self._dims)
+            raise ValueError(
+                f"{self._error_label()}: expected {where} [B, {self.in_channels}, {spatial}], got shape {tuple(x.shape)}"
+            )
+
+    def _lrt(self, x, num_samples, rng_state=None, input_has_samples=False):
+        return ops.lrt_conv(
+            x, self.theta, self.log_sigma2, self.bias, num_samples, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, input_has_samples=input_has_samples, rng_state=rng_state,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, *] -> [N, C_out, *]``; inside ``sampling(S)`` see the class docstring."""
+        state = current_sampling()
+        if state is not None:
+            rng_state, has_samples, x_op, stacked = state.conv_call(self, x)
+            self._check_channels(x_op, "an input (samples folded into the batch)" if has_samples else "a batched input")
+            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
+            y = self._lrt(x_op, state.num_samples, rng_state, has_samples)
+            return y.unflatten(0, (state.num_samples, -1)) if stacked else y
+        if self.training:
+            unbatched = x.dim() == self._dims + 1
+            xb = x.unsqueeze(0) if unbatched else x
+            self._check_channels(xb, "a batched or unbatched input")
+            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
+            y = self._lrt(xb, 1)
+            return y.squeeze(0) if unbatched else y
+        _check_dtype(self, x, self.theta.dtype)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self._dims - 1]
+        return conv(x, self.pruned_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}"
+        )
+
+
+class SparseVDConv1d(_SparseVDConvNd):
+    """Sparse variational dropout for ``nn.Conv1d`` (input ``[N, C, L]``); see ``_SparseVDConvNd``."""
+
+    _dims = 1
+    _conv_type = nn.Conv1d
+
+
+class SparseVDConv2d(_SparseVDConvNd):
+    """Sparse variational dropout for ``nn.Conv2d`` (input ``[N, C, H, W]``); see ``_SparseVDConvNd``."""
+
+    _dims = 2
+    _conv_type = nn.Conv2d
+
+
+class SparseVDConv3d(_SparseVDConvNd):
+    """Sparse variational dropout for ``nn.Conv3d`` (input ``[N, C, D, H, W]``); see ``_SparseVDConvNd``."""
+
+    _dims = 3
+    _conv_type = nn.Conv3d
 
 
 class SparseLinear(_NotScriptable, nn.Module):
@@ -283,3 +444,182 @@ class SparseLinear(_NotScriptable, nn.Module):
             f"density={self.density:.4f}, variance={self.has_variance}, bias={self.bias is not None}"
         )
 
+
+
+class _SparseConvNd(_NotScriptable, nn.Module):
+    """A convolution with a CSR weight, for pruned networks (``SparseVDConv2d.to_sparse()``): the
+    conv counterpart of :class:`SparseLinear`, computed by ``bdlkern.ops.sparse_conv`` without
+    im2col.
+
+    * deterministic: ``conv(x, W) + bias``; above :attr:`crossover_density` it uses the dense
+      convolution (oneDNN / cuDNN) instead, so it does not lose to ``nn.Conv2d``;
+    * inside ``bdlkern.sampling(S)``, when the layer holds weight variances (``values [nnz, 2]``,
+      as ``to_sparse`` keeps them): S stochastic LRT samples on the kept weights, folded into the
+      batch (the folded layout of :mod:`bdlkern._sampling`).
+
+    Buffers (all in the state dict; ``load_state_dict`` takes any nnz): ``crow`` int64
+    ``[C_out + 1]``, ``col`` int64 ``[nnz]`` (columns of ``[C_out, C_in / groups * prod(kernel)]``),
+    ``values`` ``[nnz]`` or ``[nnz, 2]`` (theta, alpha theta^2), ``bias`` ``[C_out]`` (optional).
+    """
+
+    _dims: int
+    #: Above this density the dense convolution is used (CPU float32, measured: see the class of
+    #: each rank).
+    crossover_density: float = 0.25
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, crow, col, values, bias=None, *, stride=1,
+                 padding=0, dilation=1, groups: int = 1):
+        super().__init__()
+        name = type(self).__name__
+        dims = self._dims
+
+        def tup(v, what):
+            t = (v,) * dims if isinstance(v, int) else tuple(int(e) for e in v)
+            if len(t) != dims:
+                raise ValueError(f"{name}: {what} must be an int or {dims} ints, got {v!r}")
+            return t
+
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride = tup(kernel_size, "kernel_size"), tup(stride, "stride")
+        self.padding, self.dilation = tup(padding, "padding"), tup(dilation, "dilation")
+        if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"{name}: groups ({groups}) must divide in_channels and out_channels")
+        if not (isinstance(crow, torch.Tensor) and crow.dim() == 1 and crow.numel() == self.out_channels + 1):
+            raise ValueError(f"{name}: crow must be a 1-d tensor of out_channels + 1 = {self.out_channels + 1} entries")
+        if not isinstance(values, torch.Tensor) or values.dtype not in _F32_F64:
+            raise TypeError(
+                f"{name}: values must be a float32 or float64 tensor (the sparse kernels' dtypes), got "
+                f"{getattr(values, 'dtype', type(values).__name__)}"
+            )
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", bias)
+        self.register_buffer("_dense", None, persistent=False)  # the dense weight, made on demand
+        # A malformed structure fails here, at construction (the op checks it on every call too).
+        probe = torch.zeros(1, self.in_channels, *[d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)],
+                            dtype=values.dtype, device=values.device)
+        self._sparse(probe)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, variance: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, *, stride=1, padding=0, dilation=1, groups: int = 1):
+        """The CSR layer of a pruned dense conv ``weight [C_out, C_in / groups, *kernel]``: the
+        entries where ``mask`` (default ``weight != 0``) is true, with ``variance`` (alpha theta^2,
+        the weight's shape) interleaved if given."""
+        name = cls.__name__
+        if not isinstance(weight, torch.Tensor) or weight.dim() != cls._dims + 2:
+            raise ValueError(f"{name}.from_dense: weight must be [out_channels, in_channels / groups, {cls._dims} kernel sizes]")
+        flat = SparseLinear.from_dense(
+            weight.detach().reshape(weight.shape[0], -1),
+            None,
+            None if variance is None else variance.detach().reshape(weight.shape[0], -1),
+            None if mask is None else mask.reshape(weight.shape[0], -1),
+        )
+        return cls(
+            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), flat.crow, flat.col, flat.values,
+            None if bias is None else bias.detach().clone(), stride=stride, padding=padding, dilation=dilation,
+            groups=groups,
+        )
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weights kept."""
+        total = self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel_size)
+        return self.nnz / total if total else 0.0
+
+    @property
+    def has_variance(self) -> bool:
+        return self.values.dim() == 2
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight ``[C_out, C_in / groups, *kernel]``."""
+        w = torch.zeros(self.out_channels, math.prod(self._weight_shape()[1:]), dtype=self.values.dtype,
+                        device=self.values.device)
+        rows = torch.repeat_interleave(torch.arange(self.out_channels, device=self.crow.device), self.crow.diff())
+        w[rows, self.col] = self.values if self.values.dim() == 1 else self.values[:, 0]
+        return w.reshape(self._weight_shape())
+
+    def _sparse(self, x, **kwargs):
+        return ops.sparse_conv(
+            x, self.crow, self.col, self.values, self.bias, kernel_size=self.kernel_size, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups, **kwargs,
+        )
+
+    def _check_channels(self, x: torch.Tensor, where: str) -> None:
+        if x.dim() != self._dims + 2 or x.shape[1] != self.in_channels:
+            spatial = ", ".join(["*"] * self._dims)
+            raise ValueError(
+                f"{type(self).__name__}(in_channels={self.in_channels}, out_channels={self.out_channels}): expected "
+                f"{where} [B, {self.in_channels}, {spatial}], got shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, *] -> [N, C_out, *]``; inside ``sampling(S)`` with variances see the class docstring."""
+        _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
+        state = current_sampling()
+        if state is not None and self.has_variance:
+            rng_state, has_samples, x_op, stacked = state.conv_call(self, x)
+            self._check_channels(x_op, "an input (samples folded into the batch)" if has_samples else "a batched input")
+            y = self._sparse(x_op, num_samples=state.num_samples, stochastic=True, input_has_samples=has_samples,
+                             rng_state=rng_state)
+            return y.unflatten(0, (state.num_samples, -1)) if stacked else y
+        unbatched = x.dim() == self._dims + 1
+        xb = x.unsqueeze(0) if unbatched else x
+        self._check_channels(xb, "a batched or unbatched input")
+        if self.density > self.crossover_density:
+            if torch.compiler.is_exporting():  # the cache cannot be filled with a traced tensor
+                weight = self.to_dense()
+            else:
+                if self._dense is None or self._dense.dtype != self.values.dtype:
+                    self._dense = self.to_dense()
+                weight = self._dense
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self._dims - 1]
+            y = conv(xb, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = self._sparse(xb)
+        return y.squeeze(0) if unbatched else y
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The number of stored weights differs from layer to layer: take the incoming shapes.
+        for name in ("crow", "col", "values", "bias"):
+            key = prefix + name
+            if key in state_dict and state_dict[key] is not None:
+                current = getattr(self, name)
+                if current is None or current.shape != state_dict[key].shape:
+                    setattr(self, name, torch.empty_like(state_dict[key], device=self.col.device))
+        self._dense = None
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                        error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, nnz={self.nnz}, "
+            f"density={self.density:.4f}, variance={self.has_variance}, bias={self.bias is not None}"
+        )
+
+
+class SparseConv1d(_SparseConvNd):
+    """A pruned ``nn.Conv1d`` with a CSR weight (input ``[N, C, L]``); see ``_SparseConvNd``."""
+
+    _dims = 1
+
+
+class SparseConv2d(_SparseConvNd):
+    """A pruned ``nn.Conv2d`` with a CSR weight (input ``[N, C, H, W]``); see ``_SparseConvNd``."""
+
+    _dims = 2
+
+
+class SparseConv3d(_SparseConvNd):
+    """A pruned ``nn.Conv3d`` with a CSR weight (input ``[N, C, D, H, W]``); see ``_SparseConvNd``."""
+
+    _dims = 3

@@ -185,3 +185,79 @@ def _check_devices(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None
     for name, t in tensors.items():
         if t is not None and t.device != ref.device:
             raise RuntimeError(f"{op}: {name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
+
+
+# ---- convolution arguments, shared by the conv ops ----------------------------------------------
+def _conv_arg(value, dims: int, name: str, minimum: int, op: str) -> list[int]:
+    """stride / padding / dilation as ``dims`` ints (an int is repeated), checked."""
+    if _is_int(value):
+        values = [int(value)] * dims
+    elif isinstance(value, (tuple, list)) and all(_is_int(v) for v in value):
+        values = [int(v) for v in value]
+        if len(values) == 1:
+            values = values * dims
+    else:
+        raise TypeError(f"{op}: {name} must be an int or a tuple of {dims} ints, got {value!r}")
+    if len(values) != dims:
+        raise ValueError(f"{op}: {name} must have {dims} values (one per spatial dimension), got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return values
+
+
+def _conv_padding(padding, weight: torch.Tensor, dilation: list[int], stride: list[int], op: str) -> list[int]:
+    """``padding`` as ints; ``"valid"`` is 0 and ``"same"`` the symmetric padding that keeps the
+    size (stride 1 and an odd effective kernel; F.conv2d pads asymmetrically otherwise, which the
+    conv ops do not do)."""
+    dims = weight.dim() - 2
+    if not isinstance(padding, str):
+        return _conv_arg(padding, dims, "padding", 0, op)
+    if padding == "valid":
+        return [0] * dims
+    if padding != "same":
+        raise ValueError(f"{op}: padding must be ints, 'valid' or 'same', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{op}: padding='same' needs stride 1 (as F.conv2d)")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if any(t % 2 for t in total):
+        raise ValueError(
+            f"{op}: padding='same' with an even effective kernel size needs asymmetric padding, which "
+            "this op does not do; pad the input with F.pad and use padding=0"
+        )
+    return [t // 2 for t in total]
+
+
+def _conv_args(x, weight, num_samples, stride, padding, dilation, groups, op: str, weight_name: str):
+    """Checks the Python-level arguments of a conv op (tensors, ranks, num_samples, groups) and
+    returns (stride, padding, dilation, groups) as the raw op takes them."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: x and {weight_name} must be tensors")
+    if not 3 <= weight.dim() <= 5:
+        raise ValueError(
+            f"{op}: {weight_name} must be [out_channels, in_channels / groups, *kernel] with 1 to 3 "
+            f"kernel dimensions, got shape {tuple(weight.shape)}"
+        )
+    if x.dim() != weight.dim():
+        raise ValueError(
+            f"{op}: x must be [batch, channels, *spatial] with {weight.dim() - 2} spatial "
+            f"dimension(s) for a {weight_name} of shape {tuple(weight.shape)}, got shape {tuple(x.shape)}"
+        )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{op}: num_samples must be an int >= 1, got {num_samples!r}")
+    if isinstance(groups, bool) or not _is_int(groups) or int(groups) < 1:
+        raise ValueError(f"{op}: groups must be an int >= 1, got {groups!r}")
+    dims = weight.dim() - 2
+    stride_ = _conv_arg(stride, dims, "stride", 1, op)
+    dilation_ = _conv_arg(dilation, dims, "dilation", 1, op)
+    padding_ = _conv_padding(padding, weight, dilation_, stride_, op)
+    return stride_, padding_, dilation_, int(groups)
+
+
+def _conv_out_shape(x, weight, num_samples, shared_input, stride, padding, dilation):
+    """The output shape of a conv op: the samples folded into the batch."""
+    batch = x.shape[0] * num_samples if shared_input else x.shape[0]
+    spatial = [
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    ]
+    return (batch, weight.shape[0], *spatial)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .._C import _mc_dropout_linear_eager as _eager
-from ._common import _check_devices, _is_int, _number, _plain, _resolve_state, _sample_dim_input, _torch_function_mode, _tracing
+from ._common import _check_devices, _conv_args, _conv_out_shape, _number, _plain, _resolve_state, _sample_dim_input, _torch_function_mode, _tracing
 
 _op = torch.ops.bdlkern.mc_dropout_linear.default
 
@@ -113,45 +113,6 @@ _conv_op = torch.ops.bdlkern.mc_dropout_conv.default
 _MASKS = ("element", "channel")
 
 
-def _conv_arg(value, dims: int, name: str, minimum: int) -> list[int]:
-    """stride / padding / dilation as ``dims`` ints (an int is repeated), checked."""
-    if _is_int(value):
-        values = [int(value)] * dims
-    elif isinstance(value, (tuple, list)) and all(_is_int(v) for v in value):
-        values = [int(v) for v in value]
-        if len(values) == 1:
-            values = values * dims
-    else:
-        raise TypeError(f"mc_dropout_conv: {name} must be an int or a tuple of {dims} ints, got {value!r}")
-    if len(values) != dims:
-        raise ValueError(f"mc_dropout_conv: {name} must have {dims} values (one per spatial dimension), got {value!r}")
-    if any(v < minimum for v in values):
-        raise ValueError(f"mc_dropout_conv: {name} must be >= {minimum}, got {value!r}")
-    return values
-
-
-def _conv_padding(padding, weight: torch.Tensor, dilation: list[int], stride: list[int]) -> list[int]:
-    """``padding`` as ints; ``"valid"`` is 0 and ``"same"`` the symmetric padding that keeps the
-    size (stride 1 and an odd effective kernel; F.conv2d pads asymmetrically otherwise, which this
-    op does not do)."""
-    dims = weight.dim() - 2
-    if not isinstance(padding, str):
-        return _conv_arg(padding, dims, "padding", 0)
-    if padding == "valid":
-        return [0] * dims
-    if padding != "same":
-        raise ValueError(f"mc_dropout_conv: padding must be ints, 'valid' or 'same', got {padding!r}")
-    if any(s != 1 for s in stride):
-        raise ValueError("mc_dropout_conv: padding='same' needs stride 1 (as F.conv2d)")
-    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-    if any(t % 2 for t in total):
-        raise ValueError(
-            "mc_dropout_conv: padding='same' with an even effective kernel size needs asymmetric padding, "
-            "which this op does not do; pad the input with F.pad and use padding=0"
-        )
-    return [t // 2 for t in total]
-
-
 def mc_dropout_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -211,43 +172,17 @@ def mc_dropout_conv(
         ``[S * N, C_out, *spatial_out]``, sample-major (``bdlkern.unfold_samples`` views it as
         ``[S, N, ...]``). Differentiable in ``x``, ``weight`` and ``bias``.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("mc_dropout_conv: x and weight must be tensors")
-    if not 3 <= weight.dim() <= 5:
-        raise ValueError(
-            f"mc_dropout_conv: weight must be [out_channels, in_channels / groups, *kernel] with 1 to 3 "
-            f"kernel dimensions, got shape {tuple(weight.shape)}"
-        )
-    if x.dim() != weight.dim():
-        raise ValueError(
-            f"mc_dropout_conv: x must be [batch, channels, *spatial] with {weight.dim() - 2} spatial "
-            f"dimension(s) for a weight of shape {tuple(weight.shape)}, got shape {tuple(x.shape)}"
-        )
     if mask not in _MASKS:
         raise ValueError(f"mc_dropout_conv: mask must be 'element' or 'channel', got {mask!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"mc_dropout_conv: num_samples must be an int >= 1, got {num_samples!r}")
-    if isinstance(groups, bool) or not _is_int(groups) or int(groups) < 1:
-        raise ValueError(f"mc_dropout_conv: groups must be an int >= 1, got {groups!r}")
-    dims = weight.dim() - 2
-    stride_ = _conv_arg(stride, dims, "stride", 1)
-    dilation_ = _conv_arg(dilation, dims, "dilation", 1)
-    padding_ = _conv_padding(padding, weight, dilation_, stride_)
+    stride_, padding_, dilation_, groups = _conv_args(
+        x, weight, num_samples, stride, padding, dilation, groups, "mc_dropout_conv", "weight"
+    )
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
     p = _number(p, "p", "mc_dropout_conv")
     return _conv_op(
         x, weight, bias, state, p, num_samples, not input_has_samples, stride_, padding_, dilation_,
-        int(groups), mask == "channel", bool(shared_mask),
+        groups, mask == "channel", bool(shared_mask),
     )
-
-
-def _conv_out_shape(x, weight, num_samples, shared_input, stride, padding, dilation):
-    batch = x.shape[0] * num_samples if shared_input else x.shape[0]
-    spatial = [
-        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
-        for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    ]
-    return (batch, weight.shape[0], *spatial)
 
 
 def _register_conv_fakes(ns: str) -> None:

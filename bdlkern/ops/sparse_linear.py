@@ -1,6 +1,7 @@
-"""The sparse (CSR) linear layer: pruned sparse variational dropout at inference
-(:func:`sparse_linear`, deterministic or with stochastic LRT samples), and the fake kernels of
-``sparse_linear``, ``sparse_linear_lrt`` and their backward ops.
+"""The sparse (CSR) linear layer and convolution: pruned sparse variational dropout at inference
+(:func:`sparse_linear`, :func:`sparse_conv`, deterministic or with stochastic LRT samples), and the
+fake kernels of ``sparse_linear``, ``sparse_linear_lrt``, ``sparse_conv``, ``sparse_conv_lrt`` and
+their backward ops.
 
 The package re-exports the function under this module's name, so ``bdlkern.ops.sparse_linear`` (and
 ``import bdlkern.ops.sparse_linear as m``) is the function; ``from bdlkern.ops.sparse_linear import
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-from ._common import _check_devices, _resolve_state, _sample_dim_input
+from ._common import _check_devices, _conv_arg, _conv_args, _conv_out_shape, _resolve_state, _sample_dim_input
 
 
 def sparse_linear(
@@ -69,6 +70,69 @@ def sparse_linear(
     return y.reshape(samples, *batch, y.shape[-1])
 
 
+def sparse_conv(
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    num_samples: int = 1,
+    stochastic: bool = False,
+    input_has_samples: bool = False,
+    generator: torch.Generator | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A convolution (1-d, 2-d or 3-d by the rank of ``x``) whose pruned weight is stored in CSR:
+    the pruned sparse-VD conv layer, computed without im2col (per kept weight, the weight times a
+    shifted input plane is added into the output plane, vectorised along the output row).
+
+    The weight ``W [C_out, C_in / groups, *kernel_size]`` is CSR over
+    ``[C_out, (C_in / groups) * prod(kernel_size)]``: ``crow`` int64 ``[C_out + 1]``, ``col`` int64
+    ``[nnz]`` (ascending within each row; column ``((c * kd + a) * kh + b) * kw + e`` is channel
+    ``c``, kernel offset ``(a, b, e)``), ``values`` ``[nnz]`` (theta) or ``[nnz, 2]`` (theta and
+    ``alpha theta^2``). The structure is validated before any kernel runs.
+
+    * deterministic (default): ``y = conv(x, W) + bias``, ``[N, C_in, *] -> [N, C_out, *]``;
+    * ``stochastic=True``: S local-reparameterisation samples on the kept weights,
+      ``y = conv(x, W) + bias + sqrt(conv(x^2, V) + 1e-8) * eps`` with ``eps`` from the Philox
+      stream ``"sparse_lrt"`` at the row-major index of ``y [S * N, C_out, *]`` (samples folded
+      into the batch, sample-major, as :func:`lrt_conv`); ``x`` is shared by the samples, or
+      ``[S * N, ...]`` with ``input_has_samples``. Needs ``values [nnz, 2]``.
+
+    Differentiable in ``x`` only (the values are the pruned model's constants).
+    """
+    for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sparse_conv: {name} must be a tensor, got {type(t).__name__}")
+    if not 3 <= x.dim() <= 5:
+        raise ValueError(
+            f"sparse_conv: x must be [batch, channels, *spatial] with 1 to 3 spatial dimensions, got shape {tuple(x.shape)}"
+        )
+    dims = x.dim() - 2
+    kernel = _conv_arg(kernel_size, dims, "kernel_size", 1, "sparse_conv")
+    # A stand-in weight of the right shape for the shared argument checks (no data).
+    weight_like = x.new_empty((0, 1, *kernel), device="meta")
+    stride_, padding_, dilation_, groups = _conv_args(
+        x, weight_like, num_samples, stride, padding, dilation, groups, "sparse_conv", "weight"
+    )
+    if not stochastic:
+        if num_samples != 1 or input_has_samples:
+            raise ValueError("sparse_conv: num_samples and input_has_samples need stochastic=True")
+        return torch.ops.bdlkern.sparse_conv(x, crow, col, values, bias, kernel, stride_, padding_, dilation_, groups)
+    state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
+    y, _ = torch.ops.bdlkern.sparse_conv_lrt(
+        x, crow, col, values, bias, state, num_samples, not input_has_samples, kernel, stride_, padding_, dilation_,
+        groups,
+    )
+    return y
+
+
 # ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
 def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::sparse_linear")
@@ -96,6 +160,36 @@ def _register_fakes(ns: str) -> None:
     def _fake_lrt_backward(grad_out, x, crow, col, values, std, rng_state):
         _check_devices(
             "sparse_linear_lrt_backward", "x", x, grad_out=grad_out, crow=crow, col=col, values=values, std=std,
+            rng_state=rng_state,
+        )
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def conv_shape(x, crow, kernel_size, stride, padding, dilation, num_samples=1, shared_input=True):
+        weight_like = x.new_empty((crow.shape[0] - 1, 1, *kernel_size), device="meta")
+        return _conv_out_shape(x, weight_like, num_samples, shared_input, stride, padding, dilation)
+
+    @torch.library.register_fake(f"{ns}::sparse_conv")
+    def _fake_conv(x, crow, col, values, bias, kernel_size, stride, padding, dilation, groups):
+        _check_devices("sparse_conv", "x", x, crow=crow, col=col, values=values, bias=bias)
+        return x.new_empty(conv_shape(x, crow, kernel_size, stride, padding, dilation))
+
+    @torch.library.register_fake(f"{ns}::sparse_conv_backward")
+    def _fake_conv_backward(grad_out, crow, col, values, input_size, kernel_size, stride, padding, dilation, groups):
+        _check_devices("sparse_conv_backward", "grad_out", grad_out, crow=crow, col=col, values=values)
+        return grad_out.new_empty(input_size)
+
+    @torch.library.register_fake(f"{ns}::sparse_conv_lrt")
+    def _fake_conv_lrt(x, crow, col, values, bias, rng_state, num_samples, shared_input, kernel_size, stride, padding,
+                       dilation, groups):
+        _check_devices("sparse_conv_lrt", "x", x, crow=crow, col=col, values=values, bias=bias, rng_state=rng_state)
+        y = conv_shape(x, crow, kernel_size, stride, padding, dilation, num_samples, shared_input)
+        return x.new_empty(y), x.new_empty((x.shape[0], *y[1:]))
+
+    @torch.library.register_fake(f"{ns}::sparse_conv_lrt_backward")
+    def _fake_conv_lrt_backward(grad_out, x, crow, col, values, std, rng_state, num_samples, shared_input,
+                                kernel_size, stride, padding, dilation, groups):
+        _check_devices(
+            "sparse_conv_lrt_backward", "x", x, grad_out=grad_out, crow=crow, col=col, values=values, std=std,
             rng_state=rng_state,
         )
         return torch.empty_like(x, memory_format=torch.contiguous_format)

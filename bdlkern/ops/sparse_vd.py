@@ -1,12 +1,12 @@
 """Sparse variational dropout in training: the local-reparameterisation linear layer
-(:func:`lrt_linear`) and the KL term (:func:`sparse_vd_kl`), with the fake kernels of their forward,
-backward and fused KL-with-gradient ops."""
+(:func:`lrt_linear`) and convolution (:func:`lrt_conv`), and the KL term (:func:`sparse_vd_kl`),
+with the fake kernels of their forward, backward and fused KL-with-gradient ops."""
 
 from __future__ import annotations
 
 import torch
 
-from ._common import _check_devices, _resolve_state, _sample_dim_input
+from ._common import _check_devices, _conv_args, _conv_out_shape, _resolve_state, _sample_dim_input
 
 
 def lrt_linear(
@@ -55,6 +55,61 @@ def lrt_linear(
     return y if len(batch) == 1 else y.reshape(samples, *batch, theta.shape[0])
 
 
+def lrt_conv(
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    log_sigma2: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_samples: int = 1,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    input_has_samples: bool = False,
+    generator: torch.Generator | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A convolution (1-d, 2-d or 3-d by the rank of ``theta``) with Gaussian weights, sampled by
+    the local reparameterisation trick, the samples folded into the batch sample-major.
+
+    Each weight is ``N(theta, alpha theta^2)`` with the clamped ``log_alpha`` of
+    :func:`lrt_linear`; the pre-activations are sampled::
+
+        mean = conv(x, theta) + bias,   var = conv(x^2, alpha theta^2),
+        y = mean + sqrt(var + 1e-8) * eps
+
+    with ``eps`` standard normal from the Philox stream (tag ``"lrt"``) at the row-major index of
+    the output element in ``y [S * N, C_out, *spatial_out]``. ATen convolves the mean and the
+    variance (once for the N images of a shared input); fused passes make ``alpha theta^2`` and
+    the noise, the square root and the bias, and backward re-makes ``eps`` (it saves x, the
+    weights and ``sqrt(var + 1e-8)``).
+
+    Args:
+        x: ``[N, C_in, *spatial]`` shared by the samples, or ``[S * N, C_in, *spatial]``
+            sample-major with ``input_has_samples=True``; float32 or float64.
+        theta, log_sigma2: ``[C_out, C_in / groups, *kernel]``, same dtype and device as ``x``.
+        bias: ``[C_out]`` or None.
+        num_samples: S >= 1.
+        stride, padding, dilation, groups: as ``F.conv2d`` (``padding`` also ``"valid"`` /
+            ``"same"``).
+        generator / rng_state: where the noise comes from (see :func:`new_rng_state`).
+
+    Returns:
+        ``[S * N, C_out, *spatial_out]``, differentiable in x, theta, log_sigma2 and bias.
+    """
+    if not isinstance(log_sigma2, torch.Tensor):
+        raise TypeError(f"lrt_conv: log_sigma2 must be a tensor, got {type(log_sigma2).__name__}")
+    stride_, padding_, dilation_, groups = _conv_args(
+        x, theta, num_samples, stride, padding, dilation, groups, "lrt_conv", "theta"
+    )
+    state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
+    y, _ = torch.ops.bdlkern.lrt_conv.default(
+        x, theta, log_sigma2, bias, state, num_samples, not input_has_samples, stride_, padding_, dilation_, groups
+    )
+    return y
+
+
 def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     """The KL term of sparse variational dropout, summed over the weights (a 0-dim tensor).
 
@@ -98,6 +153,27 @@ def _register_fakes(ns: str) -> None:
             torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(theta),
             torch.empty_like(log_sigma2),
+            theta.new_empty((theta.shape[0],)),
+        )
+
+    @torch.library.register_fake(f"{ns}::lrt_conv")
+    def _lrt_conv_fake(x, theta, log_sigma2, bias, rng_state, num_samples, shared_input, stride, padding, dilation,
+                       groups):
+        _check_devices("lrt_conv", "x", x, theta=theta, log_sigma2=log_sigma2, bias=bias, rng_state=rng_state)
+        shape = _conv_out_shape(x, theta, num_samples, shared_input, stride, padding, dilation)
+        return x.new_empty(shape), x.new_empty((x.shape[0], *shape[1:]))
+
+    @torch.library.register_fake(f"{ns}::lrt_conv_backward")
+    def _lrt_conv_backward_fake(grad_out, x, theta, log_sigma2, std, rng_state, num_samples, shared_input, stride,
+                                padding, dilation, groups):
+        _check_devices(
+            "lrt_conv_backward", "x", x, grad_out=grad_out, theta=theta, log_sigma2=log_sigma2, std=std,
+            rng_state=rng_state,
+        )
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(theta, memory_format=torch.contiguous_format),
+            torch.empty_like(log_sigma2, memory_format=torch.contiguous_format),
             theta.new_empty((theta.shape[0],)),
         )
 

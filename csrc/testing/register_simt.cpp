@@ -9,7 +9,9 @@
 #include "../torch/rng.h"
 #include "../torch/schemas.h"
 #include "selftest_ops.h"
+#include "../torch/sparse_conv.h"
 #include "../torch/sparse_linear.h"
+#include "../torch/lrt_conv.h"
 #include "../torch/sparse_vd.h"
 
 TORCH_LIBRARY(bdlkern_simt, m) {
@@ -26,7 +28,9 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
   bdlkern::ops::MCDropoutConvOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::SimtTag>::register_impls(m);
+  bdlkern::ops::LrtConvOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::SimtTag>::register_impls(m);
+  bdlkern::ops::SparseConvOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SelftestOps<bdlkern::SimtTag>::register_impls(m);
 }
 
@@ -36,6 +40,6 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, AutocastCPU, m) {
   using namespace bdlkern::ops;
   using Tag = bdlkern::SimtTag;
   AutocastRegistrar<"bdlkern_simt", c10::DeviceType::CPU, true>{m}
-      .register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>, SparseVDOps<Tag>,
-                    SparseLinearOps<Tag>>();
+      .register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>,
+                    SparseVDOps<Tag>, LrtConvOps<Tag>, SparseLinearOps<Tag>, SparseConvOps<Tag>>();
 }

@@ -103,7 +103,8 @@ struct AutocastRegistrar {
 
   // The same kernels for both namespaces and every backend: the bindings of one backend give the
   // signatures (they are the same for every backend).
-  template <class Rng, class MC, class MCConv, class Concrete, class VD, class Csr>
+  template <class Rng, class MC, class MCConv, class Concrete, class VD, class LrtConv, class Csr,
+            class CsrConv>
   void register_all() const {
     using enum CastPolicy;
     // No floating inputs: nothing to cast; the guard keeps their ATen calls out of autocast.
@@ -121,6 +122,8 @@ struct AutocastRegistrar {
     impl<"concrete_dropout_backward", kAsGiven>(&Concrete::backward);
     impl<"lrt_linear", kFloat32>(&VD::forward);
     impl<"lrt_linear_backward", kAsGiven>(&VD::backward);
+    impl<"lrt_conv", kFloat32>(&LrtConv::forward);
+    impl<"lrt_conv_backward", kAsGiven>(&LrtConv::backward);
     impl<"sparse_vd_kl", kFloat32>(&VD::kl);
     impl<"sparse_vd_kl_backward", kAsGiven>(&VD::kl_backward);
     impl<"sparse_vd_kl_with_grad", kFloat32>(&VD::kl_with_grad);
@@ -128,6 +131,10 @@ struct AutocastRegistrar {
     impl<"sparse_linear_backward", kAsGiven>(&Csr::backward);
     impl<"sparse_linear_lrt", kFloat32>(&Csr::lrt_forward);
     impl<"sparse_linear_lrt_backward", kAsGiven>(&Csr::lrt_backward);
+    impl<"sparse_conv", kFloat32>(&CsrConv::forward);
+    impl<"sparse_conv_backward", kAsGiven>(&CsrConv::backward);
+    impl<"sparse_conv_lrt", kFloat32>(&CsrConv::lrt_forward);
+    impl<"sparse_conv_lrt_backward", kAsGiven>(&CsrConv::lrt_backward);
   }
 };
 

@@ -13,7 +13,6 @@
 
 #include <ATen/DeviceGuard.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -208,22 +207,25 @@ struct MCDropoutConvOps {
       return at::convolution(xm, weight, bias, stride, padding, dilation, false, out_pad, groups);
     }
     const std::vector<Tensor> kept = kept_channels(pr, rng_state);
-    std::vector<Tensor> parts;
-    parts.reserve(kept.size());
+    std::vector<int64_t> sizes = output_sizes(x, weight, stride, padding, dilation);
+    sizes[0] = pr.xm_sizes[0];
+    Tensor y = at::empty(sizes, x.options());
+    const int64_t N = pr.prm.rows;
     for (int64_t s = 0; s < pr.prm.num_samples; ++s) {
+      Tensor part = y.narrow(0, s * N, N);
       if (kept[s].numel() == 0) {  // every channel dropped: the bias alone
-        std::vector<int64_t> sizes = output_sizes(x, weight, stride, padding, dilation);
-        sizes[0] = pr.prm.rows;
-        Tensor part = at::zeros(sizes, x.options());
-        if (bias.has_value()) part.add_(bias->reshape(bias_view(x.dim())));
-        parts.push_back(part);
+        if (bias.has_value()) {
+          part.copy_(bias->reshape(bias_view(x.dim())).expand_as(part));
+        } else {
+          part.zero_();
+        }
         continue;
       }
       const Tensor xs = sample_input(pr, xc, s).index_select(1, kept[s]);
       const Tensor ws = weight.index_select(1, kept[s]) * pr.prm.scale;
-      parts.push_back(at::convolution(xs, ws, bias, stride, padding, dilation, false, out_pad, 1));
+      part.copy_(at::convolution(xs, ws, bias, stride, padding, dilation, false, out_pad, 1));
     }
-    return at::cat(parts, 0);
+    return y;
   }
 
   static std::tuple<Tensor, Tensor, Tensor> backward(

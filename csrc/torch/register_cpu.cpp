@@ -6,7 +6,9 @@
 #include "mc_dropout.h"
 #include "mc_dropout_conv.h"
 #include "rng.h"
+#include "sparse_conv.h"
 #include "sparse_linear.h"
+#include "lrt_conv.h"
 #include "sparse_vd.h"
 
 TORCH_LIBRARY_IMPL(bdlkern, CPU, m) {
@@ -15,7 +17,9 @@ TORCH_LIBRARY_IMPL(bdlkern, CPU, m) {
   bdlkern::ops::MCDropoutConvOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::CpuTag>::register_impls(m);
+  bdlkern::ops::LrtConvOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::CpuTag>::register_impls(m);
+  bdlkern::ops::SparseConvOps<bdlkern::CpuTag>::register_impls(m);
 }
 
 // Autocast kernels (csrc/torch/autocast.h). The CUDA ones are registered in every build: they only
@@ -26,8 +30,8 @@ void register_autocast(torch::Library& m) {
   using namespace bdlkern::ops;
   using Tag = bdlkern::CpuTag;
   AutocastRegistrar<"bdlkern", Dev, HalfOnCpu>{m}
-      .template register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>, SparseVDOps<Tag>,
-                             SparseLinearOps<Tag>>();
+      .template register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>,
+                             SparseVDOps<Tag>, LrtConvOps<Tag>, SparseLinearOps<Tag>, SparseConvOps<Tag>>();
 }
 }  // namespace
 

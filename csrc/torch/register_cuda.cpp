@@ -5,7 +5,9 @@
 #include "mc_dropout.h"
 #include "mc_dropout_conv.h"
 #include "rng.h"
+#include "sparse_conv.h"
 #include "sparse_linear.h"
+#include "lrt_conv.h"
 #include "sparse_vd.h"
 
 #include "cuda_stream.h"
@@ -16,6 +18,8 @@ TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
   bdlkern::ops::MCDropoutConvOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::ConcreteOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::SparseVDOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::LrtConvOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::SparseConvOps<bdlkern::CudaTag>::register_impls(m);
 }
 

@@ -55,6 +55,15 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
   m.def(
       "lrt_linear_backward(Tensor grad_out, Tensor x, Tensor theta, Tensor log_sigma2, Tensor std, "
       "Tensor rng_state) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The LRT of a convolution, samples folded into the batch as mc_dropout_conv's: (y, std).
+  m.def(
+      "lrt_conv(Tensor x, Tensor theta, Tensor log_sigma2, Tensor? bias, Tensor rng_state, "
+      "int num_samples, bool shared_input, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> (Tensor, Tensor)");
+  m.def(
+      "lrt_conv_backward(Tensor grad_out, Tensor x, Tensor theta, Tensor log_sigma2, Tensor std, "
+      "Tensor rng_state, int num_samples, bool shared_input, int[] stride, int[] padding, "
+      "int[] dilation, int groups) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
   m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
   m.def("sparse_vd_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");
@@ -70,6 +79,22 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
   m.def(
       "sparse_linear_lrt_backward(Tensor grad_out, Tensor x, Tensor crow, Tensor col, "
       "Tensor values, Tensor std, Tensor rng_state) -> Tensor");
+  // The sparse convolution: CSR over [C_out, C_in / groups * prod(kernel_size)] (bdlkern/sparse_conv).
+  m.def(
+      "sparse_conv(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
+      "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def(
+      "sparse_conv_backward(Tensor grad_out, Tensor crow, Tensor col, Tensor values, "
+      "int[] input_size, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> Tensor");
+  m.def(
+      "sparse_conv_lrt(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
+      "Tensor rng_state, int num_samples, bool shared_input, int[] kernel_size, int[] stride, "
+      "int[] padding, int[] dilation, int groups) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_conv_lrt_backward(Tensor grad_out, Tensor x, Tensor crow, Tensor col, "
+      "Tensor values, Tensor std, Tensor rng_state, int num_samples, bool shared_input, "
+      "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
 }
 
 }  // namespace ops

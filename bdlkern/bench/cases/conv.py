@@ -1,4 +1,5 @@
-"""Family ``conv``: the fused multi-sample MC-dropout convolution (issue 16).
+"""Family ``conv``: the conv ops of issue 16: the fused multi-sample MC-dropout convolution, the
+LRT convolution of sparse VD training and the pruned sparse convolution.
 
 Problem (full size): S = 16 samples of x [8, 32, 32, 32] (N, C_in, H, W) through W [64, 32, 3, 3],
 padding 1, p = 0.2, float32, every sample sharing the input (the first MC layer of a conv net);
@@ -24,6 +25,12 @@ torch each, in the style of :mod:`bdlkern.bench.baselines`.
 The checks compare bdlkern with a pure-PyTorch float64 reference on the case's own inputs: the
 op's keep mask rebuilt with ``bdlkern.ops.dropout_mask`` from the same ``rng_state`` (stream
 ``"mc_dropout"``), ``y = conv(x.repeat(S, ...) * M / (1 - p), W, b)``.
+
+* ``conv.lrt_conv2d_train``: forward + backward of ``lrt_conv`` (x [32, 64, 16, 16], W [128, 64, 3,
+  3], one sample), against the two-conv formula written in torch, eager and compiled, with the
+  same noise;
+* ``conv.sparse_conv2d``: the CSR convolution at density 0.05 (same shapes), against the dense
+  ``F.conv2d`` of the pruned weight (oneDNN) and im2col (``F.unfold``) + ``torch.sparse`` CSR matmul.
 
 The registry has no field for speed-up targets; the issue's are kept in :data:`TARGETS` and
 printed with each case's description: forward >= 1.2x eager and >= 1.1x compiled; forward +
@@ -273,4 +280,129 @@ def _shared_channel(device: torch.device, quick: bool) -> Workload:
             _check_forward(x, w, b, P_SHARED, S, state, mask="channel", shared_mask=True),
             _check_forward(x, w, b, P_SHARED, S, state),
         ),
+    )
+
+
+# ---- the LRT convolution and the sparse convolution (sparse VD for conv nets) -------------------
+LRT_FULL = {"N": 32, "C": 64, "H": 16, "W": 16, "C_out": 128, "k": 3}
+LRT_QUICK = {"N": 4, "C": 8, "H": 8, "W": 8, "C_out": 16, "k": 3}
+DENSITY = 0.05
+
+TARGETS["conv.lrt_conv2d_train"] = {"reference (eager)": 1.25, "reference (torch.compile)": 1.1}
+TARGETS["conv.sparse_conv2d"] = {"dense F.conv2d (oneDNN)": 5.0, "im2col + torch.sparse CSR": 2.0}
+
+
+def _lrt_problem(device: torch.device, quick: bool):
+    dims = LRT_QUICK if quick else LRT_FULL
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(dims["N"], dims["C"], dims["H"], dims["W"], generator=g).to(device)
+    fan_in = dims["C"] * dims["k"] ** 2
+    theta = (torch.randn(dims["C_out"], dims["C"], dims["k"], dims["k"], generator=g) / fan_in**0.5).to(device)
+    log_sigma2 = (torch.randn(theta.shape, generator=g) - 8.0).to(device)
+    b = torch.randn(dims["C_out"], generator=g).to(device)
+    return dims, x, theta, log_sigma2, b
+
+
+def _eager_lrt_conv2d(x, theta, log_sigma2, bias, eps):
+    """The LRT convolution as users write it: two convolutions and the noise."""
+    log_alpha = torch.clamp(log_sigma2 - torch.log(theta**2 + 1e-8), -8.0, 8.0)
+    mean = F.conv2d(x, theta, bias, padding=PADDING)
+    var = F.conv2d(x * x, torch.exp(log_alpha) * theta**2, None, padding=PADDING)
+    return mean + torch.sqrt(var + 1e-8) * eps
+
+
+@case(
+    "conv.lrt_conv2d_train",
+    family="conv",
+    description="forward + backward (grads of x, theta, log sigma^2, b) of the LRT 3x3 conv of sparse VD, one "
+    "sample per input; " + _targets("conv.lrt_conv2d_train"),
+    subject="bdlkern.lrt_conv",
+    baselines={"reference (eager)": "reference", "reference (torch.compile)": "compiled"},
+)
+def _lrt_train(device: torch.device, quick: bool) -> Workload:
+    dims, x, theta, log_sigma2, b = _lrt_problem(device, quick)
+    leaves = [t.requires_grad_() for t in (x, theta, log_sigma2, b)]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1)
+    state = bdlkern.ops.new_rng_state(gen, device)
+    out_shape = (dims["N"], dims["C_out"], dims["H"], dims["W"])
+    eps = bdlkern.ops.normal(out_shape, rng_state=state, stream="lrt", dtype=x.dtype)
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(out_shape, generator=g).to(device)
+    compiled = torch.compile(_eager_lrt_conv2d)
+
+    def run(f):
+        def call():
+            return torch.autograd.grad(f(), leaves, grad)
+
+        return call
+
+    subject = run(lambda: bdlkern.ops.lrt_conv(x, theta, log_sigma2, b, 1, padding=PADDING, rng_state=state))
+
+    def check() -> None:
+        got = subject()
+        ref = [t.detach().cpu().double().requires_grad_() for t in leaves]
+        y = _eager_lrt_conv2d(*ref, eps.cpu().double())
+        want = torch.autograd.grad(y, ref, grad.cpu().double())
+        for name, gt, e in zip(("x", "theta", "log_sigma2", "bias"), got, want):
+            torch.testing.assert_close(
+                gt.cpu().double(), e, rtol=1e-3, atol=1e-4 * max(1.0, e.abs().max().item()), msg=f"grad of {name}"
+            )
+
+    conv = 2 * dims["N"] * dims["C_out"] * dims["H"] * dims["W"] * dims["C"] * dims["k"] ** 2
+    return Workload(
+        variants={
+            "bdlkern.lrt_conv": subject,
+            "reference (eager)": run(lambda: _eager_lrt_conv2d(x, theta, log_sigma2, b, eps)),
+            "reference (torch.compile)": run(lambda: compiled(x, theta, log_sigma2, b, eps)),
+        },
+        params={**dims, "padding": PADDING, "dtype": "float32"},
+        flops=6 * conv,  # two convolutions, each with its input and weight gradients
+        check=check,
+    )
+
+
+@case(
+    "conv.sparse_conv2d",
+    family="conv",
+    description=f"pruned 3x3 conv at density {DENSITY} (CSR weight, no im2col), deterministic forward; "
+    + _targets("conv.sparse_conv2d"),
+    subject="bdlkern.sparse_conv",
+    baselines={"dense F.conv2d (oneDNN)": "library", "im2col + torch.sparse CSR": "library"},
+)
+def _sparse_conv(device: torch.device, quick: bool) -> Workload:
+    dims, x, theta, _, b = _lrt_problem(device, quick)
+    g = torch.Generator().manual_seed(3)
+    keep = (torch.rand(theta.shape, generator=g) < DENSITY).to(device)
+    weight = theta * keep
+    layer = bdlkern.nn.SparseConv2d.from_dense(weight, b, padding=PADDING)
+    crow, col, values = layer.crow, layer.col, layer.values
+    csr = weight.reshape(dims["C_out"], -1).to_sparse_csr()
+
+    def im2col_csr():
+        cols = F.unfold(x, dims["k"], padding=PADDING)  # [N, C k k, H W]
+        out = csr @ cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [C_out, N H W]
+        out = out.reshape(dims["C_out"], dims["N"], dims["H"], dims["W"]).transpose(0, 1)
+        return out + b.reshape(1, -1, 1, 1)
+
+    def subject():
+        return bdlkern.ops.sparse_conv(x, crow, col, values, b, kernel_size=dims["k"], padding=PADDING)
+
+    def check() -> None:
+        expected = F.conv2d(x.cpu().double(), weight.cpu().double(), b.cpu().double(), padding=PADDING)
+        torch.testing.assert_close(subject().cpu().double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(im2col_csr().cpu().double(), expected, rtol=1e-4, atol=1e-4)
+
+    dense_flops = 2 * dims["N"] * dims["C_out"] * dims["H"] * dims["W"] * dims["C"] * dims["k"] ** 2
+    nnz_flops = round(dense_flops * layer.density)
+    return Workload(
+        variants={
+            "bdlkern.sparse_conv": _no_grad(subject),
+            "dense F.conv2d (oneDNN)": _no_grad(lambda: F.conv2d(x, weight, b, padding=PADDING)),
+            "im2col + torch.sparse CSR": _no_grad(im2col_csr),
+        },
+        params={**dims, "padding": PADDING, "density": round(layer.density, 4), "dtype": "float32"},
+        flops={"bdlkern.sparse_conv": nnz_flops, "dense F.conv2d (oneDNN)": dense_flops,
+               "im2col + torch.sparse CSR": nnz_flops},
+        check=check,
     )

@@ -1,5 +1,5 @@
-// C++ autograd of lrt_linear and the sparse-VD KL (plain and with its gradient) (see csrc/torch/autograd.h for the scheme, double backward
-// included). Templated on the op namespace.
+// C++ autograd of lrt_linear, lrt_conv and the sparse-VD KL (plain and with its gradient) (see
+// csrc/torch/autograd.h for the scheme, double backward included). Templated on the op namespace.
 #pragma once
 
 #include "common.h"
@@ -74,6 +74,120 @@ struct SparseVDAutograd {
                                                const Tensor& rng_state, int64_t S) {
     if (!C::needs_graph(x, theta, log_sigma2, bias)) return below(x, theta, log_sigma2, bias, rng_state, S);
     const Grads out = LrtLinear::apply(x, theta, log_sigma2, bias, rng_state, S);
+    return {out[0], out[1]};
+  }
+
+  // ---- lrt_conv ----------------------------------------------------------------------------
+  using Ints = c10::IntArrayRef;
+  using ConvSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                             const OptTensor&, const Tensor&, int64_t, bool, Ints,
+                                             Ints, Ints, int64_t);
+  using ConvBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+      int64_t, bool, Ints, Ints, Ints, int64_t);
+
+  static std::tuple<Tensor, Tensor> conv_below(const Tensor& x, const Tensor& theta,
+                                               const Tensor& log_sigma2, const OptTensor& bias,
+                                               const Tensor& rng_state, int64_t S,
+                                               bool shared_input, Ints stride, Ints padding,
+                                               Ints dilation, int64_t groups) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op_handle<Ns, "lrt_conv", ConvSig>().call(x, theta, log_sigma2, bias, rng_state, S,
+                                                     shared_input, stride, padding, dilation,
+                                                     groups);
+  }
+
+  // The op without bias as ATen ops (the double-backward graph), the noise re-made by `normal`.
+  static Tensor lrt_conv_composite(const Tensor& x, const Tensor& theta, const Tensor& log_sigma2,
+                                   const Tensor& state, int64_t S, bool shared_input,
+                                   const std::vector<int64_t>& stride,
+                                   const std::vector<int64_t>& padding,
+                                   const std::vector<int64_t>& dilation, int64_t groups) {
+    const Tensor variance = at::exp(C::log_alpha(theta, log_sigma2)) * theta * theta;
+    const std::vector<int64_t> out_pad(stride.size(), 0);
+    Tensor mean = at::convolution(x, theta, std::nullopt, stride, padding, dilation, false, out_pad,
+                                  groups);
+    Tensor var = at::convolution(x * x, variance, std::nullopt, stride, padding, dilation, false,
+                                 out_pad, groups);
+    if (shared_input) {
+      std::vector<int64_t> repeat(static_cast<size_t>(mean.dim()), 1);
+      repeat[0] = S;
+      mean = mean.repeat(repeat);
+      var = var.repeat(repeat);
+    }
+    const Tensor eps = C::normal(state, C::sizes(mean.sizes()), kStreamLRT, x.scalar_type());
+    return mean + at::sqrt(var + 1e-8) * eps;
+  }
+
+  struct LrtConv : torch::autograd::Function<LrtConv> {
+    static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& theta, const Tensor& log_sigma2,
+                         const OptTensor& bias, const Tensor& rng_state, int64_t S,
+                         bool shared_input, Ints stride, Ints padding, Ints dilation,
+                         int64_t groups) {
+      auto [y, std] = conv_below(x, theta, log_sigma2, bias, rng_state, S, shared_input, stride,
+                                 padding, dilation, groups);
+      ctx->mark_non_differentiable({std});
+      ctx->set_materialize_grads(false);
+      ctx->save_for_backward({x, theta, log_sigma2, std, rng_state});
+      auto& d = ctx->saved_data;
+      d["has_bias"] = bias.has_value() && bias->defined();
+      d["S"] = S;
+      d["shared_input"] = shared_input;
+      d["stride"] = stride.vec();
+      d["padding"] = padding.vec();
+      d["dilation"] = dilation.vec();
+      d["groups"] = groups;
+      return {y, std};
+    }
+
+    static Grads backward(Ctx* ctx, Grads grads) {
+      Grads out(11);
+      const Tensor& grad = grads[0];
+      if (!grad.defined()) return out;
+      const auto saved = ctx->get_saved_variables();
+      const Tensor &x = saved[0], &theta = saved[1], &log_sigma2 = saved[2], &std = saved[3],
+                   &state = saved[4];
+      auto& d = ctx->saved_data;
+      const int64_t S = d["S"].toInt(), groups = d["groups"].toInt();
+      const bool shared_input = d["shared_input"].toBool();
+      const std::vector<int64_t> stride = d["stride"].toIntVector();
+      const std::vector<int64_t> padding = d["padding"].toIntVector();
+      const std::vector<int64_t> dilation = d["dilation"].toIntVector();
+      const bool bias_grad = d["has_bias"].toBool() && ctx->needs_input_grad(3);
+      if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
+        const Tensor y = lrt_conv_composite(x, theta, log_sigma2, state, S, shared_input, stride,
+                                            padding, dilation, groups);
+        const Grads g = C::composite_grads(y, {x, theta, log_sigma2}, C::needs(ctx, {0, 1, 2}), grad);
+        std::copy(g.begin(), g.end(), out.begin());
+        if (bias_grad) {
+          std::vector<int64_t> dims{0};
+          for (int64_t k = 2; k < grad.dim(); ++k) dims.push_back(k);
+          out[3] = grad.sum(dims);
+        }
+        return out;
+      }
+      auto [gx, gt, gs, gb] = op_handle<Ns, "lrt_conv_backward", ConvBackwardSig>().call(
+          grad, x, theta, log_sigma2, std, state, S, shared_input, stride, padding, dilation,
+          groups);
+      if (ctx->needs_input_grad(0)) out[0] = gx;
+      if (ctx->needs_input_grad(1)) out[1] = gt;
+      if (ctx->needs_input_grad(2)) out[2] = gs;
+      if (bias_grad) out[3] = gb;
+      return out;
+    }
+  };
+
+  static std::tuple<Tensor, Tensor> lrt_conv(const Tensor& x, const Tensor& theta,
+                                             const Tensor& log_sigma2, const OptTensor& bias,
+                                             const Tensor& rng_state, int64_t S,
+                                             bool shared_input, Ints stride, Ints padding,
+                                             Ints dilation, int64_t groups) {
+    if (!C::needs_graph(x, theta, log_sigma2, bias)) {
+      return conv_below(x, theta, log_sigma2, bias, rng_state, S, shared_input, stride, padding,
+                        dilation, groups);
+    }
+    const Grads out = LrtConv::apply(x, theta, log_sigma2, bias, rng_state, S, shared_input,
+                                     stride, padding, dilation, groups);
     return {out[0], out[1]};
   }
 
@@ -172,6 +286,7 @@ struct SparseVDAutograd {
 
   static void register_impls(torch::Library& m) {
     m.impl("lrt_linear", &lrt_linear);
+    m.impl("lrt_conv", &lrt_conv);
     m.impl("sparse_vd_kl", &sparse_vd_kl);
     m.impl("sparse_vd_kl_with_grad", &sparse_vd_kl_with_grad);
   }
