@@ -1,7 +1,8 @@
 """Data-parallel training of bdlkern layers with DistributedDataParallel (gloo, two processes).
 
 Two worker processes (this file run as a script) train a small regression network made of
-``ConcreteDropoutLinear``, ``SparseVDLinear`` and ``MCDropoutLinear`` layers, with loss = MSE +
+``SparseVDConv2d``, ``MCDropoutConv2d``, ``ConcreteDropoutLinear``, ``SparseVDLinear`` and
+``MCDropoutLinear`` layers, with loss = MSE +
 (Concrete regulariser + sparse-VD KL) / N, for a few Adam steps; each rank reads its own shard of a
 fixed data set and seeds torch's generator with its own seed, so every rank draws different
 dropout masks and LRT noise (the layers draw their ``rng_state`` from torch's default generator).
@@ -58,7 +59,13 @@ def _shard(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _make_model() -> nn.Module:
     torch.manual_seed(0)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     return nn.Sequential(
-        bdlkern.nn.ConcreteDropoutLinear(4, 32, init_p=0.2, weight_regularizer=1e-3, dropout_regularizer=1e-2),
+        # a conv front (the input as 1x2x2 images): the sparse-VD and MC-dropout convolutions
+        nn.Unflatten(1, (1, 2, 2)),
+        bdlkern.nn.SparseVDConv2d(1, 4, 2, padding=1, log_sigma2_init=-4.0),  # [B, 4, 3, 3]
+        nn.ReLU(),
+        bdlkern.nn.MCDropoutConv2d(4, 8, 2, p=0.2, mask="channel"),  # [B, 8, 2, 2]
+        nn.Flatten(),
+        bdlkern.nn.ConcreteDropoutLinear(32, 32, init_p=0.2, weight_regularizer=1e-3, dropout_regularizer=1e-2),
         nn.ReLU(),
         bdlkern.nn.SparseVDLinear(32, 32, log_sigma2_init=-4.0),
         nn.ReLU(),

@@ -218,6 +218,71 @@ def _sparse_lrt_step(ops, n):
     return step
 
 
+def _mc_dropout_conv_step(ops, n):
+    w, b = _leaf(8, 4, 3, 3), _leaf(8)
+
+    def step(i):  # both input layouts x element / channel masks x shared or not
+        shared_input, channel, shared_mask = i % 2 == 0, i % 4 < 2, i % 3 == 0
+        x = _leaf(2, 4, n // 4, n // 4) if shared_input else _leaf(4, 4, n // 4, n // 4)
+        # Shared channel masks convolve each sample's kept channels: a new kept count is a new
+        # convolution shape, which oneDNN caches once. Two states keep the shapes to a warm set.
+        state = _state(i % 2) if channel and shared_mask else _state(i)
+        y = ops.mc_dropout_conv(x, w, b, state, 0.3, 2, shared_input, [1, 1], [1, 1], [1, 1], 1, channel, shared_mask)
+        y.square().sum().backward()
+        assert x.grad is not None and w.grad is not None
+        w.grad = b.grad = None
+
+    return step
+
+
+def _lrt_conv_step(ops, n):
+    theta, log_sigma2, b = _leaf(8, 4, 3, 3), _leaf(8, 4, 3, 3, shift=-3.0), _leaf(8)
+
+    def step(i):
+        shared_input = i % 2 == 0
+        x = _leaf(2, 4, n // 4, n // 4) if shared_input else _leaf(4, 4, n // 4, n // 4)
+        y, std = ops.lrt_conv(x, theta, log_sigma2, b, _state(i), 2, shared_input, [1, 1], [1, 1], [1, 1], 1)
+        y.square().sum().backward()
+        assert theta.grad is not None and x.grad is not None
+        theta.grad = log_sigma2.grad = b.grad = None
+
+    return step
+
+
+def _sparse_conv_csr():
+    layer = bdlkern.nn.SparseVDConv2d(4, 8, 3, padding=1)
+    with torch.no_grad():  # about 60% of the weights kept
+        layer.log_sigma2.copy_(torch.log(layer.theta**2) + torch.randn_like(layer.theta) * 3 + 2)
+    sparse = layer.to_sparse()
+    return sparse.crow, sparse.col, sparse.values, sparse.bias
+
+
+def _sparse_conv_step(ops, n):
+    crow, col, values, bias = _sparse_conv_csr()
+    theta = values[:, 0].contiguous()
+
+    def step(i):  # stride 1 (padded planes) and 2 (rows)
+        stride = 1 + i % 2
+        x = _leaf(2, 4, n // 4, n // 4)
+        ops.sparse_conv(x, crow, col, theta, bias, [3, 3], [stride, stride], [1, 1], [1, 1], 1).square().sum().backward()
+        assert x.grad is not None
+
+    return step
+
+
+def _sparse_conv_lrt_step(ops, n):
+    crow, col, values, bias = _sparse_conv_csr()
+
+    def step(i):
+        shared_input = i % 2 == 0
+        x = _leaf(2, 4, n // 4, n // 4) if shared_input else _leaf(4, 4, n // 4, n // 4)
+        y, std = ops.sparse_conv_lrt(x, crow, col, values, bias, _state(i), 2, shared_input, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+        y.square().sum().backward()
+        assert x.grad is not None
+
+    return step
+
+
 OP_STEPS = {
     "philox_bits": _rng_step("philox_bits"),
     "dropout_mask": _rng_step("dropout_mask"),
@@ -229,6 +294,10 @@ OP_STEPS = {
     "sparse_vd_kl": _kl_step,
     "sparse_linear": _sparse_step,
     "sparse_linear_stochastic": _sparse_lrt_step,
+    "mc_dropout_conv": _mc_dropout_conv_step,
+    "lrt_conv": _lrt_conv_step,
+    "sparse_conv": _sparse_conv_step,
+    "sparse_conv_stochastic": _sparse_conv_lrt_step,
 }
 
 
@@ -256,7 +325,21 @@ def _module_cases():
         assert sparse.density < sparse.crossover_density(32)
         return nn.Sequential(nn.Linear(32, 32), sparse)
 
+    def conv_net(first):
+        return lambda: nn.Sequential(first(), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 16))
+
+    def sparse_conv():
+        layer = bdlkern.nn.SparseVDConv2d(4, 8, 3, padding=1)
+        with torch.no_grad():  # ~15% of the weights kept: below the dense crossover, the CSR kernel runs
+            layer.log_sigma2.copy_(torch.log(layer.theta**2) + torch.randn_like(layer.theta) * 3 + 6)
+        sparse = layer.to_sparse()
+        assert sparse.density < sparse.crossover_density
+        return nn.Sequential(nn.Conv2d(4, 4, 1), sparse, nn.Flatten(), nn.Linear(8 * 8 * 8, 16))
+
     return {
+        "MCDropoutConv2d": (conv_net(lambda: bdlkern.nn.MCDropoutConv2d(4, 8, 3, padding=1, p=0.3, mask="channel")), (4, 4, 8, 8)),
+        "SparseVDConv2d": (conv_net(lambda: bdlkern.nn.SparseVDConv2d(4, 8, 3, padding=1)), (4, 4, 8, 8)),
+        "SparseConv2d": (sparse_conv, (4, 4, 8, 8)),
         "MCDropoutLinear": (lambda: bdlkern.nn.MCDropoutLinear(32, 32, p=0.3), (32, 32)),
         "ConcreteDropoutLinear": (lambda: bdlkern.nn.ConcreteDropoutLinear(32, 32, per_feature=True), (32, 32)),
         "ConcreteDropout": (lambda: bdlkern.nn.ConcreteDropout(nn.Linear(32, 32)), (32, 32)),

@@ -38,6 +38,17 @@ def _mlp_with(kind: str) -> nn.Module:
         with torch.no_grad():
             layer.log_sigma2.copy_(torch.randn_like(layer.log_sigma2) * 4 + torch.log(layer.theta**2))
         return nn.Sequential(layer.to_sparse(), nn.ReLU(), nn.Linear(16, 3))
+    if kind == "mc_dropout_conv":
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 2, 3)), bdlkern.nn.MCDropoutConv2d(1, 4, 2, padding=1, p=0.3, mask="channel"),
+            nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 4, 3),
+        )
+    if kind in ("sparse_vd_conv", "sparse_conv"):
+        layer = bdlkern.nn.SparseVDConv1d(1, 8, 3, padding=1)
+        with torch.no_grad():
+            layer.log_sigma2.copy_(torch.randn_like(layer.log_sigma2) * 4 + torch.log(layer.theta**2))
+        conv = layer if kind == "sparse_vd_conv" else layer.to_sparse()
+        return nn.Sequential(nn.Unflatten(1, (1, 6)), conv, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 3))
     raise ValueError(kind)
 
 
@@ -53,7 +64,10 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [o.detach() for o in out]
 
 
-KINDS = ["mc_dropout", "concrete_linear", "concrete_wrapper", "sparse_vd", "sparse_linear"]
+KINDS = [
+    "mc_dropout", "concrete_linear", "concrete_wrapper", "sparse_vd", "sparse_linear", "mc_dropout_conv",
+    "sparse_vd_conv", "sparse_conv",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,4 +1,5 @@
-"""``python -m bdlkern.demo``: Bayesian MLPs on scikit-learn's digits, end to end (``make demo``).
+"""``python -m bdlkern.demo``: Bayesian MLPs and conv nets on scikit-learn's digits, end to end
+(``make demo``).
 
 What it does:
 
@@ -13,13 +14,27 @@ What it does:
    * ``plain``: ``nn.Linear`` layers, no dropout (deterministic);
    * ``mc_dropout``: the plain MLP with ``nn.Dropout(p)`` before the hidden and output layers,
      turned into :class:`bdlkern.nn.MCDropoutLinear` layers by :func:`bdlkern.nn.convert`;
-   * ``concrete``: :class:`bdlkern.nn.ConcreteDropoutLinear` layers that learn their dropout rate.
+   * ``concrete``: :class:`bdlkern.nn.ConcreteDropoutLinear` layers that learn their dropout rate;
+   * ``sparse_vd``: :class:`bdlkern.nn.SparseVDLinear` layers (KL term / N_train), pruned to CSR.
+
+   The conv section (``Method.conv``): LeNet-style conv nets (:func:`lenet`: two 3x3 convolutions
+   of :data:`CONV_CHANNELS` with ReLU and 2x2 max pooling, then a linear layer) on the digits as
+   ``[N, 1, 8, 8]`` images, trained for ``--conv-epochs`` (few) epochs:
+
+   * ``conv_mc_dropout``: ``nn.Dropout2d`` before ``conv2`` and ``nn.Dropout`` before ``fc``,
+     converted by :func:`bdlkern.nn.convert` into :class:`bdlkern.nn.MCDropoutConv2d` (channel
+     masks) and :class:`bdlkern.nn.MCDropoutLinear`;
+   * ``conv_concrete``: :class:`bdlkern.nn.ConcreteDropout2d` around ``conv2`` and
+     :class:`bdlkern.nn.ConcreteDropout` around ``fc``, learning their rates;
+   * ``conv_sparse_vd``: :class:`bdlkern.nn.SparseVDConv2d` layers and a SparseVDLinear, pruned
+     (``fc`` to CSR, the convolutions' pruned weights zeroed).
 
 4. **Evaluation** by :func:`bdlkern.uncertainty.mc_predict` with S samples: accuracy, NLL, ECE,
    Brier score, OOD AUROC by mutual information and by predictive entropy per OOD set, and the
    time of MC inference through bdlkern's fused kernels against the faster of the two ways to
    write it without bdlkern: the same network in plain PyTorch with ``nn.Dropout`` active, run S
-   times in a loop, or run once on the input replicated S times (``x.expand(S, ...)``).
+   times in a loop, or run once on the input replicated S times (``x.expand(S, ...)``; for the
+   conv nets ``x.repeat(S, 1, 1, 1)``, folded into the batch as bdlkern does).
 5. **Outputs** in ``--out`` (default ``results/``): ``report.json``, ``report.md`` and the figures
    of :data:`FIGURES`; the table is printed too.
 
@@ -56,7 +71,10 @@ from bdlkern.demo.models import (
     CONCRETE_RATE_LR_SCALE,
     CONCRETE_TAU,
     CONCRETE_TEMPERATURE,
+    CONV_CHANNELS,
+    CONV_KERNEL,
     HIDDEN,
+    IMAGE_SIDE,
     LOG_ALPHA_BINS,
     MC_DROPOUT_P,
     METHODS,
@@ -65,6 +83,7 @@ from bdlkern.demo.models import (
     SPARSE_VD_LR,
     SPARSE_VD_SHORT_EPOCHS,
     SPARSE_VD_THRESHOLD,
+    DenseLRTConv,
     DenseLRTLinear,
     LayerStats,
     Method,
@@ -72,6 +91,7 @@ from bdlkern.demo.models import (
     dropout_rates,
     eager_equivalent,
     eager_sparse_vd,
+    lenet,
     mlp,
     prune_to_sparse,
     sparsity,
@@ -91,6 +111,8 @@ from bdlkern.demo.pipeline import ModelResult, run_method
 from bdlkern.demo.figures import (
     FIGURES,
     FigureSpec,
+    draw_concrete_rates,
+    draw_conv_filters,
     draw_layer_stats,
     draw_log_alpha,
     draw_mutual_information,
@@ -120,8 +142,13 @@ __all__ = [
     "CONCRETE_RATE_LR_SCALE",
     "CONCRETE_TAU",
     "CONCRETE_TEMPERATURE",
+    "CONV_CHANNELS",
+    "CONV_KERNEL",
     "Data",
+    "DenseLRTConv",
     "DenseLRTLinear",
+    "draw_concrete_rates",
+    "draw_conv_filters",
     "draw_layer_stats",
     "draw_log_alpha",
     "draw_mutual_information",
@@ -143,7 +170,9 @@ __all__ = [
     "format_table",
     "HIDDEN",
     "History",
+    "IMAGE_SIDE",
     "LayerStats",
+    "lenet",
     "load_data",
     "LOG_ALPHA_BINS",
     "main",

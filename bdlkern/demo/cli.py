@@ -40,8 +40,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (bad values exit with status 2 and a usage message)."""
     parser = argparse.ArgumentParser(
         prog="python -m bdlkern.demo",
-        description="Train plain, MC-dropout and Concrete-dropout MLPs on scikit-learn's digits; report "
-        "accuracy, calibration, OOD detection and MC-inference speed (bdlkern vs eager PyTorch).",
+        description="Train plain, MC-dropout, Concrete-dropout and sparse-VD MLPs, and MC-dropout, Concrete and "
+        "sparse-VD conv nets, on scikit-learn's digits; report accuracy, calibration, OOD detection and "
+        "MC-inference speed (bdlkern vs eager PyTorch).",
     )
     add = parser.add_argument
     add("--out", default="results", metavar="DIR", help="output folder, created if missing (default: results)")
@@ -50,7 +51,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--samples", type=_int_at_least(1), metavar="S",
         help=f"Monte Carlo samples (default {Settings.samples}, quick {QUICK['samples']})")
     add("--epochs", type=_int_at_least(1), metavar="E",
-        help=f"training epochs per model (default {Settings.epochs}, quick {QUICK['epochs']})")
+        help=f"training epochs per MLP (default {Settings.epochs}, quick {QUICK['epochs']})")
+    add("--conv-epochs", type=_int_at_least(1), metavar="E",
+        help=f"training epochs per conv net (default {Settings.conv_epochs}, quick {QUICK['conv_epochs']})")
     add("--seed", type=_int_at_least(0), default=0, help="seed of the weights, batches and masks (default 0)")
     add("--threads", type=_int_at_least(1), metavar="N", help="torch.set_num_threads(N) (default: torch's)")
     return parser.parse_args(argv)
@@ -65,6 +68,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings = replace(settings, samples=args.samples)
     if args.epochs is not None:
         settings = replace(settings, epochs=args.epochs)
+    if args.conv_epochs is not None:
+        settings = replace(settings, conv_epochs=args.conv_epochs)
     return settings
 
 
@@ -102,14 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_data(settings.device)
     print(
         f"bdlkern demo: digits, {data.x_train.shape[0]} train / {data.x_test.shape[0]} test, "
-        f"{settings.epochs} epochs, S = {settings.samples}, device {settings.device}, "
+        f"{settings.epochs} epochs (conv nets {settings.conv_epochs}), S = {settings.samples}, device {settings.device}, "
         f"{torch.get_num_threads()} threads{', quick' if settings.quick else ''}"
     )
     results = []
     for method in METHODS:
         result = run_method(method, data, settings)
         print(
-            f"  {method.name:<11} trained in {result.history.seconds:5.1f} s, "
+            f"  {method.name:<15} trained in {result.history.seconds:5.1f} s, "
             f"test accuracy {result.evaluation.accuracy:.4f}"
         )
         results.append(result)
@@ -126,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"AUROC: OOD detection by mutual information (MI) and by predictive entropy (H). Times: MC inference "
         f"with S = {settings.samples} on the {data.x_test.shape[0]} test digits; eager: the faster plain-PyTorch "
-        "way (a loop of S passes, or one pass on the input replicated S times); speed-up = eager / bdlkern."
+        "way (a loop of S passes, or one pass on the input replicated S times); speed-up = eager / bdlkern. "
+        "conv_*: conv nets on the 8x8 images."
     )
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(figures)} figures "
           f"in {report['wall_seconds']:.1f} s")

@@ -49,7 +49,8 @@ OOD_TRANSFORMS: tuple[OODTransform, ...] = (
 
 @dataclass
 class Data:
-    """The digits split, flattened to ``[N, 64]`` float32 tensors on the run's device.
+    """The digits split, flattened to ``[N, 64]`` float32 tensors on the run's device
+    (:meth:`as_images`: the same as ``[N, 1, 8, 8]`` images).
 
     Attributes:
         x_train, y_train, x_test, y_test: the stratified split (labels int64).
@@ -71,6 +72,23 @@ class Data:
     @property
     def num_classes(self) -> int:
         return int(self.y_train.max().item()) + 1
+
+    def as_images(self) -> "Data":
+        """The same split with every input as a one-channel image ``[N, 1, 8, 8]`` (views of the
+        flat tensors), for the conv nets."""
+        side = self.test_images.shape[-1]
+
+        def image(x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], 1, side, side)
+
+        return Data(
+            x_train=image(self.x_train),
+            y_train=self.y_train,
+            x_test=image(self.x_test),
+            y_test=self.y_test,
+            ood={name: image(x) for name, x in self.ood.items()},
+            test_images=self.test_images,
+        )
 
 
 def load_data(device: torch.device | str = "cpu") -> Data:

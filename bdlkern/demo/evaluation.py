@@ -47,11 +47,18 @@ def eager_batched_mc_predict(
     model: nn.Module, x: torch.Tensor, num_samples: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The other way to write it without bdlkern: one forward pass of the train-mode model on the
-    input replicated ``num_samples`` times (``x.expand(S, *x.shape)``), so every dropout layer
-    draws S masks at once and each layer runs one batched GEMM; S times the activation memory.
-    Same summaries as :func:`eager_mc_predict`."""
+    input replicated ``num_samples`` times, so every dropout layer draws S masks at once and each
+    layer runs one batched GEMM (or convolution); S times the activation memory. An MLP's input
+    ``[N, F]`` is replicated as ``x.expand(S, N, F)``; an image batch ``[N, C, H, W]`` (a conv net,
+    whose layers take one batch dimension) is folded sample-major, ``x.repeat(S, 1, 1, 1)`` ->
+    ``[S * N, C, H, W]``, and the logits unfolded to ``[S, N, classes]``. Same summaries as
+    :func:`eager_mc_predict`."""
     with torch.no_grad():
-        return _mc_summary(model(x.expand(num_samples, *x.shape)).softmax(-1))
+        if x.dim() > 2:
+            logits = model(x.repeat(num_samples, *([1] * (x.dim() - 1)))).unflatten(0, (num_samples, x.shape[0]))
+        else:
+            logits = model(x.expand(num_samples, *x.shape))
+        return _mc_summary(logits.softmax(-1))
 
 
 def prediction_summary(pred: U.MCPrediction) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The demo's figures (:data:`FIGURES`, written by :func:`write_figures`): reliability diagrams,
-learnt per-layer values, mutual-information histograms, training curves, OOD examples and sparse
-VD's log alpha histograms and sparsity patterns.
+learnt per-layer values, mutual-information histograms, training curves, OOD examples, sparse
+VD's log alpha histograms and sparsity patterns, and the conv section's kept filters and learnt
+Concrete rates.
 
 matplotlib (the ``[demo]`` extra) is imported when a figure is drawn, not with this module.
 """
@@ -18,6 +19,7 @@ import bdlkern
 from bdlkern import uncertainty as U
 from bdlkern.demo.data import OOD_TRANSFORMS, Data
 from bdlkern.demo.evaluation import ECE_BINS
+from bdlkern.demo.models import CONCRETE_INIT_P, dropout_rates
 from bdlkern.demo.pipeline import ModelResult
 
 
@@ -37,10 +39,24 @@ def _figure(ncols: int, nrows: int = 1, size: tuple[float, float] = (4.6, 4.2)):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+def _rows(results: Sequence[ModelResult], size: tuple[float, float]):
+    """A figure with one row of panels per family (the MLPs, then the conv nets), unused panels
+    hidden; returns it and ``[(ax, result), ...]``."""
+    rows = [row for row in ([r for r in results if not r.method.conv], [r for r in results if r.method.conv]) if row]
+    fig, axes = _figure(max(len(row) for row in rows), len(rows), size=size)
+    panels = []
+    for axes_row, row in zip(axes, rows):
+        panels += list(zip(axes_row, row))
+        for ax in axes_row[len(row):]:
+            ax.set_visible(False)
+    return fig, panels
+
+
 def draw_reliability(results: Sequence[ModelResult], data: Data):
-    """One reliability diagram per model (:func:`bdlkern.uncertainty.reliability_diagram`)."""
-    fig, axes = _figure(len(results))
-    for ax, result in zip(axes[0], results):
+    """One reliability diagram per model (:func:`bdlkern.uncertainty.reliability_diagram`), the
+    MLPs in the first row and the conv nets in the second."""
+    fig, panels = _rows(results, (4.6, 4.2))
+    for ax, result in panels:
         pred = result.evaluation.predictions["test"]
         U.reliability_diagram(pred.mean_probs, data.y_test, n_bins=ECE_BINS, ax=ax,
                               title=f"{result.method.name}: test accuracy {result.evaluation.accuracy:.3f}")
@@ -49,12 +65,13 @@ def draw_reliability(results: Sequence[ModelResult], data: Data):
 
 
 def draw_layer_stats(results: Sequence[ModelResult], data: Data):
-    """Learnt per-layer values (e.g. Concrete dropout rates) over training, one panel per method."""
+    """Learnt per-layer values (e.g. Concrete dropout rates) over training, one panel per method
+    (a row per family)."""
     tracked = [r for r in results if r.history.layers]
     if not tracked:
         return None
-    fig, axes = _figure(len(tracked), size=(6.0, 4.2))
-    for ax, result in zip(axes[0], tracked):
+    fig, panels = _rows(tracked, (6.0, 4.2))
+    for ax, result in panels:
         for name, values in result.history.layers.items():
             ax.plot(range(len(values)), values, marker="." if len(values) < 30 else None, label=name)
         ax.set_xlabel("epoch (0 = initialisation)")
@@ -69,13 +86,14 @@ def draw_mutual_information(results: Sequence[ModelResult], data: Data, floor: f
     """Histograms of mutual information on the test digits and each OOD set, per stochastic model.
 
     Log-spaced bins (the in-distribution values span decades); values below ``floor`` are counted
-    in the first bin. Bar heights are fractions of each set, so the sets compare directly.
+    in the first bin. Bar heights are fractions of each set, so the sets compare directly. A row
+    per family (MLPs, conv nets).
     """
     stochastic = [r for r in results if r.method.stochastic]
     if not stochastic:
         return None
-    fig, axes = _figure(len(stochastic), size=(5.6, 4.2))
-    for ax, result in zip(axes[0], stochastic):
+    fig, panels = _rows(stochastic, (5.6, 4.2))
+    for ax, result in panels:
         preds = result.evaluation.predictions
         top = max(p.mutual_information.max().item() for p in preds.values())
         bins = np.geomspace(floor, max(top, 10 * floor), 41)
@@ -95,13 +113,15 @@ def draw_mutual_information(results: Sequence[ModelResult], data: Data, floor: f
 
 
 def draw_training(results: Sequence[ModelResult], data: Data):
-    """Training cross-entropy and deterministic test accuracy per epoch, every model."""
+    """Training cross-entropy and deterministic test accuracy per epoch, every model (the conv nets
+    dashed: they train for fewer epochs)."""
     fig, axes = _figure(2, size=(5.4, 4.0))
     loss_ax, acc_ax = axes[0]
     for result in results:
         epochs = range(1, len(result.history.cross_entropy) + 1)
-        loss_ax.plot(epochs, result.history.cross_entropy, label=result.method.name)
-        acc_ax.plot(epochs, result.history.test_accuracy, label=result.method.name)
+        style = {"label": result.method.name, "linestyle": "--" if result.method.conv else "-"}
+        loss_ax.plot(epochs, result.history.cross_entropy, **style)
+        acc_ax.plot(epochs, result.history.test_accuracy, **style)
     loss_ax.set_yscale("log")
     loss_ax.set(xlabel="epoch", ylabel="training cross-entropy (nats, log scale)",
                 title="Training cross-entropy (dropout on)")
@@ -169,6 +189,85 @@ def draw_sparsity_pattern(results: Sequence[ModelResult], data: Data):
     return fig
 
 
+def _filter_mosaic(weights: np.ndarray, keep: np.ndarray, columns: int, pruned_rgb=(0.82, 0.82, 0.82)):
+    """An RGB mosaic of convolution kernels ``[C_out, C_in, kh, kw]`` (kept values on a diverging
+    colour scale, pruned weights grey, 1-pixel white gaps between kernels), and the colour norm.
+
+    A layer with one input channel shows its filters in a grid of ``columns`` columns; otherwise
+    one row per output channel and one column per input channel.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    c_out, c_in, kh, kw = weights.shape
+    tiles = weights.reshape(c_out * c_in, kh, kw)
+    kept = keep.reshape(c_out * c_in, kh, kw)
+    if c_in == 1:
+        cols, rows = min(columns, c_out), -(-c_out // min(columns, c_out))
+    else:
+        cols, rows = c_in, c_out
+    limit = float(np.abs(weights[keep]).max()) if keep.any() else 1.0
+    norm = Normalize(-limit, limit)
+    cmap = colormaps["RdBu_r"]
+    image = np.ones((rows * (kh + 1) + 1, cols * (kw + 1) + 1, 3))
+    for index in range(len(tiles)):
+        r, c = divmod(index, cols)
+        rgb = cmap(norm(tiles[index]))[..., :3]
+        rgb[~kept[index]] = pruned_rgb
+        image[1 + r * (kh + 1): 1 + r * (kh + 1) + kh, 1 + c * (kw + 1): 1 + c * (kw + 1) + kw] = rgb
+    return image, norm, cmap
+
+
+def draw_conv_filters(results: Sequence[ModelResult], data: Data):
+    """The kept weights ``theta * mask`` of every sparse-VD convolution, as filter grids: the first
+    layer's 3x3 filters in a grid, a deeper layer's kernels with one row per output channel and one
+    column per input channel; pruned weights grey."""
+    from matplotlib.cm import ScalarMappable
+
+    panels = [(r, name, m) for r in results for name, m in r.model.named_children()
+              if isinstance(m, bdlkern.nn.SparseVDConv2d)]
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), size=(4.4, 5.6))
+    for ax, (result, name, layer) in zip(axes[0], panels):
+        keep = layer.mask().cpu().numpy()
+        weights = (layer.theta.detach() * layer.mask().to(layer.theta.dtype)).cpu().numpy()
+        image, norm, cmap = _filter_mosaic(weights, keep, columns=4)
+        ax.imshow(image, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        c_out, c_in = weights.shape[:2]
+        ax.set_xlabel(f"{c_out} filters of {weights.shape[2]}x{weights.shape[3]}" if c_in == 1
+                      else f"input channel (0-{c_in - 1})")
+        if c_in > 1:
+            ax.set_ylabel(f"output channel (0-{c_out - 1})")
+        ax.set_title(f"{result.method.name}.{name}:\n{int(keep.sum())} of {keep.size} weights kept ({keep.mean():.1%})")
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.6, label="theta (kept weights)")
+    fig.suptitle("Sparse VD conv filters after training: theta * mask (grey: pruned)")
+    return fig
+
+
+def draw_concrete_rates(results: Sequence[ModelResult], data: Data):
+    """The learnt Concrete dropout rate of each layer of the conv nets, as bars, with the initial
+    rate."""
+    learnt = [r for r in results if r.method.conv and r.method.layer_stats is not None and r.method.layer_stats.learnt
+              and r.method.layer_stats.read is dropout_rates]
+    if not learnt:
+        return None
+    fig, axes = _figure(len(learnt), size=(4.2, 3.6))
+    for ax, result in zip(axes[0], learnt):
+        rates = dropout_rates(result.model)
+        bars = ax.bar(list(rates), list(rates.values()), color="tab:blue")
+        ax.bar_label(bars, fmt="%.3f")
+        ax.axhline(CONCRETE_INIT_P, color="k", linestyle="--", linewidth=1.0, label=f"initial p = {CONCRETE_INIT_P:g}")
+        ax.set_ylim(0.0, max(0.5, 1.2 * max(rates.values(), default=0.0)))
+        ax.set(xlabel="layer (the dropout is on its input)", ylabel="learnt dropout rate p",
+               title=f"{result.method.name}: learnt rate per layer")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(loc="upper left")
+    return fig
+
+
 #: The figures written to ``--out``, in report order (a figure with nothing to draw is skipped).
 FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("reliability.png", "reliability diagrams of the MC predictive mean on the test set, one panel per model",
@@ -187,6 +286,12 @@ FIGURES: tuple[FigureSpec, ...] = (
                draw_log_alpha),
     FigureSpec("sparsity_pattern.png", "sparse VD: the kept weights of every pruned layer (CSR pattern)",
                draw_sparsity_pattern),
+    FigureSpec("conv_filters.png",
+               "conv sparse VD: the kept weights (theta * mask) of each sparse-VD convolution as filter grids, pruned "
+               "weights grey",
+               draw_conv_filters),
+    FigureSpec("conv_concrete_rates.png", "conv Concrete dropout: the learnt dropout rate of each layer",
+               draw_concrete_rates),
 )
 
 

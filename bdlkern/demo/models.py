@@ -1,6 +1,7 @@
 """The demo's models: the :class:`Method` spec and :data:`METHODS` (plain, MC dropout, Concrete
-dropout, sparse VD), the MLP builders, their per-layer statistics, sparse VD's pruning to CSR, and
-the plain-PyTorch equivalents whose Monte Carlo inference bdlkern is timed against.
+dropout, sparse VD MLPs, and the conv section's MC dropout, Concrete and sparse VD conv nets), the
+MLP and conv-net builders, their per-layer statistics, sparse VD's pruning, and the plain-PyTorch
+equivalents whose Monte Carlo inference bdlkern is timed against.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class Method:
     Attributes:
         name: key in the report and file names.
         summary: one line for the report.
-        build: ``build(widths)`` -> a fresh ``nn.Module`` mapping ``[N, widths[0]]`` to logits
-            ``[N, widths[-1]]``; built on the CPU (moved to the device after).
+        build: ``build(widths)`` -> a fresh ``nn.Module`` mapping ``[N, widths[0]]`` (a conv net:
+            ``[N, widths[0], 8, 8]``) to logits ``[N, widths[-1]]``; built on the CPU (moved to the
+            device after).
         extra_loss: the per-dataset term added to the training objective (a KL divergence or the
             Concrete regulariser, e.g. :func:`bdlkern.nn.regularization`); the trainer minimises
             ``mean cross-entropy + extra_loss(model) / N_train``, the negative ELBO per example.
@@ -71,6 +73,9 @@ class Method:
         eager_reference: model -> the same network in plain PyTorch whose train-mode forward draws
             one Monte Carlo sample (``nn.Dropout`` active), for the MC-inference timing; None for
             a deterministic model (nothing to sample).
+        conv: a conv net of the conv section: it takes the digits as images ``[N, 1, 8, 8]``,
+            ``build`` gets the channel widths ``(1, *CONV_CHANNELS, classes)`` instead of the MLP's,
+            and it trains for ``settings.conv_epochs`` epochs.
     """
 
     name: str
@@ -82,6 +87,7 @@ class Method:
     post_train: Callable[[nn.Module], dict[str, Any]] | None = None
     layer_stats: LayerStats | None = None
     eager_reference: Callable[[nn.Module], nn.Module] | None = None
+    conv: bool = False
 
     @property
     def stochastic(self) -> bool:
@@ -109,32 +115,63 @@ def mlp(
     return nn.Sequential(layers)
 
 
-_DROPOUT_LAYERS = (bdlkern.nn.MCDropoutLinear, bdlkern.nn.ConcreteDropoutLinear)
+_MC_DROPOUT_CONVS = (bdlkern.nn.MCDropoutConv1d, bdlkern.nn.MCDropoutConv2d, bdlkern.nn.MCDropoutConv3d)
+_DROPOUT_LAYERS = (
+    bdlkern.nn.MCDropoutLinear, bdlkern.nn.ConcreteDropoutLinear, *_MC_DROPOUT_CONVS, bdlkern.nn.ConcreteDropout,
+)
+_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 def dropout_rates(model: nn.Module) -> dict[str, float]:
-    """Layer name -> the drop probability of its input, for every bdlkern dropout layer."""
+    """Layer name -> the drop probability of its input, for every bdlkern dropout layer (linear,
+    convolution, or a ``ConcreteDropout`` wrapper)."""
     return {name: float(m.p) for name, m in model.named_modules() if isinstance(m, _DROPOUT_LAYERS)}
 
 
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """The torch layer behind a bdlkern dropout layer, with a copy of its weights (train mode)."""
+    if isinstance(module, bdlkern.nn.ConcreteDropout):
+        return copy.deepcopy(module.layer)
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        plain = nn.Linear(module.in_features, module.out_features, bias=bias, **factory)
+    else:
+        base = next(t for t in _TORCH_CONVS if isinstance(module, t))
+        plain = base(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=module.groups, bias=bias, **factory,
+        )
+    with torch.no_grad():
+        plain.weight.copy_(module.weight)
+        if bias:
+            plain.bias.copy_(module.bias)
+    return plain
+
+
+def _torch_dropout(module: nn.Module) -> nn.Module:
+    """The torch dropout with the same masks as a bdlkern dropout layer: ``nn.Dropout`` (one flag
+    per element), or ``nn.Dropout1d/2d/3d`` for a channel mask (one flag per sample and channel)."""
+    p = float(module.p)
+    layer = module.layer if isinstance(module, bdlkern.nn.ConcreteDropout) else module
+    channel = getattr(module, "mask", None) == "channel" or getattr(module, "channel_dim", None) == 1
+    if channel and isinstance(layer, _TORCH_CONVS):
+        return _CHANNEL_DROPOUTS[len(layer.kernel_size) - 1](p)
+    return nn.Dropout(p)
+
+
 def eager_equivalent(model: nn.Sequential) -> nn.Sequential:
-    """The same network in plain PyTorch, in train mode: each bdlkern dropout layer becomes
-    ``nn.Dropout(p)`` (its fixed or learnt rate) followed by an ``nn.Linear`` with a copy of its
+    """The same network in plain PyTorch, in train mode: each bdlkern dropout layer becomes its
+    torch dropout (``nn.Dropout(p)``, or ``nn.Dropout2d(p)`` for a channel mask, with its fixed or
+    learnt rate) followed by the torch layer (``nn.Linear``, ``nn.Conv2d``) with a copy of its
     weights; other modules are copied. One forward pass is one Monte Carlo sample, with the hard
     Bernoulli masks that ``bdlkern.sampling`` draws."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for name, module in model.named_children():
         if isinstance(module, _DROPOUT_LAYERS):
-            linear = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None,
-                device=module.weight.device, dtype=module.weight.dtype,
-            )
-            with torch.no_grad():
-                linear.weight.copy_(module.weight)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            layers[f"{name}_dropout"] = nn.Dropout(float(module.p))
-            layers[name] = linear
+            layers[f"{name}_dropout"] = _torch_dropout(module)
+            layers[name] = _plain_copy(module)
         else:
             layers[name] = copy.deepcopy(module)
     return nn.Sequential(layers).train()
@@ -218,40 +255,66 @@ def _sparse_vd_groups(model: nn.Module, settings: Settings) -> list[dict[str, An
     return _scaled_groups(model, "log_sigma2", lr, scale)
 
 
+_SPARSE_VD_CONVS = (bdlkern.nn.SparseVDConv1d, bdlkern.nn.SparseVDConv2d, bdlkern.nn.SparseVDConv3d)
+
+
 def sparsity(model: nn.Module) -> dict[str, float]:
-    """Layer name -> fraction of its weights pruned (SparseVDLinear at its threshold, or a pruned
-    SparseLinear)."""
+    """Layer name -> fraction of its weights pruned (SparseVDLinear or a sparse-VD convolution at
+    its threshold, or a pruned SparseLinear)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, bdlkern.nn.SparseVDLinear):
+        if isinstance(m, (bdlkern.nn.SparseVDLinear, *_SPARSE_VD_CONVS)):
             out[name] = m.sparsity()
         elif isinstance(m, bdlkern.nn.SparseLinear):
             out[name] = 1.0 - m.density
     return out
 
 
+def _prune_conv_in_place(module: nn.Module) -> int:
+    """Zero the pruned weights of a sparse-VD convolution and their variance; the layer stays dense.
+    (The demo's conv layers keep 40-90% of their weights, above the density where the CSR
+    convolution of ``SparseVDConv2d.to_sparse()`` beats the dense one, ``SparseConv2d.crossover_density``.)
+    ``theta = 0`` gives ``alpha theta^2 = 0``, so MC
+    samples draw on the kept weights only; ``log_sigma2 = 0`` keeps ``log_alpha`` at its clamp (8),
+    so the mask, and the sparsity, do not change. Returns the number of weights kept."""
+    with torch.no_grad():
+        keep = module.mask()
+        module.theta.masked_fill_(~keep, 0.0)
+        module.log_sigma2.masked_fill_(~keep, 0.0)
+    return int(keep.sum().item())
+
+
 def prune_to_sparse(model: nn.Module) -> dict[str, Any]:
-    """Replace every SparseVDLinear of ``model`` (an ``nn.Sequential``) by its pruned
-    :class:`bdlkern.nn.SparseLinear` (CSR of the kept weights, theta and alpha theta^2), in place.
+    """Prune the sparse-VD layers of ``model`` (an ``nn.Sequential``) at their threshold, in place:
+    every SparseVDLinear becomes its :class:`bdlkern.nn.SparseLinear` (CSR of the kept weights,
+    theta and alpha theta^2); a sparse-VD convolution stays dense with its pruned weights zeroed
+    (:func:`_prune_conv_in_place`).
 
     Returns:
-        per layer: kept weights, shape, sparsity and the histogram of log alpha before pruning
-        (``LOG_ALPHA_BINS``); and the whole network's pruned fraction.
+        per layer: kept weights, shape, sparsity, storage (``"csr"`` or ``"dense"``) and the
+        histogram of log alpha before pruning (``LOG_ALPHA_BINS``); and the whole network's pruned
+        fraction.
     """
     layers, kept, total = {}, 0, 0
     for name, module in list(model.named_children()):
-        if not isinstance(module, bdlkern.nn.SparseVDLinear):
+        if not isinstance(module, (bdlkern.nn.SparseVDLinear, *_SPARSE_VD_CONVS)):
             continue
         log_alpha = module.log_alpha.detach().cpu().numpy().ravel()
         counts, _ = np.histogram(np.clip(log_alpha, LOG_ALPHA_BINS[0], LOG_ALPHA_BINS[-1]), bins=LOG_ALPHA_BINS)
-        sparse = module.to_sparse()
-        setattr(model, name, sparse)
-        kept += sparse.nnz
-        total += module.theta.numel()
+        size = module.theta.numel()
+        if isinstance(module, bdlkern.nn.SparseVDLinear):
+            sparse = module.to_sparse()
+            setattr(model, name, sparse)
+            nnz, storage = sparse.nnz, "csr"
+        else:
+            nnz, storage = _prune_conv_in_place(module), "dense"
+        kept += nnz
+        total += size
         layers[name] = {
             "shape": list(module.theta.shape),
-            "nnz": sparse.nnz,
-            "sparsity": 1.0 - sparse.density,
+            "nnz": nnz,
+            "sparsity": 1.0 - nnz / size if size else 0.0,
+            "storage": storage,
             "log_alpha_histogram": counts.tolist(),
         }
     return {
@@ -280,13 +343,109 @@ class DenseLRTLinear(nn.Module):
         return mu + torch.sqrt(F.linear(x * x, self.variance) + 1e-8) * torch.randn_like(mu)
 
 
+class DenseLRTConv(nn.Module):
+    """Plain-PyTorch LRT convolution on the pruned weights of a sparse-VD convolution: one sample
+    per forward, ``conv(x, W) + b + sqrt(conv(x^2, V) + 1e-8) * randn`` -- the eager MC baseline of
+    the sparse-VD conv net."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        with torch.no_grad():
+            keep = layer.mask().to(layer.theta.dtype)
+            self.register_buffer("weight", layer.theta.detach() * keep)
+            self.register_buffer("variance", torch.exp(layer.log_alpha.detach()) * layer.theta.detach() ** 2 * keep)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.conv = (F.conv1d, F.conv2d, F.conv3d)[layer.theta.dim() - 3]
+        self.geometry = (layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = self.conv(x, self.weight, self.bias, *self.geometry)
+        return mu + torch.sqrt(self.conv(x * x, self.variance, None, *self.geometry) + 1e-8) * torch.randn_like(mu)
+
+
 def eager_sparse_vd(model: nn.Sequential) -> nn.Sequential:
-    """The pruned sparse VD network in plain PyTorch: every SparseLinear a :class:`DenseLRTLinear`."""
+    """The pruned sparse VD network in plain PyTorch: every SparseLinear a :class:`DenseLRTLinear`,
+    every sparse-VD convolution a :class:`DenseLRTConv`."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for name, module in model.named_children():
-        layers[name] = DenseLRTLinear(module) if isinstance(module, bdlkern.nn.SparseLinear) else copy.deepcopy(module)
+        if isinstance(module, bdlkern.nn.SparseLinear):
+            layers[name] = DenseLRTLinear(module)
+        elif isinstance(module, _SPARSE_VD_CONVS):
+            layers[name] = DenseLRTConv(module)
+        else:
+            layers[name] = copy.deepcopy(module)
     return nn.Sequential(layers).train()
 
+
+# ---- the conv section -----------------------------------------------------------------------------
+#: The conv nets' channels: ``conv1`` 1 -> 8 and ``conv2`` 8 -> 16, 3x3 with padding 1, each
+#: followed by ReLU and 2x2 max pooling (8x8 -> 4x4 -> 2x2), then ``fc``: 16 * 2 * 2 -> 10. Narrow:
+#: MC inference of S = 64 samples runs them on S * 540 images, in the timing loops too.
+CONV_CHANNELS = (8, 16)
+CONV_KERNEL = 3
+#: The side of the digit images the conv nets take (``[N, 1, 8, 8]``).
+IMAGE_SIDE = 8
+
+
+def lenet(widths: Sequence[int], dropout: float = 0.0, side: int = IMAGE_SIDE) -> nn.Sequential:
+    """A LeNet-style conv net for ``widths = (in_channels, conv channels..., classes)`` on
+    ``side x side`` images: ``conv1, relu1, pool1, [drop2], conv2, relu2, pool2, ..., flatten,
+    [drop_fc], fc`` (3x3 convolutions with padding 1, 2x2 max pooling).
+
+    Args:
+        widths: channels, at least ``(in, one conv, classes)``.
+        dropout: if > 0, ``nn.Dropout2d(dropout)`` (one flag per channel) before every convolution
+            but the first, and ``nn.Dropout(dropout)`` before ``fc``.
+        side: the input images' side; each pooling halves it.
+    """
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = list(widths[:-1])
+    for i, (fan_in, fan_out) in enumerate(zip(channels[:-1], channels[1:]), start=1):
+        if i > 1 and dropout > 0:
+            layers[f"drop{i}"] = nn.Dropout2d(dropout)
+        layers[f"conv{i}"] = nn.Conv2d(fan_in, fan_out, CONV_KERNEL, padding=CONV_KERNEL // 2)
+        layers[f"relu{i}"] = nn.ReLU()
+        layers[f"pool{i}"] = nn.MaxPool2d(2)
+        side //= 2
+    layers["flatten"] = nn.Flatten()
+    if dropout > 0:
+        layers["drop_fc"] = nn.Dropout(dropout)
+    layers["fc"] = nn.Linear(channels[-1] * side * side, widths[-1])
+    return nn.Sequential(layers)
+
+
+def _build_conv_mc_dropout(widths: Sequence[int]) -> nn.Module:
+    # As for the MLP: a plain PyTorch model, converted in place. nn.Dropout2d -> nn.Conv2d becomes
+    # an MCDropoutConv2d with channel masks, nn.Dropout -> nn.Linear an MCDropoutLinear.
+    return bdlkern.nn.convert(lenet(widths, dropout=MC_DROPOUT_P))
+
+
+def _build_conv_concrete(widths: Sequence[int]) -> nn.Module:
+    # The paper's wrapper API around the plain net's layers (same initial weights): spatial
+    # Concrete dropout (one flag per channel) before every convolution but the first, element-wise
+    # Concrete dropout before the linear layer.
+    model = lenet(widths)
+    options = {"init_p": CONCRETE_INIT_P, "temperature": CONCRETE_TEMPERATURE, **concrete_coefficients()}
+    convs = [name for name, m in model.named_children() if isinstance(m, nn.Conv2d)]
+    for name in convs[1:]:
+        setattr(model, name, bdlkern.nn.ConcreteDropout2d(getattr(model, name), **options))
+    model.fc = bdlkern.nn.ConcreteDropout(model.fc, **options)
+    return model
+
+
+def _build_conv_sparse_vd(widths: Sequence[int]) -> nn.Module:
+    # Every layer of the plain net (same initial weights) becomes its sparse-VD layer.
+    model = lenet(widths)
+    options = {"threshold": SPARSE_VD_THRESHOLD, "log_sigma2_init": SPARSE_VD_LOG_SIGMA2_INIT}
+    for name, m in list(model.named_children()):
+        if isinstance(m, nn.Conv2d):
+            setattr(model, name, bdlkern.nn.SparseVDConv2d.from_conv(m, **options))
+    fc = bdlkern.nn.SparseVDLinear(model.fc.in_features, model.fc.out_features, **options)
+    with torch.no_grad():
+        fc.theta.copy_(model.fc.weight)
+        fc.bias.copy_(model.fc.bias)
+    model.fc = fc
+    return model
 
 
 # ---- the methods ----------------------------------------------------------------------------------
@@ -333,5 +492,46 @@ METHODS: tuple[Method, ...] = (
         post_train=prune_to_sparse,
         layer_stats=LayerStats("sparsity", "fraction of weights pruned", sparsity, learnt=True),
         eager_reference=eager_sparse_vd,
+    ),
+    # The conv section: LeNet-style nets on the digits as [N, 1, 8, 8] images (see lenet).
+    Method(
+        name="conv_mc_dropout",
+        summary=(
+            f"conv net with nn.Dropout2d(p={MC_DROPOUT_P}) before conv2 and nn.Dropout(p={MC_DROPOUT_P}) before fc, "
+            "converted by bdlkern.nn.convert into MCDropoutConv2d (channel masks) and MCDropoutLinear"
+        ),
+        build=_build_conv_mc_dropout,
+        layer_stats=LayerStats("p", "dropout rate p (fixed)", dropout_rates),
+        eager_reference=eager_equivalent,
+        conv=True,
+    ),
+    Method(
+        name="conv_concrete",
+        summary=(
+            "conv net with ConcreteDropout2d (spatial, one flag per channel) around conv2 and ConcreteDropout "
+            "around fc, learning their dropout rates"
+        ),
+        build=_build_conv_concrete,
+        extra_loss=bdlkern.nn.regularization,
+        param_groups=_rate_groups,
+        layer_stats=LayerStats("p", "learnt dropout rate p", dropout_rates, learnt=True),
+        eager_reference=eager_equivalent,
+        conv=True,
+    ),
+    Method(
+        name="conv_sparse_vd",
+        summary=(
+            "conv net of SparseVDConv2d layers and a SparseVDLinear (LRT, KL term / N_train), pruned at log alpha "
+            f">= {SPARSE_VD_THRESHOLD:g}: the convolutions stay dense with the pruned weights zeroed, fc becomes "
+            "SparseLinear (CSR)"
+        ),
+        build=_build_conv_sparse_vd,
+        extra_loss=bdlkern.nn.kl_divergence,
+        extra_loss_warmup=SPARSE_VD_KL_WARMUP,
+        param_groups=_sparse_vd_groups,
+        post_train=prune_to_sparse,
+        layer_stats=LayerStats("sparsity", "fraction of weights pruned", sparsity, learnt=True),
+        eager_reference=eager_sparse_vd,
+        conv=True,
     ),
 )

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 import bdlkern
 from bdlkern.demo.data import Data
 from bdlkern.demo.evaluation import Evaluation, MCTiming, evaluate, time_mc_inference
-from bdlkern.demo.models import HIDDEN, Method
+from bdlkern.demo.models import CONV_CHANNELS, HIDDEN, Method
 from bdlkern.demo.settings import Settings
 from bdlkern.demo.training import History, train
 
@@ -50,9 +50,18 @@ class ModelResult:
 
 
 def run_method(method: Method, data: Data, settings: Settings) -> ModelResult:
-    """Build (seeded with ``settings.seed``), train, post-process, evaluate and time one method."""
+    """Build (seeded with ``settings.seed``), train, post-process, evaluate and time one method.
+
+    A conv method (``method.conv``) gets the digits as images ``[N, 1, 8, 8]`` (``data.as_images()``),
+    the channel widths ``(1, *CONV_CHANNELS, classes)``, ``settings.conv_epochs`` epochs and
+    ``settings.conv_lr``."""
     torch.manual_seed(settings.seed)  # the same initial weights for the same architecture
-    widths = (data.num_features, *HIDDEN, data.num_classes)
+    if method.conv:
+        data = data.as_images()
+        widths = (data.x_train.shape[1], *CONV_CHANNELS, data.num_classes)
+        settings = replace(settings, epochs=settings.conv_epochs, lr=settings.conv_lr)
+    else:
+        widths = (data.num_features, *HIDDEN, data.num_classes)
     model = method.build(widths).to(settings.device)
     history = train(method, model, data, settings)
     post = method.post_train(model) if method.post_train is not None else None

@@ -16,7 +16,10 @@ from bdlkern.demo.models import (
     CONCRETE_RATE_LR_SCALE,
     CONCRETE_TAU,
     CONCRETE_TEMPERATURE,
+    CONV_CHANNELS,
+    CONV_KERNEL,
     HIDDEN,
+    IMAGE_SIDE,
     MC_DROPOUT_P,
     concrete_coefficients,
 )
@@ -133,6 +136,15 @@ def build_report(
             "ece_bins": ECE_BINS,
             "mc_dropout_p": MC_DROPOUT_P,
             "concrete": concrete,
+            "conv": {
+                "input": f"[N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}]",
+                "channels": list(CONV_CHANNELS),
+                "kernel": CONV_KERNEL,
+                "epochs": settings.conv_epochs,
+                "lr": settings.conv_lr,
+                "layers": "conv1, ReLU, 2x2 max pool, conv2, ReLU, 2x2 max pool, flatten, fc "
+                f"({CONV_CHANNELS[-1]} * 2 * 2 -> 10); 3x3 convolutions, padding 1",
+            },
         },
         "data": {
             "dataset": "sklearn.datasets.load_digits (8x8, pixels / 16)",
@@ -186,6 +198,15 @@ model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(p), nn.Linear(25
 bdlkern.nn.convert(model)        # each nn.Dropout -> nn.Linear pair becomes one MCDropoutLinear
 pred = bdlkern.uncertainty.mc_predict(model.eval(), x_test, S, seed=0)   # fused MC inference"""
 
+_C1, _C2 = CONV_CHANNELS[0], CONV_CHANNELS[-1]
+_CONV_SNIPPET = f"""\
+model = nn.Sequential(nn.Conv2d(1, {_C1}, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Dropout2d(p), nn.Conv2d({_C1}, {_C2}, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Flatten(), nn.Dropout(p), nn.Linear({_C2} * 2 * 2, 10))
+bdlkern.nn.convert(model)        # Dropout2d -> Conv2d: MCDropoutConv2d (channel masks)
+pred = bdlkern.uncertainty.mc_predict(model.eval(), images, S, seed=0)   # images [N, 1, 8, 8]
+pred.samples.shape               # [S, N, 10]: the samples run folded, [S * N, ...], inside"""
+
 
 def format_markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: the table, what it means, the models and the figures."""
@@ -193,11 +214,13 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     ood_names = list(report["ood"])
     machine = report["machine"]
     S = settings["samples"]
+    conv = settings["conv"]
     lines = [
-        "# bdlkern demo: Bayesian MLPs on scikit-learn's digits",
+        "# bdlkern demo: Bayesian MLPs and conv nets on scikit-learn's digits",
         "",
         f"{report['data']['train']} training and {report['data']['test']} test digits "
-        f"({report['data']['split']}), {settings['epochs']} epochs of Adam (lr {settings['lr']}, batch "
+        f"({report['data']['split']}), {settings['epochs']} epochs per MLP and {conv['epochs']} per conv net "
+        f"of Adam (lr {settings['lr']}, batch "
         f"{settings['batch_size']}), seed {settings['seed']}, S = {S} Monte Carlo samples, device "
         f"{settings['device']}{' (quick run)' if settings['quick'] else ''}. Machine: {machine['cpu']}, "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}. "
@@ -252,6 +275,26 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         f"{settings['concrete']['dropout_regularizer']:g}`, and the objective is `mean cross-entropy + "
         "bdlkern.nn.regularization(model) / N`: the paper's `l^2 / (tau N)` and `2 / (tau N)` on a mean loss. "
         f"The dropout logits learn at {settings['concrete']['rate_lr_scale']:g} times the weights' learning rate.",
+        "",
+        "## Conv nets",
+        "",
+        f"The `conv_*` models are LeNet-style conv nets on the digits as {conv['input']} images: {conv['layers']}; "
+        f"{conv['epochs']} epochs each at lr {conv['lr']} (a short run; sparse VD at its own rates, those of a run of "
+        "few epochs), the same minibatches and, where the layers agree, the same initial weights. Their MC inference runs folded: the "
+        "first MC layer turns the N images into S * N rows (sample-major) and the later layers run on those rows "
+        "(`conv1` runs once for the MC-dropout and Concrete nets, whose first dropout is before `conv2`); "
+        "`mc_predict` returns the samples as [S, N, 10]. The plain-PyTorch baselines are the same nets with "
+        "`nn.Dropout2d` / `nn.Dropout` active: a loop of S passes, or one pass on the images repeated "
+        "(`x.repeat(S, 1, 1, 1)`, [S * N, 1, 8, 8]).",
+        "",
+        "```python",
+        _CONV_SNIPPET,
+        "```",
+        "",
+        "The sparse-VD conv net is pruned like the MLP: its `fc` becomes a CSR `SparseLinear`; its convolutions stay "
+        "dense with the pruned weights and their variances zeroed, so the MC samples draw on the kept weights only "
+        "(they keep more of their weights than the density below which the CSR convolution of "
+        "`SparseVDConv2d.to_sparse()` beats the dense one).",
         "",
         "## Figures",
         "",

@@ -10,7 +10,10 @@ class Settings:
     """Everything that shapes a run (recorded in ``report.json``).
 
     Attributes:
-        epochs: training epochs per model.
+        epochs: training epochs per MLP.
+        conv_epochs: training epochs per conv net (the conv section; few, to keep the run short).
+        conv_lr: the conv nets' Adam learning rate (larger than the MLPs': they train for few epochs;
+            sparse VD keeps its own, :data:`~bdlkern.demo.models.SPARSE_VD_LR`).
         samples: Monte Carlo samples S for evaluation and timing.
         batch_size: training minibatch size.
         lr: Adam learning rate.
@@ -22,6 +25,8 @@ class Settings:
     """
 
     epochs: int = 60
+    conv_epochs: int = 15
+    conv_lr: float = 3e-3
     samples: int = 64
     batch_size: int = 64
     lr: float = 1e-3
@@ -33,4 +38,4 @@ class Settings:
 
 
 #: What ``--quick`` changes: a few epochs, few samples, short measurements (seconds in all).
-QUICK = {"epochs": 5, "samples": 8, "timing_target_s": 0.01, "timing_repeats": 2}
+QUICK = {"epochs": 5, "conv_epochs": 5, "samples": 8, "timing_target_s": 0.01, "timing_repeats": 2}

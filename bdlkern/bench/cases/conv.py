@@ -406,3 +406,95 @@ def _sparse_conv(device: torch.device, quick: bool) -> Workload:
                "im2col + torch.sparse CSR": nnz_flops},
         check=check,
     )
+
+
+# ---- a pruned LeNet-style sparse-VD net, MC inference on the digits test set -----------------------
+LENET_S = {"full": 32, "quick": 4}
+LENET_TEST_IMAGES = {"full": 360, "quick": 32}  # the digits test split: 20% of 1797 images
+LENET_KEEP = 0.05
+TARGETS["conv.pruned_lenet_mc"] = {"dense sparse-VD net, batch replication (eager)": 3.0}
+
+
+def _lenet(device: torch.device):
+    """A LeNet-style sparse-VD net for 8x8 digits with ~95% of its weights at log alpha >= 3 (the
+    pruned state training reaches; the timings do not depend on which weights survive)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        bdlkern.nn.SparseVDConv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        bdlkern.nn.SparseVDConv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), bdlkern.nn.SparseVDLinear(32 * 2 * 2, 10),
+    ).to(device).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in net:
+            if hasattr(m, "log_sigma2"):
+                pruned = torch.rand(m.theta.shape, generator=g) >= LENET_KEEP
+                log_alpha = torch.where(pruned, 6.0, -4.0).to(device)
+                m.log_sigma2.copy_(log_alpha + torch.log(m.theta**2))
+    return net
+
+
+def _replicated_lrt(net, x, S):
+    """What users run without bdlkern: the dense sparse-VD net on the batch repeated S times, each
+    layer's LRT sample written out in torch (two dense convolutions / GEMMs and the noise)."""
+    from torch import nn
+
+    h = x.repeat(S, 1, 1, 1)
+    for m in net:
+        if isinstance(m, (bdlkern.nn.SparseVDConv2d, bdlkern.nn.SparseVDLinear)):
+            var_w = torch.exp(m.log_alpha) * m.theta**2
+            if isinstance(m, bdlkern.nn.SparseVDConv2d):
+                mean = F.conv2d(h, m.theta, m.bias, padding=m.padding)
+                var = F.conv2d(h * h, var_w, None, padding=m.padding)
+            else:
+                mean, var = F.linear(h, m.theta, m.bias), F.linear(h * h, var_w)
+            h = mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
+        elif isinstance(m, nn.Module):
+            h = m(h)
+    return h
+
+
+@case(
+    "conv.pruned_lenet_mc",
+    family="conv",
+    description="MC inference (S=32 LRT samples) of a LeNet-style sparse-VD net on the 360 digits test images, "
+    "95% of the weights pruned: the to_sparse() net in bdlkern.sampling against the dense net on the "
+    "replicated batch; " + _targets("conv.pruned_lenet_mc"),
+    subject="bdlkern pruned net, sampling(S)",
+    baselines={"dense sparse-VD net, batch replication (eager)": "reference"},
+)
+def _pruned_lenet(device: torch.device, quick: bool) -> Workload:
+    from torch import nn
+
+    size = "quick" if quick else "full"
+    S, n = LENET_S[size], LENET_TEST_IMAGES[size]
+    net = _lenet(device)
+    pruned = nn.Sequential(*[m.to_sparse() if hasattr(m, "to_sparse") else m for m in net]).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 1, 8, 8, generator=g).to(device)
+
+    def subject():
+        with bdlkern.sampling(S, seed=0):
+            return pruned(x)
+
+    def check() -> None:
+        with torch.no_grad():
+            y = subject()
+            ref = _replicated_lrt(net, x, S)
+            assert y.shape == ref.shape == (S * n, 10), (tuple(y.shape), tuple(ref.shape))
+            # Different noise: compare the per-image MC mean and spread, and the deterministic nets.
+            torch.testing.assert_close(pruned(x), net(x), rtol=1e-4, atol=1e-4)
+            m_y, m_r = y.reshape(S, n, 10).mean(0), ref.reshape(S, n, 10).mean(0)
+            spread = ref.reshape(S, n, 10).std(0).mean().item()
+            assert (m_y - m_r).abs().mean().item() < spread, "the MC means of the two nets disagree"
+
+    return Workload(
+        variants={
+            "bdlkern pruned net, sampling(S)": _no_grad(subject),
+            "dense sparse-VD net, batch replication (eager)": _no_grad(lambda: _replicated_lrt(net, x, S)),
+        },
+        params={"S": S, "images": n, "keep": LENET_KEEP, "dtype": "float32"},
+        check=check,
+    )
