@@ -17,6 +17,8 @@ runtime's own generator (``RandomUniformLike`` / ``RandomNormalLike``; a Bernoul
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from onnxscript import ir
@@ -137,6 +139,68 @@ def _lrt_output(mu: ir.Value, std: ir.Value, x_rank: int, x: ir.Value, num_sampl
     return op.Add(op.Reshape(mu, shape), op.Mul(op.Reshape(std, shape), eps)), std
 
 
+# ---- convolutions: samples folded into the batch, sample-major -------------------------------------
+def _conv(x: ir.Value, weight: ir.Value, bias, stride, padding, dilation, groups: int) -> ir.Value:
+    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)`` as an ONNX ``Conv``
+    (the ops pad symmetrically: ``pads`` is ``padding`` at the start and at the end)."""
+    attrs = dict(
+        strides=[int(v) for v in stride],
+        pads=[int(v) for v in padding] * 2,
+        dilations=[int(v) for v in dilation],
+        group=int(groups),
+    )
+    if bias is None:
+        return op.Conv(x, weight, **attrs)
+    return op.Conv(x, weight, bias, **attrs)
+
+
+def _conv_rank(x, what: str) -> int:
+    rank = _rank(x, "x")
+    if not 3 <= rank <= 5:
+        raise ValueError(f"{what}: x must be [batch, channels, *spatial] with 1 to 3 spatial dimensions, got rank {rank}")
+    return rank
+
+
+def _unfold_samples(x: ir.Value, num_samples: int) -> ir.Value:
+    """``[S * N, ...] -> [S, N, ...]``."""
+    return op.Reshape(x, op.Concat(_ints([num_samples, -1]), op.Shape(x, start=1), axis=0))
+
+
+def _fold_samples(x: ir.Value) -> ir.Value:
+    """``[S, N, ...] -> [S * N, ...]``."""
+    return op.Reshape(x, op.Concat(_ints([-1]), op.Shape(x, start=2), axis=0))
+
+
+def _conv_lrt_output(mean: ir.Value, std: ir.Value, num_samples: int, shared_input: bool):
+    """``(mean + std * eps, std)`` in the folded layout: ``mean`` and ``std`` are ``[N, C, *]`` for an
+    input shared by the samples (broadcast over them: y ``[S * N, C, *]``, sample-major) or
+    ``[S * N, C, *]`` already."""
+    if not shared_input:
+        eps = op.CastLike(_normal(op.Shape(mean)), mean)
+        return op.Add(mean, op.Mul(std, eps)), std
+    shape = op.Concat(_ints([num_samples]), op.Shape(mean), axis=0)  # [S, N, C, *]
+    eps = op.CastLike(_normal(shape), mean)
+    y = op.Add(op.Unsqueeze(mean, _ints([0])), op.Mul(op.Unsqueeze(std, _ints([0])), eps))
+    return _fold_samples(y), std
+
+
+def _csr_conv_weight(x: ir.Value, crow: ir.Value, col: ir.Value, values: ir.Value, kernel_size, groups: int) -> ir.Value:
+    """The dense conv weight ``[C_out, C_in / groups, *kernel_size]`` of a CSR matrix over
+    ``[C_out, (C_in / groups) * prod(kernel_size)]`` (``values [nnz]``): the stored values written
+    into zeros by ``ScatterND`` at (row, col), the rows from ``crow`` (:func:`_csr_rows`).
+    (When the CSR buffers are initializers, the exporter's optimiser, or else the runtime at load
+    time, folds this into a constant weight.)"""
+    rows = _csr_rows(crow, col)
+    indices = op.Concat(op.Unsqueeze(rows, _ints([1])), op.Unsqueeze(col, _ints([1])), axis=1)  # [nnz, 2]
+    out_channels = op.Sub(op.Shape(crow), _ints([1]))
+    in_per_group = op.Div(op.Shape(x, start=1, end=2), _ints([int(groups)]))
+    kernel = _ints(kernel_size)
+    width = op.Mul(in_per_group, _ints([math.prod(int(k) for k in kernel_size)]))  # (C_in / groups) * prod(kernel)
+    zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), values), op.Concat(out_channels, width, axis=0))
+    dense = op.ScatterND(zeros, indices, values)  # [C_out, K]; (row, col) pairs are distinct
+    return op.Reshape(dense, op.Concat(out_channels, in_per_group, kernel, axis=0))
+
+
 # ---- the translations (argument order and defaults: csrc/torch/schemas.h) ----------------------------
 def mc_dropout_linear(x, weight, bias, rng_state, p: float, num_samples: int, shared_mask: bool = False):
     """``Y[s] = (X[s] * M_s) W^T / (1 - p) + b``, ``[S, R, N]``; keep-masks Bernoulli(1 - p) per
@@ -199,6 +263,81 @@ def lrt_linear(x, theta, log_sigma2, bias, rng_state, num_samples: int):
     var = op.MatMul(op.Mul(x2, x2), op.Transpose(variance, perm=[1, 0]))
     std = op.Sqrt(_add_eps(var, _EPS_LRT))
     return _lrt_output(mu, std, x_rank, x, num_samples)
+
+
+def mc_dropout_conv(x, weight, bias, rng_state, p: float, num_samples: int, shared_input: bool, stride, padding,
+                    dilation, groups: int, channel_mask: bool = False, shared_mask: bool = False):
+    """``Y = Conv(Xs * M / (1 - p), weight, bias)``, ``[S * N, C_out, *]`` sample-major, where ``Xs``
+    is ``x [N, C, *]`` repeated for the S samples (``shared_input``) or ``x [S * N, C, *]`` itself,
+    and M a Bernoulli(1 - p) keep-mask per element of ``Xs`` (per (row, channel), broadcast over
+    space, with ``channel_mask``); with ``shared_mask`` one mask per sample, broadcast over its N
+    images. Computed on the ``[S, N, C, *]`` view: the mask broadcasts over what it shares, and a
+    shared input is broadcast over the samples by the product (no separate tile)."""
+    rank = _conv_rank(x, "mc_dropout_conv")
+    spatial = rank - 2
+    if p <= 0.0:  # no mask: one convolution; a shared input's result is tiled for the samples
+        y = _conv(x, weight, bias, stride, padding, dilation, groups)
+        return op.Tile(y, _ints([num_samples] + [1] * (rank - 1))) if shared_input else y
+    if shared_input:
+        xv = op.Unsqueeze(x, _ints([0]))  # [1, N, C, *]
+        images = op.Shape(x, start=0, end=1)
+    else:
+        xv = _unfold_samples(x, num_samples)  # [S, N, C, *]
+        images = op.Shape(xv, start=1, end=2)
+    shape = op.Concat(
+        _ints([num_samples]),
+        _ints([1]) if shared_mask else images,
+        op.Shape(x, start=1, end=2),
+        _ints([1] * spatial) if channel_mask else op.Shape(x, start=2),
+        axis=0,
+    )
+    keep = op.Less(_uniform(shape), op.Constant(value_float=1.0 - p))
+    scale = op.Where(keep, op.Constant(value_float=1.0 / (1.0 - p)), op.Constant(value_float=0.0))
+    xs = op.Mul(xv, op.CastLike(scale, x))  # [S, N, C, *]: xv has N, C and space, the mask S
+    return _conv(_fold_samples(xs), weight, bias, stride, padding, dilation, groups)
+
+
+def lrt_conv(x, theta, log_sigma2, bias, rng_state, num_samples: int, shared_input: bool, stride, padding, dilation,
+             groups: int):
+    """The LRT convolution: ``mean = Conv(x, theta, bias)``, ``var = Conv(x^2, alpha theta^2)`` with
+    ``log_alpha = clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)``; output
+    ``(mean + sqrt(var + 1e-8) * eps, sqrt(var + 1e-8))`` in the folded layout (mean and var once
+    for the N images of a shared input)."""
+    _conv_rank(x, "lrt_conv")
+    theta2 = op.Mul(theta, theta)
+    log_alpha = op.Clip(
+        op.Sub(log_sigma2, op.Log(_add_eps(theta2, 1e-8))),
+        op.CastLike(op.Constant(value_float=-8.0), theta),
+        op.CastLike(op.Constant(value_float=8.0), theta),
+    )
+    variance = op.Mul(op.Exp(log_alpha), theta2)
+    mean = _conv(x, theta, bias, stride, padding, dilation, groups)
+    var = _conv(op.Mul(x, x), variance, None, stride, padding, dilation, groups)
+    std = op.Sqrt(_add_eps(var, _EPS_LRT))
+    return _conv_lrt_output(mean, std, num_samples, shared_input)
+
+
+def sparse_conv(x, crow, col, values, bias, kernel_size, stride, padding, dilation, groups: int):
+    """``Conv(x, W, bias)`` with W the dense weight of the CSR buffers (``values [nnz]``, or column 0
+    of ``[nnz, 2]``), made in the graph (:func:`_csr_conv_weight`)."""
+    _conv_rank(x, "sparse_conv")
+    weight = _csr_conv_weight(x, crow, col, _csr_values(values, 0), kernel_size, groups)
+    return _conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def sparse_conv_lrt(x, crow, col, values, bias, rng_state, num_samples: int, shared_input: bool, kernel_size, stride,
+                    padding, dilation, groups: int):
+    """LRT samples of the CSR convolution (``values [nnz, 2]``: W, V): ``mean = Conv(x, W, bias)``,
+    ``var = Conv(x^2, V)``, output ``(mean + sqrt(var + 1e-8) * eps, sqrt(var + 1e-8))`` folded."""
+    _conv_rank(x, "sparse_conv_lrt")
+    if _rank(values, "values") != 2:
+        raise ValueError("sparse_conv_lrt: values must be [nnz, 2] (weights and variances)")
+    weight = _csr_conv_weight(x, crow, col, _csr_values(values, 0), kernel_size, groups)
+    variance = _csr_conv_weight(x, crow, col, _csr_values(values, 1), kernel_size, groups)
+    mean = _conv(x, weight, bias, stride, padding, dilation, groups)
+    var = _conv(op.Mul(x, x), variance, None, stride, padding, dilation, groups)
+    std = op.Sqrt(_add_eps(var, _EPS_LRT))
+    return _conv_lrt_output(mean, std, num_samples, shared_input)
 
 
 def concrete_dropout(x, p_logit, rng_state, temperature: float = 0.1, channel_dim: int = -1):
@@ -276,6 +415,10 @@ def table() -> dict:
         ns.sparse_linear.default: sparse_linear,
         ns.sparse_linear_lrt.default: sparse_linear_lrt,
         ns.lrt_linear.default: lrt_linear,
+        ns.mc_dropout_conv.default: mc_dropout_conv,
+        ns.lrt_conv.default: lrt_conv,
+        ns.sparse_conv.default: sparse_conv,
+        ns.sparse_conv_lrt.default: sparse_conv_lrt,
         ns.concrete_dropout.default: concrete_dropout,
         ns.uniform.default: uniform,
         ns.normal.default: normal,

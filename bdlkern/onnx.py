@@ -18,7 +18,7 @@ How to export::
     bdlkern.onnx.export(model, (x,), "model.onnx")          # the deterministic eval model
 
     with bdlkern.sampling(32):                              # MC inference: [32, *batch, out]
-        bdlkern.onnx.export(model, (x,), "model_mc.onnx")
+        bdlkern.onnx.export(model, (x,), "model_mc.onnx")   # (a conv net: [32 * N, C, ...], folded)
 
     # or with torch's exporter directly:
     torch.onnx.export(model, (x,), "model.onnx", dynamo=True,
@@ -43,6 +43,32 @@ What is translated (the ops every ``bdlkern.nn`` module reaches in eval, in trai
   the rows with ``shared_mask``; ``x [B, K]`` with ``num_samples=S`` or ``x [S, B, K]``;
 * ``lrt_linear`` (``SparseVDLinear``) and ``sparse_linear_lrt`` (``SparseLinear`` with weight
   variances, inside ``sampling``): ``mu + sqrt(var + 1e-8) * eps`` with eps standard normal;
+* the convolutions (``MCDropoutConv1d/2d/3d``, ``SparseVDConv1d/2d/3d``, ``SparseConv1d/2d/3d``),
+  with the samples folded into the batch, sample-major (row ``s * N + n`` of ``[S * N, C, *]`` is
+  sample ``s`` of image ``n``), as bdlkern's conv ops: an ONNX ``Conv`` with the op's ``strides``,
+  ``dilations``, ``group`` and ``pads`` (the op's symmetric ``padding`` at both ends):
+
+  - ``mc_dropout_conv``: ``Conv(Xs * M / (1 - p), W, b)``, where ``Xs`` is the input ``[N, C, *]``
+    repeated for the S samples (broadcast over them by the product; an input ``[S * N, C, *]`` as
+    it is) and ``M = (uniform < 1 - p)`` one keep flag per element of ``Xs``, or per (row, channel)
+    broadcast over space with channel masks (``Dropout1d/2d``); with ``shared_mask`` one mask per
+    sample, broadcast over its N images. ``p = 0``: one convolution, tiled for the samples;
+  - ``lrt_conv`` (``SparseVDConv*`` in training and inside ``sampling``): ``mean = Conv(x, theta, b)``,
+    ``var = Conv(x^2, alpha theta^2)`` with ``log_alpha = clamp(log_sigma2 - log(theta^2 + 1e-8),
+    -8, 8)``, once for the N images of a shared input, then ``mean + sqrt(var + 1e-8) * eps``
+    for the S samples, eps standard normal;
+  - ``sparse_conv`` (``SparseConv*`` below its crossover density; above it the layer is a dense
+    convolution) and ``sparse_conv_lrt`` (``SparseConv*`` with weight variances, inside
+    ``sampling``): the dense weight ``[C_out, C_in / groups, *kernel]`` is made in the graph from
+    the CSR buffers (the rows from ``crow`` as for ``sparse_linear``, the values written into zeros
+    by ``ScatterND``; with the buffers as initializers the exporter's optimiser or the runtime folds
+    it into a constant), then ``Conv``; the LRT samples as ``lrt_conv``'s, with the variance column.
+    ONNX has no sparse convolution: the file holds the dense weight (or the CSR buffers) and the
+    runtime convolves densely.
+
+  onnxruntime's CPU provider has no float64 ``Conv`` (NOT_IMPLEMENTED when the session is
+  created): export conv nets in float32 to run them there;
+
 * ``concrete_dropout`` (Concrete modules in training, or with ``relaxed_eval``) and ``uniform``
   (the hard Bernoulli masks of the Concrete modules inside ``sampling``), ``normal`` and
   ``dropout_mask``;
@@ -59,7 +85,9 @@ exported model is a fresh draw. The sequence of draws is the runtime's: onnxrunt
 random node from a process-wide seed when the session is created, so for reproducible samples call
 ``onnxruntime.set_seed(n)`` before creating the session. The first MC layer's ``num_samples`` is
 fixed at export; the exported graph materialises the ``[S, B, K]`` masks and ``[S, B, N]`` noise
-that bdlkern's fused kernels never store. A Concrete module with one rate, which runs the fused
+(for a convolution the ``[S * N, C, *]`` masked input and noise) that bdlkern's fused kernels never
+store, and a channel mask shared by the images convolves every channel (bdlkern's kernel skips the
+dropped ones). A Concrete module with one rate, which runs the fused
 MC-dropout kernel in eager PyTorch, takes its unfused path (uniform masks, the same distribution)
 under ``torch.export``, where its rate is not a Python number.
 
@@ -113,6 +141,10 @@ NOT_EXPORTABLE: dict[str, str] = {
     "lrt_linear_backward": _BACKWARD,
     "sparse_linear_backward": _BACKWARD,
     "sparse_linear_lrt_backward": _BACKWARD,
+    "mc_dropout_conv_backward": _BACKWARD,
+    "lrt_conv_backward": _BACKWARD,
+    "sparse_conv_backward": _BACKWARD,
+    "sparse_conv_lrt_backward": _BACKWARD,
     "philox_bits": _PHILOX,
     "philox4x32": _PHILOX,
 }

@@ -72,17 +72,23 @@ def _torch_samples(model: nn.Module, x: torch.Tensor, num_samples: int, seed: in
         return model.eval()(x).numpy()
 
 
-def _check_mc(model: nn.Module, x: torch.Tensor, wrong: nn.Module, expect_shape: tuple) -> tuple[np.ndarray, object]:
+def _check_mc(model: nn.Module, x: torch.Tensor, wrong: nn.Module, expect_shape: tuple,
+              folded: bool = False) -> tuple[np.ndarray, object]:
     """Exports ``model`` inside ``sampling(S_MC)``, runs it once in onnxruntime, and compares its
-    samples with PyTorch's; ``wrong`` (a copy with another rate or variance) must be rejected."""
+    samples with PyTorch's; ``wrong`` (a copy with another rate or variance) must be rejected.
+    ``folded``: the output is ``[S * N, ...]`` (a conv net), compared per image as ``[S, N, ...]``."""
     session, proto = _session(model, x, num_samples=S_MC)
     onnx_samples = _run(session, x)
     assert onnx_samples.shape == expect_shape
     assert {"RandomUniformLike", "RandomNormalLike"} & _op_types(proto)
+
+    def per_image(samples):
+        return samples.reshape(S_MC, x.shape[0], *samples.shape[1:]) if folded else samples
+
     torch_samples = _torch_samples(model, x, S_MC)
-    z_mean, z_var = _z_scores(onnx_samples, torch_samples)
+    z_mean, z_var = _z_scores(per_image(onnx_samples), per_image(torch_samples))
     assert z_mean < Z_MAX and z_var < Z_MAX, (z_mean, z_var)
-    z_mean_w, z_var_w = _z_scores(onnx_samples, _torch_samples(wrong, x, S_MC))
+    z_mean_w, z_var_w = _z_scores(per_image(onnx_samples), per_image(_torch_samples(wrong, x, S_MC)))
     assert max(z_mean_w, z_var_w) > 2 * Z_MAX, ("the comparison does not see a wrong model", z_mean_w, z_var_w)
     # A fresh draw on every run of the session.
     assert not np.array_equal(_run(session, x), onnx_samples)
@@ -104,6 +110,27 @@ def _concrete(module, p: float):
     with torch.no_grad():
         module.p_logit.fill_(float(np.log(p) - np.log1p(-p)))
     return module
+
+
+def _sparse_vd_conv_net(kept: float, log_alpha_kept: float, shift: float = 0.0, seed: int = 0):
+    """Two SparseVDConv2d layers (padding, groups and dilation in the first, stride in the second);
+    a fraction ``kept`` of the weights has ``log_alpha = log_alpha_kept (+ shift)``, the others are
+    pruned (log alpha 5)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        bdlkern.nn.SparseVDConv2d(4, 6, 3, padding=(1, 2), dilation=(1, 2), groups=2), nn.ReLU(),
+        bdlkern.nn.SparseVDConv2d(6, 3, 3, stride=2),
+    )
+    for layer in net[::2]:
+        with torch.no_grad():
+            keep = torch.rand_like(layer.theta) < kept
+            keep.view(layer.theta.shape[0], -1)[:, 0] = True  # no empty filter
+            layer.log_sigma2.copy_(torch.log(layer.theta**2) + torch.where(keep, log_alpha_kept + shift, 5.0))
+    return net
+
+
+def _to_sparse(module: nn.Module) -> nn.Module:
+    return module.to_sparse() if isinstance(module, bdlkern.nn.SparseVDConv2d) else module
 
 
 # ---- eval: the deterministic models equal PyTorch ------------------------------------------------------
@@ -136,6 +163,7 @@ def _eval_cases():
     )
     bdlkern.nn.convert(sequential)  # Dropout -> Linear becomes an MCDropoutLinear
     assert isinstance(sequential[2], bdlkern.nn.MCDropoutLinear)
+    svd_conv = _sparse_vd_conv_net(kept=0.15, log_alpha_kept=-2.0)
     return {
         "MCDropoutLinear": (bdlkern.nn.MCDropoutLinear(12, 7, p=0.3, shared_mask=True), (4, 12)),
         "ConcreteDropoutLinear": (bdlkern.nn.ConcreteDropoutLinear(12, 7, per_feature=True), (4, 12)),
@@ -146,6 +174,9 @@ def _eval_cases():
         "SparseLinear-dense": (_sparse_layer(40, 9, 0.5, seed=1), (4, 40)),
         "Sequential": (sequential, (2, 3, 12)),
         "custom-forward": (_Custom(), (4, 12)),
+        "MCDropoutConv2d": (bdlkern.nn.MCDropoutConv2d(3, 5, 3, stride=2, padding=1, p=0.3, mask="channel"), (2, 3, 7, 7)),
+        "SparseVDConv2d-net": (svd_conv, (2, 4, 9, 9)),
+        "SparseConv2d-csr-net": (nn.Sequential(*[_to_sparse(m) for m in svd_conv]), (2, 4, 9, 9)),
     }
 
 
@@ -166,6 +197,11 @@ def test_eval_model_equals_pytorch(name):
         assert {"Gather", "ScatterND"} <= ops and not ({"MatMul", "Gemm"} & ops), ops
         sizes = [int(np.prod(init.dims)) for init in proto.graph.initializer]
         assert max(sizes) < model.in_features * model.out_features, sizes
+    if name.startswith("SparseConv2d-csr"):
+        # The layers run the sparse_conv op (below the crossover); its dense weight is made in the graph.
+        for layer in model[::2]:
+            assert isinstance(layer, bdlkern.nn.SparseConv2d) and layer.density <= layer.crossover_density
+        assert "Conv" in ops, ops
     if name == "SparseLinear-dense":
         assert model.density > model.crossover_density(x.numel() // x.shape[-1])
         assert {"MatMul", "Gemm"} & ops, ops
@@ -274,7 +310,7 @@ def test_concrete_samples(kind):
         return _concrete(bdlkern.nn.ConcreteDropout2d(nn.Conv2d(3, 2, 3)), p)
 
     if kind == "conv2d":
-        x, shape = _x(2, 3, 4, 4), (S_MC, 2, 2, 2, 2)
+        x, shape = _x(2, 3, 4, 4), (S_MC * 2, 2, 2, 2)  # the samples folded into the batch
     else:
         x, shape = _x(3, 16), (S_MC, 3, 5)
     _check_mc(make(0.3), x, wrong=make(0.45), expect_shape=shape)
@@ -298,6 +334,119 @@ def test_concrete_relaxed_eval_samples():
     z_mean, z_var = _z_scores(got, expected)
     assert z_mean < Z_MAX and z_var < Z_MAX, (z_mean, z_var)
     assert max(_z_scores(got, wrong)) > 2 * Z_MAX
+
+
+# ---- MC convolutions: samples folded into the batch, [S * N, ...] -------------------------------------
+def _lenet(p: float, shared_mask: bool = False) -> nn.Module:
+    """A LeNet-style MC-dropout net: element masks in the first conv (its input [N, C, H, W] shared by
+    the samples), channel masks in the second (input [S * N, ...]), then an MC-dropout Linear."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        bdlkern.nn.MCDropoutConv2d(1, 4, 3, p=p, mask="element", shared_mask=shared_mask), nn.ReLU(),
+        nn.MaxPool2d(2),
+        bdlkern.nn.MCDropoutConv2d(4, 6, 3, stride=2, padding=1, p=p, mask="channel", shared_mask=shared_mask),
+        nn.ReLU(), nn.Flatten(),
+        bdlkern.nn.MCDropoutLinear(24, 3, p=p, shared_mask=shared_mask),
+    )
+
+
+def _equal_images(shape) -> torch.Tensor:
+    x = _x(*shape)
+    x[1] = x[0]
+    return x
+
+
+def test_mc_dropout_conv_lenet_samples():
+    x = _equal_images((2, 1, 10, 10))
+    samples, _ = _check_mc(_lenet(0.3), x, wrong=_lenet(0.5), expect_shape=(S_MC * 2, 3), folded=True)
+    per_image = samples.reshape(S_MC, 2, 3)
+    assert not np.array_equal(per_image[:, 0], per_image[:, 1])  # each image has its own masks
+
+
+def test_mc_dropout_conv_shared_masks():
+    """shared_mask: the images of a sample share its masks, so two equal images give equal outputs in
+    every sample. The marginal distribution of each output element is that of the unshared net, and
+    the samples are compared with the unshared net's in PyTorch (its shared channel-mask path
+    convolves each sample on its kept channels, one call per sample: slow for thousands of samples
+    of a tiny net)."""
+    x = _equal_images((2, 1, 10, 10))
+    session, proto = _session(_lenet(0.3, shared_mask=True), x, num_samples=S_MC)
+    assert "RandomUniformLike" in _op_types(proto)
+    samples = _run(session, x)
+    assert samples.shape == (S_MC * 2, 3)
+    per_image = samples.reshape(S_MC, 2, 3)
+    assert np.array_equal(per_image[:, 0], per_image[:, 1])
+    reference = _torch_samples(_lenet(0.3), x, S_MC).reshape(S_MC, 2, 3)
+    z_mean, z_var = _z_scores(per_image, reference)
+    assert z_mean < Z_MAX and z_var < Z_MAX, (z_mean, z_var)
+    # The statistic rejects another rate; PyTorch's own shared masks give the equal images equal outputs
+    # too (checked on few samples: that path is the slow one).
+    assert max(_z_scores(per_image, _torch_samples(_lenet(0.5), x, S_MC).reshape(S_MC, 2, 3))) > 2 * Z_MAX
+    shared = _torch_samples(_lenet(0.3, shared_mask=True), x, 200).reshape(200, 2, 3)
+    assert np.array_equal(shared[:, 0], shared[:, 1])
+
+
+def test_lrt_conv_samples_sparse_vd():
+    """SparseVDConv2d layers inside sampling (lrt_conv): the first takes the shared [N, C, H, W], the
+    second the folded samples."""
+    make = lambda shift: _sparse_vd_conv_net(kept=1.0, log_alpha_kept=-1.0, shift=shift)  # noqa: E731
+    _check_mc(make(0.0), _x(2, 4, 6, 6), wrong=make(0.5), expect_shape=(S_MC * 2, 3, 2, 2), folded=True)
+
+
+def test_sparse_conv_samples():
+    """The pruned net (SparseVDConv2d.to_sparse(): CSR weights with variances) samples inside
+    sampling (sparse_conv_lrt), first layer on the shared input, second on the folded samples."""
+
+    def make(scale):
+        net = nn.Sequential(*[_to_sparse(m) for m in _sparse_vd_conv_net(kept=0.2, log_alpha_kept=-1.0)])
+        with torch.no_grad():
+            for layer in net[::2]:
+                layer.values[:, 1] *= scale
+        return net
+
+    model = make(1.0)
+    assert all(layer.has_variance for layer in model[::2])
+    _check_mc(model, _x(2, 4, 6, 6), wrong=make(1.8), expect_shape=(S_MC * 2, 3, 2, 2), folded=True)
+
+
+def test_conv1d_samples():
+    """1-d: an MC-dropout Conv1d with channel masks (nn.Dropout1d -> Conv1d) and a SparseVDConv1d."""
+
+    def make(p):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            bdlkern.nn.MCDropoutConv1d(3, 4, 3, padding=1, p=p, mask="channel"), nn.Tanh(),
+            bdlkern.nn.SparseVDConv1d(4, 2, 3, stride=2, dilation=2),
+        )
+        with torch.no_grad():
+            net[2].log_sigma2.copy_(torch.log(net[2].theta**2) - 2.0)
+        return net
+
+    _check_mc(make(0.3), _x(2, 3, 9), wrong=make(0.5), expect_shape=(S_MC * 2, 2, 3), folded=True)
+
+
+def test_conv_geometry_exact_and_dynamic_batch():
+    """Where the samples are (nearly) deterministic the ONNX model equals PyTorch: an MC-dropout
+    conv with p = 0 (stride, padding, dilation, groups), one on the folded samples, and a sparse
+    conv with zero variances (std sqrt(1e-8)); the batch dimension is dynamic."""
+    torch.manual_seed(0)
+    weight = torch.randn(5, 6, 2, 3) * (torch.rand(5, 6, 2, 3) < 0.2)
+    sparse = bdlkern.nn.SparseConv2d.from_dense(weight, torch.randn(5), variance=torch.zeros_like(weight),
+                                               mask=weight != 0, stride=(1, 2), padding=1)
+    model = nn.Sequential(
+        bdlkern.nn.MCDropoutConv2d(4, 6, 3, stride=2, padding=(1, 2), dilation=(1, 2), groups=2, p=0.0), nn.ReLU(),
+        bdlkern.nn.MCDropoutConv2d(6, 6, 1, p=0.0, mask="channel"), nn.ReLU(),
+        sparse,
+    )
+    batch = torch.export.Dim("batch", min=2, max=64)
+    session, proto = _session(model, _x(3, 4, 9, 11), num_samples=5, dynamic_shapes=({0: batch},))
+    assert [n.op_type for n in proto.graph.node if n.op_type.startswith("Random")] == ["RandomNormalLike"]
+    for rows in (2, 7):
+        x = _x(rows, 4, 9, 11, seed=rows)
+        expected = torch.from_numpy(_torch_samples(model, x, 5))
+        got = torch.from_numpy(_run(session, x))
+        assert got.shape == expected.shape == (5 * rows, 5, 6, 3)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)  # the noise: 1e-4 * eps
 
 
 # ---- coverage of the ops, and the errors -------------------------------------------------------------
@@ -326,6 +475,9 @@ def _reachable_ops() -> set[str]:
         (bdlkern.nn.SparseVDLinear(8, 4), (3, 8)),
         (_sparse_layer(40, 6, 0.03, seed=1, variance=True), (3, 40)),
         (_sparse_layer(40, 6, 0.6, seed=1), (3, 40)),
+        (bdlkern.nn.MCDropoutConv2d(2, 3, 3, mask="channel", shared_mask=True), (2, 2, 5, 5)),
+        (bdlkern.nn.SparseVDConv2d(2, 3, 3), (2, 2, 5, 5)),
+        (_to_sparse(_sparse_vd_conv_net(kept=0.15, log_alpha_kept=-2.0)[0]), (2, 4, 5, 5)),
     ]
     recorder = _OpRecorder()
     with torch.no_grad(), recorder:
@@ -343,6 +495,7 @@ def test_every_reachable_op_has_a_translation():
     translated = {op.name().split("::")[1].split(".")[0] for op in table if op.namespace == "bdlkern"}
     reachable = _reachable_ops()
     assert {"mc_dropout_linear", "concrete_dropout", "uniform", "lrt_linear", "sparse_linear", "sparse_linear_lrt"} <= reachable
+    assert {"mc_dropout_conv", "lrt_conv", "sparse_conv", "sparse_conv_lrt"} <= reachable
     assert reachable <= translated, reachable - translated
     # Every op of the library is translated or listed as not exportable, with its reason.
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("bdlkern::")}
