@@ -955,6 +955,7 @@ def test_serialization_round_trips():
 
 
 # ---- training -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_run_prunes_and_learns_digits(threads):
     """A tiny sparse-VD conv net on scikit-learn's 8x8 digits, Adam, the KL scaled down: the loss
     falls, the net fits the data and weights get pruned."""

@@ -56,6 +56,17 @@ inline void check_size(c10::IntArrayRef size, const char* op) {
   }
 }
 
+// A convolution argument (stride, padding, dilation, kernel_size): one value >= min per spatial
+// dimension.
+inline void check_conv_list(c10::IntArrayRef v, int64_t dims, const char* name, int64_t min,
+                            const char* op) {
+  TORCH_CHECK(static_cast<int64_t>(v.size()) == dims, op, ": ", name, " must have ", dims,
+              " values (one per spatial dimension), got ", v);
+  for (const int64_t e : v) {
+    TORCH_CHECK(e >= min, op, ": ", name, " must be >= ", min, ", got ", v);
+  }
+}
+
 // Drop probability p in [0, 1] (dropout_mask allows p = 1: every element dropped).
 inline void check_probability(double p, const char* name, const char* op) {
   TORCH_CHECK(std::isfinite(p) && p >= 0.0 && p <= 1.0, op, ": ", name, " must be in [0, 1], got ",

@@ -47,14 +47,6 @@ struct LrtConvOps {
     LrtParams prm;                // rows: images per sample; out_features: C_out L'
   };
 
-  static void check_list(Ints v, int64_t dims, const char* name, int64_t min, const char* op) {
-    TORCH_CHECK(static_cast<int64_t>(v.size()) == dims, op, ": ", name, " must have ", dims,
-                " values (one per spatial dimension), got ", v);
-    for (const int64_t e : v) {
-      TORCH_CHECK(e >= min, op, ": ", name, " must be >= ", min, ", got ", v);
-    }
-  }
-
   static Layer layer(const Tensor& x, const Tensor& theta, const Tensor& log_sigma2,
                      const Tensor& rng_state, int64_t S, bool shared_input, Ints stride,
                      Ints padding, Ints dilation, int64_t groups, const char* op) {
@@ -74,9 +66,9 @@ struct LrtConvOps {
     TORCH_CHECK(theta.size(0) % groups == 0, op, ": out_channels (", theta.size(0),
                 ") must be divisible by groups (", groups, ")");
     const int64_t dims = x.dim() - 2;
-    check_list(stride, dims, "stride", 1, op);
-    check_list(padding, dims, "padding", 0, op);
-    check_list(dilation, dims, "dilation", 1, op);
+    check_conv_list(stride, dims, "stride", 1, op);
+    check_conv_list(padding, dims, "padding", 0, op);
+    check_conv_list(dilation, dims, "dilation", 1, op);
     TORCH_CHECK(S >= 1, op, ": num_samples must be >= 1, got ", S);
     TORCH_CHECK(shared_input || x.size(0) % S == 0, op, ": x has ", x.size(0),
                 " rows, not a multiple of num_samples = ", S,

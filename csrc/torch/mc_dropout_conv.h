@@ -63,15 +63,6 @@ struct MCDropoutConvOps {
     }
   }
 
-  static void check_list(c10::IntArrayRef v, int64_t dims, const char* name, int64_t min,
-                         const char* op) {
-    TORCH_CHECK(static_cast<int64_t>(v.size()) == dims, op, ": ", name, " must have ", dims,
-                " values (one per spatial dimension), got ", v);
-    for (const int64_t e : v) {
-      TORCH_CHECK(e >= min, op, ": ", name, " must be >= ", min, ", got ", v);
-    }
-  }
-
   // Checks every argument and returns the kernel parameters (rng_state pointer left null).
   static Problem problem(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                          const Tensor& rng_state, double p, int64_t S, bool shared_input,
@@ -101,9 +92,9 @@ struct MCDropoutConvOps {
                   ": bias must be [out_channels] = [", C_out, "], got shape ", bias->sizes());
     }
     const int64_t dims = x.dim() - 2;
-    check_list(stride, dims, "stride", 1, op);
-    check_list(padding, dims, "padding", 0, op);
-    check_list(dilation, dims, "dilation", 1, op);
+    check_conv_list(stride, dims, "stride", 1, op);
+    check_conv_list(padding, dims, "padding", 0, op);
+    check_conv_list(dilation, dims, "dilation", 1, op);
     TORCH_CHECK(std::isfinite(p) && p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
     TORCH_CHECK(S >= 1, op, ": num_samples must be >= 1, got ", S);
     TORCH_CHECK(shared_input || x.size(0) % S == 0, op, ": x has ", x.size(0),

@@ -43,14 +43,6 @@ struct SparseConvOps {
     std::vector<int64_t> out_sizes;  // [batch, C_out, *spatial_out] of x's rows
   };
 
-  static void check_list(Ints v, int64_t dims, const char* name, int64_t min, const char* op) {
-    TORCH_CHECK(static_cast<int64_t>(v.size()) == dims, op, ": ", name, " must have ", dims,
-                " values (one per spatial dimension), got ", v);
-    for (const int64_t e : v) {
-      TORCH_CHECK(e >= min, op, ": ", name, " must be >= ", min, ", got ", v);
-    }
-  }
-
   // `like` is the dense operand (x, or grad_out for the backward of the deterministic op) whose
   // dtype and device the structure must have; in_sizes the input's spatial sizes.
   static Problem problem(const Tensor& like, const char* like_name, int64_t batch,
@@ -65,10 +57,10 @@ struct SparseConvOps {
     const int64_t dims = static_cast<int64_t>(in_sizes.size());
     TORCH_CHECK(dims >= 1 && dims <= 3, op, ": ", like_name,
                 " must have 1 to 3 spatial dimensions, got ", dims);
-    check_list(kernel_size, dims, "kernel_size", 1, op);
-    check_list(stride, dims, "stride", 1, op);
-    check_list(padding, dims, "padding", 0, op);
-    check_list(dilation, dims, "dilation", 1, op);
+    check_conv_list(kernel_size, dims, "kernel_size", 1, op);
+    check_conv_list(stride, dims, "stride", 1, op);
+    check_conv_list(padding, dims, "padding", 0, op);
+    check_conv_list(dilation, dims, "dilation", 1, op);
     TORCH_CHECK(groups >= 1 && in_channels % groups == 0, op, ": groups (", groups,
                 ") must be >= 1 and divide the input channels (", in_channels, ")");
     const int64_t out_channels = crow.numel() - 1;
