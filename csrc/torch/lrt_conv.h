@@ -97,6 +97,7 @@ struct LrtConvOps {
 
   static std::vector<int64_t> zeros(Ints v) { return std::vector<int64_t>(v.size(), 0); }
 
+
   // (y [S N, C_out, *sp'], std [N or S N, C_out, *sp'])
   static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& theta,
                                             const Tensor& log_sigma2, const OptTensor& bias,

@@ -153,7 +153,13 @@ void grad_input_typed(const SparseConvParams& p, const T* gy, T* gx) {
 struct Padded {
   int64_t dp, hp, wp, plane;  // padded input sizes and plane size
   int64_t flat;               // output positions at the padded pitch: ((OD-1) Hp + OH-1) Wp + OW
+  int64_t span;               // flat rounded up to whole 64-byte vectors (the AXPY length)
 };
+
+// The AXPYs run over `span` >= flat positions, whole vectors with no scalar tail; the positions
+// past `flat` are computed and dropped. The padded buffers end in kSlack spare zeros so those reads
+// (and, in the transpose, additions of zeros) stay inside them.
+constexpr int64_t kSlack = 16;
 
 Padded padded(const SparseConvParams& p) {
   Padded g;
@@ -162,6 +168,7 @@ Padded padded(const SparseConvParams& p) {
   g.wp = p.in_size[2] + 2 * p.padding[2];
   g.plane = g.dp * g.hp * g.wp;
   g.flat = ((p.out_size[0] - 1) * g.hp + p.out_size[1] - 1) * g.wp + p.out_size[2];
+  g.span = (g.flat + kSlack - 1) / kSlack * kSlack;
   return g;
 }
 
@@ -190,43 +197,92 @@ std::vector<PaddedTap<T>> padded_taps(const SparseConvParams& p, const Padded& g
   return taps;
 }
 
-// acc[q] += w_j * f(base[offset_j + q]) for the taps [0, count), q < n. The plane is walked in
-// register-sized blocks (kBlock values: four AVX-512 registers of float) that stay in registers
-// while every tap is applied, so a tap costs a load and an FMA per vector instead of a load, an
-// FMA and a store of the accumulator.
+// 64-byte vectors of T as GCC vector types: one zmm under AVX-512, two ymm under AVX2, four xmm on
+// the baseline (the SIMD_FUNCTION instances compile the same code for each). The loop vectoriser
+// does not keep a register-blocked accumulator in registers across the taps, so the blocks are
+// written with these types explicitly.
+template <typename T>
+struct Vec64 {
+  typedef T type __attribute__((vector_size(64)));
+  typedef T unaligned __attribute__((vector_size(64), aligned(alignof(T))));
+  static constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(T));
+};
+
+template <typename T>
+inline __attribute__((always_inline)) typename Vec64<T>::type load_v(const T* p) {
+  return *reinterpret_cast<const typename Vec64<T>::unaligned*>(p);
+}
+template <typename T>
+inline __attribute__((always_inline)) void store_v(T* p, typename Vec64<T>::type v) {
+  *reinterpret_cast<typename Vec64<T>::unaligned*>(p) = v;
+}
+
+// acc[q0, q0 + K vectors) += w_j * f(base[offset_j + q]) for every tap, f squaring with kSquare:
+// K vectors of the accumulator stay in registers while the taps are applied (a load and an FMA
+// per vector and tap, no accumulator traffic); each element sums the taps in entry order.
+template <typename T, bool kSquare, int K>
+inline __attribute__((always_inline)) void gather_block(const PaddedTap<T>* taps, int64_t count,
+                                                        const T* base, T* acc) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t L = Vec64<T>::kLanes;
+  V a[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) a[k] = load_v(acc + k * L);
+  for (int64_t j = 0; j < count; ++j) {
+    const V w = V{} + taps[j].w;
+    const T* src = base + taps[j].offset;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      V v = load_v(src + k * L);
+      if constexpr (kSquare) v *= v;
+      a[k] += w * v;
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) store_v(acc + k * L, a[k]);
+}
+
+// acc[q] += w_j * f(base[offset_j + q]) for the taps [0, count), q < n: blocks of six vectors
+// (a 3x3 conv on 16x16 planes at the padded pitch is 18 vectors: three blocks), then two, one, and
+// a scalar tail (none when n is a whole number of vectors, as the callers arrange).
 template <typename T, bool kSquare>
 inline __attribute__((always_inline)) void gather_taps_body(const PaddedTap<T>* taps,
                                                             int64_t count, const T* base, T* acc,
                                                             int64_t n) {
-  constexpr int64_t kBlock = 256 / static_cast<int64_t>(sizeof(T));
+  constexpr int64_t L = Vec64<T>::kLanes;
   int64_t q0 = 0;
-  for (; q0 + kBlock <= n; q0 += kBlock) {
-    T a[kBlock];
-    for (int64_t i = 0; i < kBlock; ++i) a[i] = acc[q0 + i];
+  for (; q0 + 6 * L <= n; q0 += 6 * L) gather_block<T, kSquare, 6>(taps, count, base + q0, acc + q0);
+  for (; q0 + 2 * L <= n; q0 += 2 * L) gather_block<T, kSquare, 2>(taps, count, base + q0, acc + q0);
+  for (; q0 + L <= n; q0 += L) gather_block<T, kSquare, 1>(taps, count, base + q0, acc + q0);
+  for (; q0 < n; ++q0) {
+    T a = acc[q0];
     for (int64_t j = 0; j < count; ++j) {
-      const T w = taps[j].w;
-      const T* __restrict__ src = base + taps[j].offset + q0;
-      for (int64_t i = 0; i < kBlock; ++i) a[i] += w * (kSquare ? src[i] * src[i] : src[i]);
+      const T v = base[taps[j].offset + q0];
+      a += taps[j].w * (kSquare ? v * v : v);
     }
-    for (int64_t i = 0; i < kBlock; ++i) acc[q0 + i] = a[i];
-  }
-  for (int64_t j = 0; j < count && q0 < n; ++j) {
-    const T w = taps[j].w;
-    const T* __restrict__ src = base + taps[j].offset;
-    T* __restrict__ dst = acc;
-    for (int64_t q = q0; q < n; ++q) dst[q] += w * (kSquare ? src[q] * src[q] : src[q]);
+    acc[q0] = a;
   }
 }
-// base[offset_j + q] += w_j * g[q] for the taps [0, count), q < n (the transpose).
+// base[offset_j + q] += w_j * g[q] for the taps [0, count), q < n (the transpose): a block of g
+// stays in registers while it is scattered through every tap.
 template <typename T>
 inline __attribute__((always_inline)) void scatter_taps_body(const PaddedTap<T>* taps,
                                                              int64_t count, const T* g, T* base,
                                                              int64_t n) {
-  for (int64_t j = 0; j < count; ++j) {
-    const T w = taps[j].w;
-    const T* __restrict__ src = g;
-    T* __restrict__ dst = base + taps[j].offset;
-    for (int64_t q = 0; q < n; ++q) dst[q] += w * src[q];
+  using V = typename Vec64<T>::type;
+  constexpr int64_t L = Vec64<T>::kLanes;
+  int64_t q0 = 0;
+  for (; q0 + 2 * L <= n; q0 += 2 * L) {
+    const V g0 = load_v(g + q0), g1 = load_v(g + q0 + L);
+    for (int64_t j = 0; j < count; ++j) {
+      const V w = V{} + taps[j].w;
+      T* dst = base + taps[j].offset + q0;
+      store_v(dst, load_v(dst) + w * g0);
+      store_v(dst + L, load_v(dst + L) + w * g1);
+    }
+  }
+  for (; q0 < n; ++q0) {
+    for (int64_t j = 0; j < count; ++j) base[taps[j].offset + q0] += taps[j].w * g[q0];
   }
 }
 
@@ -297,18 +353,18 @@ template <typename T, bool kSquare>
 void forward_padded(const SparseConvParams& p, const T* x, T* y) {
   const Geometry geo = geometry(p);
   const Padded g = padded(p);
-  std::vector<T> xp(static_cast<size_t>(p.batch * p.in_channels * g.plane));
+  std::vector<T> xp(static_cast<size_t>(p.batch * p.in_channels * g.plane + kSlack));
   pad_input(p, g, x, xp.data());
   const std::vector<PaddedTap<T>> taps = padded_taps<T>(p, g);
   const T* bias = static_cast<const T*>(p.bias);
   at::parallel_for(0, p.batch * p.out_channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(static_cast<size_t>(g.flat));
+    std::vector<T> acc(static_cast<size_t>(g.span));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / p.out_channels, o = item % p.out_channels;
       std::fill(acc.begin(), acc.end(), T(0));
       const T* base = xp.data() + (n * p.in_channels + (o / geo.cout_g) * geo.cin_g) * g.plane;
       gather_taps<T, kSquare>(taps.data() + p.crow[o], p.crow[o + 1] - p.crow[o], base,
-                              acc.data(), g.flat);
+                              acc.data(), g.span);
       T* out = y + item * geo.out_plane;
       const T b = bias != nullptr ? bias[o] : T(0);
       for (int64_t d = 0; d < p.out_size[0]; ++d) {
@@ -328,8 +384,8 @@ void grad_input_padded(const SparseConvParams& p, const T* gy, T* gx) {
   const Padded g = padded(p);
   const std::vector<PaddedTap<T>> taps = padded_taps<T>(p, g);
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> gw(static_cast<size_t>(g.flat));  // one output-gradient plane at the pitch
-    std::vector<T> gxp(static_cast<size_t>(p.in_channels * g.plane));
+    std::vector<T> gw(static_cast<size_t>(g.span));  // one output-gradient plane at the pitch
+    std::vector<T> gxp(static_cast<size_t>(p.in_channels * g.plane + kSlack));
     for (int64_t n = begin; n < end; ++n) {
       std::fill(gxp.begin(), gxp.end(), T(0));
       for (int64_t o = 0; o < p.out_channels; ++o) {
@@ -343,7 +399,7 @@ void grad_input_padded(const SparseConvParams& p, const T* gy, T* gx) {
         }
         T* base = gxp.data() + (o / geo.cout_g) * geo.cin_g * g.plane;
         scatter_taps<T>(taps.data() + p.crow[o], p.crow[o + 1] - p.crow[o], gw.data(), base,
-                        g.flat);
+                        g.span);
       }
       for (int64_t c = 0; c < p.in_channels; ++c) {
         const T* plane = gxp.data() + c * g.plane;
