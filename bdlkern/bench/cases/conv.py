@@ -303,12 +303,13 @@ def _lrt_problem(device: torch.device, quick: bool):
     return dims, x, theta, log_sigma2, b
 
 
-def _eager_lrt_conv2d(x, theta, log_sigma2, bias, eps):
-    """The LRT convolution as users write it: two convolutions and the noise."""
+def _eager_lrt_conv2d(x, theta, log_sigma2, bias, eps=None):
+    """The LRT convolution as users write it: two convolutions and the noise (drawn with
+    ``torch.randn_like`` each call, as a training step does; ``eps`` given: the check's noise)."""
     log_alpha = torch.clamp(log_sigma2 - torch.log(theta**2 + 1e-8), -8.0, 8.0)
     mean = F.conv2d(x, theta, bias, padding=PADDING)
     var = F.conv2d(x * x, torch.exp(log_alpha) * theta**2, None, padding=PADDING)
-    return mean + torch.sqrt(var + 1e-8) * eps
+    return mean + torch.sqrt(var + 1e-8) * (torch.randn_like(mean) if eps is None else eps)
 
 
 @case(
@@ -353,8 +354,8 @@ def _lrt_train(device: torch.device, quick: bool) -> Workload:
     return Workload(
         variants={
             "bdlkern.lrt_conv": subject,
-            "reference (eager)": run(lambda: _eager_lrt_conv2d(x, theta, log_sigma2, b, eps)),
-            "reference (torch.compile)": run(lambda: compiled(x, theta, log_sigma2, b, eps)),
+            "reference (eager)": run(lambda: _eager_lrt_conv2d(x, theta, log_sigma2, b)),
+            "reference (torch.compile)": run(lambda: compiled(x, theta, log_sigma2, b)),
         },
         params={**dims, "padding": PADDING, "dtype": "float32"},
         flops=6 * conv,  # two convolutions, each with its input and weight gradients
