@@ -232,6 +232,79 @@ def test_sparse_linear(backend, stochastic):
     compare(backend, fn, ref_fn, [x], torch.float32)
 
 
+@pytest.mark.parametrize("mask,shared_mask", [("element", False), ("channel", False), ("channel", True)])
+def test_mc_dropout_conv(backend, mask, shared_mask):
+    """The conv op runs in the autocast dtype (its mask pass and ATen's conv take it), like
+    F.conv2d; the shared-channel path convolves the kept channels in it too."""
+    S, N, C, Co = 2, 3, 4, 5
+    x, w, b = problem((N, C, 6, 6), (Co, C, 3, 3), (Co,))
+    state = fixed_state(backend.device)
+    p = 0.3
+    rows = S if shared_mask else S * N
+    keep_shape = [rows, C] if mask == "channel" else [rows, C, 6, 6]
+    keep = bdlkern.ops.dropout_mask(keep_shape, p, rng_state=state.cpu(), stream="mc_dropout").to(backend.device)
+    keep = keep.reshape(S, rows // S, C, *([1, 1] if mask == "channel" else [6, 6]))
+
+    def fn(x, w, b):
+        return backend.ops.mc_dropout_conv(x, w, b, state, p, S, True, [1, 1], [1, 1], [1, 1], 1, mask == "channel", shared_mask)
+
+    def ref_fn(x, w, b):
+        xs = (x.unsqueeze(0) * keep.to(x.dtype) / (1 - p)).reshape(S * N, C, 6, 6)
+        return F.conv2d(xs, w, b, padding=1)
+
+    compare(backend, fn, ref_fn, [x, w, b], AUTOCAST[backend.name])
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_lrt_conv(backend, shared_input):
+    S, N, C, Co = 2, 3, 4, 5
+    x, theta, log_sigma2, b = problem((N if shared_input else S * N, C, 6, 6), (Co, C, 3, 3), (Co, C, 3, 3), (Co,))
+    log_sigma2 -= 3.0
+    state = fixed_state(backend.device)
+    eps = bdlkern.ops.normal((S * N, Co, 6, 6), rng_state=state.cpu(), stream="lrt", dtype=torch.float64).to(backend.device)
+
+    def fn(x, th, ls, b):
+        return backend.ops.lrt_conv(x, th, ls, b, state, S, shared_input, [1, 1], [1, 1], [1, 1], 1)[0]
+
+    def ref_fn(x, th, ls, b):
+        var_w = torch.exp(ref.log_alpha(th, ls)) * th**2
+        mean, var = F.conv2d(x, th, b, padding=1), F.conv2d(x * x, var_w, padding=1)
+        if shared_input:
+            mean, var = mean.repeat(S, 1, 1, 1), var.repeat(S, 1, 1, 1)
+        return mean + torch.sqrt(var + 1e-8) * eps.to(mean.dtype)
+
+    compare(backend, fn, ref_fn, [x, theta, log_sigma2, b], torch.float32)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_sparse_conv(backend, stochastic):
+    S, N, C, Co = 2, 3, 4, 5
+    crow, col, values = csr_weight(Co, C * 9, 0.2, device=backend.device)
+    (x,) = problem((N, C, 6, 6))
+    state = fixed_state(backend.device)
+    v = values.to(backend.device)
+    w, var = (torch.zeros(Co, C * 9, dtype=torch.float64) for _ in range(2))
+    rows = torch.repeat_interleave(torch.arange(Co), crow.cpu().diff())
+    w[rows, col.cpu()], var[rows, col.cpu()] = values[:, 0], values[:, 1]
+    w, var = w.reshape(Co, C, 3, 3).to(backend.device), var.reshape(Co, C, 3, 3).to(backend.device)
+    eps = bdlkern.ops.normal((S * N, Co, 6, 6), rng_state=state.cpu(), stream="sparse_lrt", dtype=torch.float64).to(backend.device)
+
+    def fn(x):
+        vals = v.to(x.dtype) if x.dtype == torch.float64 else v.float()
+        if stochastic:
+            return backend.ops.sparse_conv_lrt(x, crow, col, vals, None, state, S, True, [3, 3], [1, 1], [1, 1], [1, 1], 1)[0]
+        return backend.ops.sparse_conv(x, crow, col, vals[:, 0].contiguous(), None, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+
+    def ref_fn(x):
+        mean = F.conv2d(x, w.float(), padding=1)
+        if not stochastic:
+            return mean
+        var_out = F.conv2d(x * x, var.float(), padding=1)
+        return mean.repeat(S, 1, 1, 1) + torch.sqrt(var_out.repeat(S, 1, 1, 1) + 1e-8) * eps.to(mean.dtype)
+
+    compare(backend, fn, ref_fn, [x], torch.float32)
+
+
 def test_rng_ops_are_untouched_by_autocast(backend):
     state = fixed_state(backend.device)
     outside = [
@@ -274,7 +347,15 @@ def modules(device):
         sparse_vd.log_sigma2.copy_(torch.where(torch.rand(10, 24) < 0.96, 8.0, -8.0))
     csr = sparse_vd.to_sparse()
     assert csr.density <= 0.1
+    vd_conv = bdlkern.nn.SparseVDConv2d(3, 8, 3, padding=1)
+    with torch.no_grad():  # most weights pruned, so the CSR convolution runs
+        vd_conv.log_sigma2.copy_(torch.where(torch.rand(vd_conv.theta.shape) < 0.9, 8.0, -8.0))
+    csr_conv = vd_conv.to_sparse()
+    assert csr_conv.density < csr_conv.crossover_density
     return {
+        "MCDropoutConv2d": (bdlkern.nn.MCDropoutConv2d(3, 4, 3, padding=1, p=0.3, mask="channel"), (2, 3, 5, 5)),
+        "SparseVDConv2d": (bdlkern.nn.SparseVDConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
+        "SparseConv2d": (csr_conv, (2, 3, 5, 5)),
         "MCDropoutLinear": (bdlkern.nn.MCDropoutLinear(24, 10, p=0.3), (6, 24)),
         "MCDropoutLinear-shared": (bdlkern.nn.MCDropoutLinear(24, 10, p=0.3, shared_mask=True), (6, 24)),
         "ConcreteDropoutLinear": (bdlkern.nn.ConcreteDropoutLinear(24, 10), (6, 24)),
@@ -285,7 +366,7 @@ def modules(device):
     }
 
 
-MODULES = ["MCDropoutLinear", "MCDropoutLinear-shared", "ConcreteDropoutLinear", "ConcreteDropout", "ConcreteDropout2d", "SparseVDLinear", "SparseLinear"]
+MODULES = ["MCDropoutConv2d", "SparseVDConv2d", "SparseConv2d", "MCDropoutLinear", "MCDropoutLinear-shared", "ConcreteDropoutLinear", "ConcreteDropout", "ConcreteDropout2d", "SparseVDLinear", "SparseLinear"]
 
 
 @pytest.mark.parametrize("name", MODULES)
