@@ -44,6 +44,16 @@ def _check_width(module: nn.Module, x: torch.Tensor, expected: int) -> None:
         raise _width_error(module, x, expected)
 
 
+def _check_conv_input(module: nn.Module, x: torch.Tensor, dims: int, in_channels: int, where: str) -> None:
+    """``x`` is ``[B, in_channels, *dims spatial]`` (the check a torch convolution makes), in the
+    module's terms; ``where`` says which input was expected."""
+    if x.dim() != dims + 2 or x.shape[1] != in_channels:
+        spatial = ", ".join(["*"] * dims)
+        name = type(module).__name__
+        label = f"{name}(in_channels={in_channels}, out_channels={module.out_channels})"
+        raise ValueError(f"{label}: expected {where} [B, {in_channels}, {spatial}], got shape {tuple(x.shape)}")
+
+
 def _check_dtype(
     module: nn.Module, x: torch.Tensor, param_dtype: torch.dtype, kernel_dtypes=None, kernel: str = ""
 ) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _MC_DTYPES, _NotScriptable, _check_dtype, _check_width
+from ._base import _check_conv_input, _MC_DTYPES, _NotScriptable, _check_dtype, _check_width
 
 
 class MCDropoutLinear(_NotScriptable, nn.Linear):
@@ -173,12 +173,7 @@ class _MCDropoutConvNd(_NotScriptable):
         return f"{type(self).__name__}(in_channels={self.in_channels}, out_channels={self.out_channels})"
 
     def _check_channels(self, x: torch.Tensor, where: str) -> None:
-        """``x`` is ``[B, in_channels, *dims spatial]`` (``where`` says which input was expected)."""
-        if x.dim() != self._dims + 2 or x.shape[1] != self.in_channels:
-            spatial = ", ".join(["*"] * self._dims)
-            raise ValueError(
-                f"{self._error_label()}: expected {where} [B, {self.in_channels}, {spatial}], got shape {tuple(x.shape)}"
-            )
+        _check_conv_input(self, x, self._dims, self.in_channels, where)
 
     def _op(self, x, num_samples, rng_state=None, shared_mask=False, input_has_samples=False):
         return ops.mc_dropout_conv(

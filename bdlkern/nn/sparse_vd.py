@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _F32_F64, _NotScriptable, _check_dtype, _check_width
+from ._base import _check_conv_input, _F32_F64, _NotScriptable, _check_dtype, _check_width
 
 
 class SparseVDLinear(_NotScriptable, nn.Module):
@@ -225,11 +225,7 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
             )
 
     def _check_channels(self, x: torch.Tensor, where: str) -> None:
-        if x.dim() != self._dims + 2 or x.shape[1] != self.in_channels:
-            spatial = ", ".join(["*"] * self._dims)
-            raise ValueError(
-                f"{self._error_label()}: expected {where} [B, {self.in_channels}, {spatial}], got shape {tuple(x.shape)}"
-            )
+        _check_conv_input(self, x, self._dims, self.in_channels, where)
 
     def _lrt(self, x, num_samples, rng_state=None, input_has_samples=False):
         return ops.lrt_conv(
@@ -556,12 +552,7 @@ class _SparseConvNd(_NotScriptable, nn.Module):
         )
 
     def _check_channels(self, x: torch.Tensor, where: str) -> None:
-        if x.dim() != self._dims + 2 or x.shape[1] != self.in_channels:
-            spatial = ", ".join(["*"] * self._dims)
-            raise ValueError(
-                f"{type(self).__name__}(in_channels={self.in_channels}, out_channels={self.out_channels}): expected "
-                f"{where} [B, {self.in_channels}, {spatial}], got shape {tuple(x.shape)}"
-            )
+        _check_conv_input(self, x, self._dims, self.in_channels, where)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C, *] -> [N, C_out, *]``; inside ``sampling(S)`` with variances see the class docstring."""

@@ -16,6 +16,7 @@
 #include <bdlkern/sparse_conv/kernels.h>
 
 #include <algorithm>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -353,8 +354,13 @@ template <typename T, bool kSquare>
 void forward_padded(const SparseConvParams& p, const T* x, T* y) {
   const Geometry geo = geometry(p);
   const Padded g = padded(p);
-  std::vector<T> xp(static_cast<size_t>(p.batch * p.in_channels * g.plane + kSlack));
-  pad_input(p, g, x, xp.data());
+  // Not value-initialised: pad_input writes every plane (zeros and the input), the slack is zeroed
+  // here; a zero-filled vector would write the whole buffer twice.
+  const int64_t padded_size = p.batch * p.in_channels * g.plane;
+  std::unique_ptr<T[]> xp_buffer(new T[static_cast<size_t>(padded_size + kSlack)]);
+  T* const xp = xp_buffer.get();
+  std::fill(xp + padded_size, xp + padded_size + kSlack, T(0));
+  pad_input(p, g, x, xp);
   const std::vector<PaddedTap<T>> taps = padded_taps<T>(p, g);
   const T* bias = static_cast<const T*>(p.bias);
   at::parallel_for(0, p.batch * p.out_channels, 1, [&](int64_t begin, int64_t end) {
@@ -362,7 +368,7 @@ void forward_padded(const SparseConvParams& p, const T* x, T* y) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / p.out_channels, o = item % p.out_channels;
       std::fill(acc.begin(), acc.end(), T(0));
-      const T* base = xp.data() + (n * p.in_channels + (o / geo.cout_g) * geo.cin_g) * g.plane;
+      const T* base = xp + (n * p.in_channels + (o / geo.cout_g) * geo.cin_g) * g.plane;
       gather_taps<T, kSquare>(taps.data() + p.crow[o], p.crow[o + 1] - p.crow[o], base,
                               acc.data(), g.span);
       T* out = y + item * geo.out_plane;
