@@ -453,7 +453,7 @@ def test_sampling_rejects_wrong_sample_dim():
     model = nn.Sequential(bdlkern.nn.MCDropoutLinear(4, 4), bdlkern.nn.MCDropoutLinear(4, 4))
     with bdlkern.sampling(3):
         first = model[0](torch.randn(2, 4))
-        with pytest.raises(ValueError, match=r"its input must be \[S=3"):
+        with pytest.raises(ValueError, match=r"carries the samples, so it must be \[S=3"):
             model[1](first[0])  # drops the sample dimension
     with pytest.raises(ValueError, match="num_samples must be an int >= 1"):
         bdlkern.sampling(0)

@@ -2,7 +2,8 @@
 
 MC layers follow one convention for the sample dimension, documented in :mod:`bdlkern._sampling`:
 outside ``bdlkern.sampling(S)`` they behave like the PyTorch layers they replace; inside it they
-sample and carry an explicit leading sample dimension ``S``.
+sample, and the tensors computed from their outputs carry the samples (stacked ``[S, ...]`` or
+folded into the batch, ``[S * N, ...]``).
 
 Every module checks its input before it reaches a kernel, so that a wrong input gives an error in
 the module's terms (never a silently wrong result or a message about an internal op):
@@ -19,12 +20,13 @@ the module's terms (never a silently wrong result or a message about an internal
 None of the modules can be compiled by TorchScript (``torch.jit.script`` raises a
 ``RuntimeError`` saying so); ``torch.compile`` and ``torch.export`` are the supported routes.
 
-Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropoutLinear`, :class:`MCDropoutConv2d` and its 1-d / 3-d
-siblings),
-:mod:`~bdlkern.nn.concrete` (the Concrete-dropout modules) and :mod:`~bdlkern.nn.sparse_vd`
-(:class:`SparseVDLinear`, :class:`SparseVDConv2d` and its 1-d / 3-d siblings, :class:`SparseLinear`); the ``convert`` module holds what works on a
-whole model (:func:`convert`, :func:`regularization`, :func:`kl_divergence`), and ``_base`` the
-input checks every module shares. Every name is importable from ``bdlkern.nn`` itself.
+Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropout`, :class:`MCDropoutLinear`,
+:class:`MCDropoutConv2d` and its 1-d / 3-d siblings), :mod:`~bdlkern.nn.concrete` (the Concrete-dropout
+modules) and :mod:`~bdlkern.nn.sparse_vd` (:class:`SparseVDLinear`, :class:`SparseVDConv2d` and its 1-d /
+3-d siblings, :class:`SparseLinear`, :class:`SparseConv2d`); then what works on a whole model: ``convert``
+(:func:`convert`, :func:`regularization`, :func:`kl_divergence`), ``bayesianize`` (:func:`bayesianize`:
+dense layers to bdlkern layers) and ``prune`` (:func:`prune`: sparse-VD layers to compacted sparse ones);
+``_base`` holds the input checks every module shares. Every name is importable from ``bdlkern.nn`` itself.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ._base import (  # noqa: F401  (the shared checks stay reachable as bdlkern
     _module_label,
     _width_error,
 )
-from .mc_dropout import MCDropoutConv1d, MCDropoutConv2d, MCDropoutConv3d, MCDropoutLinear
+from .mc_dropout import MCDropout, MCDropoutConv1d, MCDropoutConv2d, MCDropoutConv3d, MCDropoutLinear
 from .concrete import (  # noqa: F401
     ConcreteDropout,
     ConcreteDropout2d,
@@ -62,9 +64,10 @@ from .sparse_vd import (
 )
 # Importing the submodule binds bdlkern.nn.convert to it; this import then rebinds the name to the
 # function, which is what the public name has always been.
-from .convert import convert, kl_divergence, regularization
+from .convert import ConvertReport, convert, kl_divergence, regularization
 
 __all__ = [
+    "MCDropout",
     "MCDropoutLinear",
     "MCDropoutConv1d",
     "MCDropoutConv2d",
@@ -81,6 +84,7 @@ __all__ = [
     "SparseVDConv2d",
     "SparseVDConv3d",
     "convert",
+    "ConvertReport",
     "kl_divergence",
     "regularization",
 ]

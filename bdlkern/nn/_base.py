@@ -5,6 +5,8 @@ clear message."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -97,3 +99,19 @@ class _NotScriptable:
             "torch.compile or torch.export (torch.export.export) to compile or serialise the model"
         )
 
+
+
+def _image_out_numel(layer: nn.Module, x: torch.Tensor, dims: int, kernel, out_channels: int) -> int:
+    """The elements of one output image ``[C_out, *spatial_out]`` of the convolution ``layer``
+    (its ``stride``, ``padding``, ``dilation``) on ``x [..., C, *spatial]``: what an op that draws
+    noise over its output draws per image and sample (see ``SamplingState.conv_call``)."""
+    spatial = x.shape[-dims:] if dims else ()
+    padding = layer.padding
+    if isinstance(padding, str):
+        if padding == "same":
+            return out_channels * math.prod(spatial)
+        padding = (0,) * dims
+    size = out_channels
+    for n, k, s, p, d in zip(spatial, kernel, layer.stride, padding, layer.dilation):
+        size *= max((n + 2 * p - d * (k - 1) - 1) // s + 1, 0)
+    return size

@@ -147,8 +147,8 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
             _check_dtype(self, x, self._param_dtype(x))
             return self._layer(x)
         conv = self.channel_dim == 1  # a wrapped convolution: samples folded into the batch
-        later = state.next_has_sample_dim(self)
-        self._check_input(x, later and (not conv or state.layout == "stacked"))
+        layout = state.carries(x)
+        self._check_input(x, layout is not None and (not conv or layout == "stacked"))
         if self.relaxed_eval:
             _check_dtype(self, x, self._param_dtype(x), _F32_F64, "Concrete-dropout")
         elif self._fuses():
@@ -159,15 +159,15 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
         if conv:
             # One mask value per (row, channel) of the folded [S * N, C, ...] input: the same
             # value for a row whether the input arrived with its samples or was repeated here.
-            rng_state, has_samples, xs, stacked = state.conv_call(self, x)
+            rng_state, has_samples, xs, stacked = state.conv_call(self, x, per_image=self.input_dim)
             out = None if self.relaxed_eval else self._fused_conv_mc(xs, S, has_samples, rng_state)
             if out is None:
                 if not has_samples:
                     xs = xs.repeat(S, *([1] * (xs.dim() - 1)))
                 dropped = self._relaxed(xs, rng_state) if self.relaxed_eval else self._hard(xs, rng_state)
                 out = self._layer(dropped)
-            return out.unflatten(0, (S, -1)) if stacked else out
-        rng_state, num_samples, x, folded = state.layer_call(self, x, self.input_dim)
+            return state.output(out.unflatten(0, (S, -1)) if stacked else out, "stacked" if stacked else "folded")
+        rng_state, num_samples, x, folded = state.layer_call(self, x, self.input_dim, per_row=self.input_dim)
         has_sample_dim = num_samples is None
         out = None
         if not self.relaxed_eval:
@@ -175,7 +175,7 @@ class _ConcreteDropoutMixin(_NotScriptable, abc.ABC):
         if out is None:
             xs = x if has_sample_dim else x.unsqueeze(0).expand(S, *x.shape)
             out = self._layer(self._relaxed(xs, rng_state) if self.relaxed_eval else self._hard(xs, rng_state))
-        return out.flatten(0, 1) if folded else out
+        return state.output(out.flatten(0, 1) if folded else out, "folded" if folded else "stacked")
 
     def _concrete_repr(self) -> str:
         p = self.p
@@ -241,6 +241,28 @@ class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
             in_features, None, weight_regularizer, dropout_regularizer, init_p, temperature, per_feature,
             relaxed_eval, device, dtype,
         )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, init_p: float = 0.1, **concrete_kwargs) -> "ConcreteDropoutLinear":
+        """A Concrete-dropout layer with copies of ``linear``'s weight and bias (same device, dtype and
+        training mode) and a learnt rate starting at ``init_p``. ``concrete_kwargs`` are the other
+        constructor arguments (``weight_regularizer``, ``dropout_regularizer``, ``temperature``,
+        ``per_feature``, ``relaxed_eval``); the shape, bias, device and dtype come from ``linear``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        for key in ("in_features", "out_features", "bias", "device", "dtype"):
+            if key in concrete_kwargs:
+                raise TypeError(f"{cls.__name__}.from_linear: {key} is taken from linear, do not pass it")
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, init_p=init_p,
+            device=linear.weight.device, dtype=linear.weight.dtype, **concrete_kwargs,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.train(linear.training)
+        return layer
 
     def _dropout_weight(self):
         return self.weight

@@ -5,6 +5,8 @@ samples at once inside ``bdlkern.sampling``."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,11 +80,13 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
         state = current_sampling()
         if state is not None:
             _check_dtype(self, x, self.weight.dtype, _MC_DTYPES, "MC-dropout")
-            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features)
+            rng_state, num_samples, x, folded = state.layer_call(
+                self, x, self.in_features, per_row=self.in_features, shared=self.shared_mask
+            )
             y = ops.mc_dropout_linear(
                 x, self.weight, self.bias, self.p, num_samples, shared_mask=self.shared_mask, rng_state=rng_state
             )
-            return y.flatten(0, 1) if folded else y
+            return state.output(y.flatten(0, 1) if folded else y, "folded" if folded else "stacked")
         if self.training and self.p > 0.0:
             weight = self.weight
             _check_dtype(self, x, weight.dtype, _MC_DTYPES, "MC-dropout")
@@ -186,11 +190,12 @@ class _MCDropoutConvNd(_NotScriptable):
         """``[B, C, *] -> [B, C_out, *]``; inside ``sampling(S)`` see the class docstring."""
         state = current_sampling()
         if state is not None:
-            rng_state, has_samples, x_op, stacked = state.conv_call(self, x)
+            per_image = self.in_channels * (math.prod(x.shape[-self._dims:]) if self.mask == "element" else 1)
+            rng_state, has_samples, x_op, stacked = state.conv_call(self, x, per_image=per_image, shared=self.shared_mask)
             self._check_channels(x_op, "an input (samples folded into the batch)" if has_samples else "a batched input")
             _check_dtype(self, x, self.weight.dtype, _MC_DTYPES, "MC-dropout")
             y = self._op(x_op, state.num_samples, rng_state, self.shared_mask, has_samples)
-            return y.unflatten(0, (state.num_samples, -1)) if stacked else y
+            return state.output(y.unflatten(0, (state.num_samples, -1)) if stacked else y, "stacked" if stacked else "folded")
         if self.training and self.p > 0.0:
             # Training is plain dropout: one sample (shared_mask is a sampling option).
             unbatched = x.dim() == self._dims + 1
@@ -255,3 +260,154 @@ class MCDropoutConv3d(_MCDropoutConvNd, nn.Conv3d):
                  device=None, dtype=None):
         _conv_init(self, nn.Conv3d, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                    padding_mode, p, mask, shared_mask, device, dtype)
+
+
+#: torch's dropout modules -> (mask kind, channel-dropout rank, alpha) of the MCDropout replacing them.
+_TORCH_DROPOUT_KINDS: dict[type, tuple[str, int | None, bool]] = {
+    nn.Dropout: ("element", None, False),
+    nn.Dropout1d: ("channel", 1, False),
+    nn.Dropout2d: ("channel", 2, False),
+    nn.Dropout3d: ("channel", 3, False),
+    nn.AlphaDropout: ("element", None, True),
+    nn.FeatureAlphaDropout: ("channel", None, True),
+}
+
+# SELU's fixed point (Klambauer et al. 2017): alpha dropout sets dropped units to -scale * alpha.
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+class MCDropout(nn.Module):
+    """A dropout layer that samples: the sampling-aware stand-in for ``nn.Dropout``,
+    ``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout`` and ``nn.FeatureAlphaDropout`` that
+    :func:`bdlkern.nn.convert` puts wherever those sit in a model (a custom ``forward`` included).
+
+    * training (outside ``sampling``): the torch layer it replaces, with the keep flags drawn from
+      the bdlkern Philox stream (``torch.manual_seed`` reproducible): ``x * m / (1 - p)`` with one
+      flag per element (``mask="element"``) or per (row, channel) broadcast over the rest
+      (``mask="channel"``); with ``alpha=True`` alpha dropout, ``a * (x * m + a' * (1 - m)) + b``
+      with ``a' = -scale * alpha`` of SELU, which keeps a SELU network's mean and variance;
+    * eval (outside ``sampling``): the identity;
+    * inside ``bdlkern.sampling(S)`` (train or eval): S masks at once. An input without samples
+      ``[N, ...]`` gives ``[S * N, ...]``, the samples folded into the batch sample-major (so every
+      layer after it works unchanged, whatever its forward does with dimensions); an input that
+      carries the samples keeps its layout (see :mod:`bdlkern._sampling`). A 0-d or 1-d input
+      gives ``[S, ...]``.
+
+    The flags are those of the fused MC-dropout ops (stream ``"mc_dropout"``, the row-major index
+    of the folded tensor; channel flags at ``row * C + channel``), so ``MCDropout`` followed by a
+    linear or convolution layer draws exactly the samples of the fused ``MCDropoutLinear`` /
+    ``MCDropoutConv2d`` with the same ``rng_state``.
+
+    Args:
+        p: drop probability in ``[0, 1]`` (``[0, 1)`` with ``alpha``).
+        mask: ``"element"`` or ``"channel"`` (dimension 1 of a batched input is the channel).
+        dims: for channel masks, the spatial rank of the torch layer replaced (1, 2, 3; None for
+            any): a batched input then has ``dims + 2`` dimensions, an unbatched one ``dims + 1``.
+        alpha: alpha dropout (for SELU networks).
+    """
+
+    def __init__(self, p: float = 0.5, mask: str = "element", dims: int | None = None, alpha: bool = False):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= float(p) <= 1.0):
+            raise ValueError(f"MCDropout: p must be a number in [0, 1], got {p!r}")
+        if alpha and float(p) >= 1.0:
+            raise ValueError(f"MCDropout: alpha dropout needs p < 1, got {p}")
+        if mask not in ("element", "channel"):
+            raise ValueError(f"MCDropout: mask must be 'element' or 'channel', got {mask!r}")
+        if dims not in (None, 1, 2, 3) or (dims is not None and mask != "channel"):
+            raise ValueError(f"MCDropout: dims must be None, or 1, 2 or 3 with channel masks, got {dims!r}")
+        self.p = float(p)
+        self.mask = mask
+        self.dims = dims
+        self.alpha = bool(alpha)
+
+    @classmethod
+    def from_dropout(cls, dropout: nn.Module) -> "MCDropout":
+        """The ``MCDropout`` of a torch dropout module (same p, kind and training mode)."""
+        kind = _TORCH_DROPOUT_KINDS.get(type(dropout))
+        if kind is None:
+            names = ", ".join(f"nn.{t.__name__}" for t in _TORCH_DROPOUT_KINDS)
+            raise TypeError(f"MCDropout.from_dropout: expected one of {names}, got {type(dropout).__name__}")
+        mask, dims, alpha = kind
+        layer = cls(dropout.p, mask=mask, dims=dims, alpha=alpha)
+        layer.train(dropout.training)
+        return layer
+
+    def _batched(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` (without samples) has a batch dimension in front of the channels."""
+        if self.dims is not None:
+            if x.dim() not in (self.dims + 1, self.dims + 2):
+                raise ValueError(
+                    f"MCDropout(mask='channel', dims={self.dims}): expected a {self.dims + 2}-d batched or "
+                    f"{self.dims + 1}-d unbatched input, got shape {tuple(x.shape)}"
+                )
+            return x.dim() == self.dims + 2
+        if x.dim() < 2:
+            raise ValueError(f"MCDropout(mask='channel'): the input needs a channel dimension, got shape {tuple(x.shape)}")
+        return True
+
+    def _drop(self, x: torch.Tensor, flags_shape: tuple[int, ...], rng_state: torch.Tensor) -> torch.Tensor:
+        """Dropout of ``x`` with the keep flags of ``flags_shape`` (a prefix of ``x``'s shape,
+        broadcast over the rest)."""
+        keep = ops.dropout_mask(flags_shape, self.p, rng_state=rng_state, stream="mc_dropout")
+        keep = keep.reshape(*flags_shape, *([1] * (x.dim() - len(flags_shape))))
+        if not self.alpha:
+            if self.p >= 1.0:
+                return x * keep.to(x.dtype)  # all zero (x * 0, so NaN stays NaN as in torch)
+            return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+        q = 1.0 - self.p
+        dropped = -_SELU_SCALE * _SELU_ALPHA
+        a = (q + dropped**2 * q * self.p) ** -0.5
+        b = -a * dropped * self.p
+        return torch.where(keep, x, torch.full((), dropped, dtype=x.dtype, device=x.device)) * a + b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*] -> [*]``; inside ``sampling(S)`` see the class docstring."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"MCDropout: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        state = current_sampling()
+        if state is None:
+            if not self.training or self.p == 0.0:
+                return x
+            rng_state = ops.new_rng_state(device=x.device)
+            if self.mask == "element":
+                return self._drop(x, tuple(x.shape), rng_state)
+            flags = tuple(x.shape[:2]) if self._batched(x) else tuple(x.shape[:1])
+            return self._drop(x, flags, rng_state)
+        rng_state, layout = state.tensor_call(self, x, channel=self.mask == "channel")
+        S = state.num_samples
+        if layout is None:
+            # Starts the sampling: [N, ...] -> [S, N, ...] (the flags' row-major index is that of
+            # the folded [S * N, ...]), folded unless there is no batch to fold into.
+            if self.mask == "channel" and not self._batched(x):
+                raise ValueError(
+                    f"MCDropout(mask='channel'): inside sampling the input needs its batch dimension, got shape "
+                    f"{tuple(x.shape)} (unsqueeze(0) an unbatched input)"
+                )
+            xs = x.unsqueeze(0)
+            shape = (S, *x.shape)
+            flags = shape if self.mask == "element" else shape[:3]
+            y = self._drop(xs.expand(shape), flags, rng_state)
+            if x.dim() >= 2:
+                return state.output(y.flatten(0, 1), "folded")
+            return state.output(y, "stacked")
+        if self.mask == "element":
+            flags = tuple(x.shape)
+        elif layout == "folded":
+            flags = tuple(x.shape[:2])
+        else:
+            flags = tuple(x.shape[:3])
+        if self.mask == "channel":
+            extra = 0 if layout == "folded" else 1  # a stacked input has [S] in front of its batch
+            wanted = (self.dims + 2 + extra,) if self.dims is not None else None
+            if x.dim() < 2 + extra or (wanted is not None and x.dim() not in wanted):
+                raise ValueError(
+                    f"MCDropout(mask='channel'): inside sampling({S}) its input carries the samples ({layout}), so it "
+                    f"must be [{'S * N' if layout == 'folded' else 'S, N'}, C, ...], got shape {tuple(x.shape)}"
+                )
+        return state.output(self._drop(x, flags, rng_state), layout)
+
+    def extra_repr(self) -> str:
+        extra = f", dims={self.dims}" if self.dims is not None else ""
+        return f"p={self.p}, mask={self.mask!r}{extra}, alpha={self.alpha}"

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _check_conv_input, _F32_F64, _NotScriptable, _check_dtype, _check_width
+from ._base import _check_conv_input, _F32_F64, _NotScriptable, _check_dtype, _check_width, _image_out_numel
 
 
 class SparseVDLinear(_NotScriptable, nn.Module):
@@ -67,6 +67,24 @@ class SparseVDLinear(_NotScriptable, nn.Module):
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 3.0, log_sigma2_init: float = -10.0) -> "SparseVDLinear":
+        """A sparse-VD layer whose ``theta [out, in]`` and bias are copies of ``linear``'s weight and
+        bias (to fine-tune a trained network, as Molchanov et al. do), with every ``log_sigma2`` at
+        ``log_sigma2_init``; same device, dtype and training mode as ``linear``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
+            log_sigma2_init=log_sigma2_init, device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+        with torch.no_grad():
+            layer.theta.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.train(linear.training)
+        return layer
+
     @property
     def log_alpha(self) -> torch.Tensor:
         """``clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)``, ``[out, in]`` (differentiable)."""
@@ -101,9 +119,9 @@ class SparseVDLinear(_NotScriptable, nn.Module):
         state = current_sampling()
         if state is not None:
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features)
+            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features, per_row=self.out_features)
             y = ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=num_samples, rng_state=rng_state)
-            return y.flatten(0, 1) if folded else y
+            return state.output(y.flatten(0, 1) if folded else y, "folded" if folded else "stacked")
         if self.training:
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
             return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1).squeeze(0)
@@ -237,11 +255,12 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
         """``[N, C, *] -> [N, C_out, *]``; inside ``sampling(S)`` see the class docstring."""
         state = current_sampling()
         if state is not None:
-            rng_state, has_samples, x_op, stacked = state.conv_call(self, x)
+            per_image = _image_out_numel(self, x, self._dims, self.theta.shape[2:], self.out_channels)
+            rng_state, has_samples, x_op, stacked = state.conv_call(self, x, per_image=per_image)
             self._check_channels(x_op, "an input (samples folded into the batch)" if has_samples else "a batched input")
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
             y = self._lrt(x_op, state.num_samples, rng_state, has_samples)
-            return y.unflatten(0, (state.num_samples, -1)) if stacked else y
+            return state.output(y.unflatten(0, (state.num_samples, -1)) if stacked else y, "stacked" if stacked else "folded")
         if self.training:
             unbatched = x.dim() == self._dims + 1
             xb = x.unsqueeze(0) if unbatched else x
@@ -408,12 +427,12 @@ class SparseLinear(_NotScriptable, nn.Module):
         _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
         state = current_sampling()
         if state is not None and self.has_variance:
-            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features)
+            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features, per_row=self.out_features)
             y = ops.sparse_linear(
                 x, self.crow, self.col, self.values, self.bias, num_samples=num_samples, stochastic=True,
                 rng_state=rng_state, row_order=self.row_order,
             )
-            return y.flatten(0, 1) if folded else y
+            return state.output(y.flatten(0, 1) if folded else y, "folded" if folded else "stacked")
         rows = x.numel() // max(self.in_features, 1)
         if self.density > self.crossover_density(rows):
             if torch.compiler.is_exporting():  # the cache cannot be filled with a traced tensor
@@ -559,11 +578,12 @@ class _SparseConvNd(_NotScriptable, nn.Module):
         _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
         state = current_sampling()
         if state is not None and self.has_variance:
-            rng_state, has_samples, x_op, stacked = state.conv_call(self, x)
+            per_image = _image_out_numel(self, x, self._dims, self.kernel_size, self.out_channels)
+            rng_state, has_samples, x_op, stacked = state.conv_call(self, x, per_image=per_image)
             self._check_channels(x_op, "an input (samples folded into the batch)" if has_samples else "a batched input")
             y = self._sparse(x_op, num_samples=state.num_samples, stochastic=True, input_has_samples=has_samples,
                              rng_state=rng_state)
-            return y.unflatten(0, (state.num_samples, -1)) if stacked else y
+            return state.output(y.unflatten(0, (state.num_samples, -1)) if stacked else y, "stacked" if stacked else "folded")
         unbatched = x.dim() == self._dims + 1
         xb = x.unsqueeze(0) if unbatched else x
         self._check_channels(xb, "a batched or unbatched input")

@@ -52,14 +52,10 @@ class MCPrediction:
     variance: torch.Tensor | None = None
 
 
-def _run_block(
-    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num_samples: int, seed: int | None
-) -> tuple[torch.Tensor, bool]:
-    """``model(x)`` in one ``sampling`` block: (``[S, ...]``, whether no MC layer ran). A
-    deterministic model's output is broadcast over the samples."""
-    with sampling(num_samples, seed=seed):
-        state = current_sampling()
-        out = model(x)
+def _samples_of(state, out, num_samples: int) -> tuple[torch.Tensor, bool]:
+    """One pass's output as ``[S, ...]`` (S = ``num_samples``, the samples the pass drew), and
+    whether no MC layer ran in the block so far. A deterministic output is broadcast over the
+    samples."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"mc_predict: model must return a torch.Tensor, got {type(out).__name__}")
     # The block counts the MC layer calls: none means a deterministic model (never a guess from
@@ -67,12 +63,15 @@ def _run_block(
     if state.mc_layer_calls == 0:
         # No bdlkern MC layer ran: the model is deterministic, every sample is the same output.
         return out.unsqueeze(0).expand(num_samples, *out.shape).contiguous(), True
-    if state.layout == "folded":
-        # A conv net: the samples are folded into the batch, sample-major ([S * N, ...]).
+    # Where the output carries the samples: its own mark (what the MC layers it was computed from
+    # made), else the layout of the block's last MC layer output.
+    if (state.carries(out) or state.layout) == "folded":
+        # The samples are folded into the batch, sample-major ([S * N, ...]).
         if out.dim() < 1 or out.shape[0] % num_samples:
             raise ValueError(
-                f"mc_predict: the model's first MC layer is a convolution, so its output must have the samples "
-                f"folded into the batch, [S * N, ...] with S = num_samples = {num_samples}, got shape {tuple(out.shape)}"
+                f"mc_predict: the model's output carries the samples folded into the batch (a convolution MC layer "
+                f"started the sampling), so it must be [S * N, ...] with S = num_samples = {num_samples}, got shape "
+                f"{tuple(out.shape)}"
             )
         return state.unfold(out), False
     if out.dim() < 2 or out.shape[0] != num_samples:
@@ -81,6 +80,38 @@ def _run_block(
             f"num_samples={num_samples}, got shape {tuple(out.shape)}"
         )
     return out, False
+
+
+def _run_block(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    num_samples: int,
+    seed: int | None,
+    sample_chunk: int | None = None,
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """``model(x)`` in one ``sampling`` block: (``[S, ...]``, whether no MC layer ran). With
+    ``sample_chunk`` the model runs once per chunk of samples (``SamplingState.chunks``)."""
+    with sampling(num_samples, seed=seed, chunk=sample_chunk) as state:
+        if sample_chunk is None or sample_chunk >= num_samples:
+            return _samples_of(state, model(x), num_samples)
+        chunks = state.chunks()
+        bar = _progress(chunks, -(-num_samples // sample_chunk), progress)
+        parts = [_samples_of(state, model(x), size)[0] for _, size in bar]
+        return torch.cat(parts, 0), state.mc_layer_calls == 0
+
+
+def _progress(iterable, total: int, progress: bool | None):
+    """A tqdm bar over ``iterable`` on stderr: always with ``progress=True``, never with False,
+    and with None only once a run has lasted 2 s (so short runs print nothing). Without tqdm
+    installed, the plain iterable."""
+    if progress is False:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional (the demo and bench extras)
+        return iterable
+    return tqdm(iterable, total=total, desc="mc_predict", unit="chunk", delay=0.0 if progress else 2.0, leave=False)
 
 
 #: torch's dropout modules that bdlkern does not sample (their masks are one draw, not S).
@@ -112,12 +143,12 @@ def _no_stochastic_layer_message(model: object, num_samples: int) -> str:
     if found:
         shown = ", ".join(found[:8]) + (f", ... ({len(found)} in all)" if len(found) > 8 else "")
         message += (
-            f" The model has torch dropout modules that bdlkern does not sample: {shown}; replace them "
-            "with bdlkern layers (bdlkern.nn.convert fuses nn.Dropout -> nn.Linear pairs into "
-            "MCDropoutLinear; ConcreteDropout / ConcreteDropout2d wrap other layers)."
+            f" The model has torch dropout modules that bdlkern does not sample: {shown}; "
+            "bdlkern.nn.convert(model) makes them sample (fused with the next layer where it can)."
         )
     message += (
-        " Functional dropout (F.dropout and friends) is invisible to bdlkern and is not sampled either."
+        " Functional dropout (F.dropout and friends) is not sampled either; bdlkern.nn.convert rewrites it"
+        " through torch.fx when the model traces."
         " For a model that is deterministic on purpose, ignore bdlkern.NoStochasticLayerWarning."
     )
     return message
@@ -141,6 +172,8 @@ def mc_predict(
     seed: int | None = None,
     task: Literal["classification", "regression"] = "classification",
     strict: bool = False,
+    sample_chunk: int | None = None,
+    progress: bool | None = None,
 ) -> MCPrediction:
     """Monte Carlo prediction: ``model(x)`` inside ``bdlkern.sampling(num_samples)``, summarised.
 
@@ -178,6 +211,14 @@ def mc_predict(
         task: ``"classification"`` (outputs are logits ``[S, N, C]``) or ``"regression"``
             (outputs ``[S, N]`` or ``[S, N, D]``).
         strict: raise a ``RuntimeError`` instead of warning when no bdlkern stochastic layer ran.
+        sample_chunk: if given, the S samples run in chunks of at most this many, one model call
+            per chunk (``sampling(S, chunk=sample_chunk)``, :meth:`SamplingState.chunks`), which
+            bounds the activation memory to ``sample_chunk`` samples. With a seed the result is
+            the unchunked call's: a layer's noise is a pure function of (seed, the call's index in
+            the pass, the sample index). A multiple of 4 always works; another size raises a
+            ``ValueError`` where a chunk would start inside a Philox block of some layer's stream.
+        progress: a tqdm progress bar over the chunks (``sample_chunk``): True always, False
+            never, None (default) once the run has lasted 2 s.
 
     Returns:
         :class:`MCPrediction`; tensors are on the device of the model's output. Probabilities and
@@ -206,6 +247,10 @@ def mc_predict(
     _check_int(fn, "num_samples", num_samples, 1)
     if batch_size is not None:
         _check_int(fn, "batch_size", batch_size, 1)
+    if sample_chunk is not None:
+        _check_int(fn, "sample_chunk", sample_chunk, 1)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"{fn}: progress must be a bool or None, got {type(progress).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"{fn}: seed must be an int or None, got {type(seed).__name__}")
     if task not in ("classification", "regression"):
@@ -226,7 +271,7 @@ def mc_predict(
         with torch.no_grad():
             chunks = [x] if batch_size is None else list(torch.split(x, batch_size, dim=0))
             runs = [
-                _run_block(model, chunk, num_samples, None if seed is None else seed + i)
+                _run_block(model, chunk, num_samples, None if seed is None else seed + i, sample_chunk, progress)
                 for i, chunk in enumerate(chunks)
             ]
     finally:
