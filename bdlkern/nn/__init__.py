@@ -65,6 +65,17 @@ from .sparse_vd import (
 # Importing the submodule binds bdlkern.nn.convert to it; this import then rebinds the name to the
 # function, which is what the public name has always been.
 from .convert import ConvertReport, convert, kl_divergence, regularization
+from .bayesianize import BayesianizeReport, bayesianize
+from .prune import (
+    CompactSparseConv1d,
+    CompactSparseConv2d,
+    CompactSparseConv3d,
+    CompactSparseLinear,
+    FeatureGather,
+    PrunedLayer,
+    PruneReport,
+    prune,
+)
 
 __all__ = [
     "MCDropout",
@@ -87,4 +98,14 @@ __all__ = [
     "ConvertReport",
     "kl_divergence",
     "regularization",
+    "bayesianize",
+    "BayesianizeReport",
+    "prune",
+    "PruneReport",
+    "PrunedLayer",
+    "CompactSparseLinear",
+    "CompactSparseConv1d",
+    "CompactSparseConv2d",
+    "CompactSparseConv3d",
+    "FeatureGather",
 ]
