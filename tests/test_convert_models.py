@@ -747,3 +747,41 @@ def test_convert_and_mc_predict_regression_with_a_swapped_dropout_only():
     assert prediction.samples.shape == (8, 7, 2)
     assert bool((prediction.variance > 0).all())
     assert math.isfinite(float(prediction.mean.sum()))
+
+
+class _FunctionalCNN(nn.Module):
+    """F.dropout and a Dropout2d inside a residual block (folded layout, lifted skip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.drop = nn.Dropout2d(0.3)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = x + self.conv2(self.drop(x))
+        x = F.adaptive_avg_pool2d(F.relu(x), 2).flatten(1)
+        return self.fc(F.dropout(x, 0.4, training=self.training))
+
+
+@pytest.mark.parametrize("build", [ResidualNet, _FunctionalCNN])
+def test_converted_model_exports_and_compiles_under_seeded_sampling(build):
+    """A converted custom model inside sampling(S, seed): torch.export and torch.compile give
+    eager's samples bit for bit (the marks that route the samples are traced)."""
+    torch.manual_seed(2)
+    model = bdlkern.nn.convert(build()).eval()
+    x = torch.randn(3, 6) if build is ResidualNet else torch.randn(3, 1, 8, 8)
+    with bdlkern.sampling(5, seed=9):
+        eager = model(x)
+    with bdlkern.sampling(5, seed=9):
+        program = torch.export.export(model, (x,))
+    with bdlkern.sampling(5, seed=9):
+        exported = program.module()(x)
+    torch.testing.assert_close(exported, eager, rtol=0, atol=0)
+    compiled = torch.compile(model, fullgraph=True)
+    with bdlkern.sampling(5, seed=9):
+        got = compiled(x)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+    assert eager.shape[0] in (5, 15)  # stacked [5, 3, 4] or folded [15, 3]

@@ -12,12 +12,14 @@ each session, so the tests are deterministic.
 from __future__ import annotations
 
 import contextlib
+import copy
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bdlkern
@@ -533,3 +535,36 @@ def test_onnx_packages_are_imported_lazily(monkeypatch):
     monkeypatch.delitem(sys.modules, "bdlkern._onnx_ops", raising=False)
     with pytest.raises(ImportError, match="pip install onnx onnxscript"):
         bdlkern.onnx.translation_table()
+
+
+class _CustomCNN(nn.Module):
+    """A model bdlkern did not write: F.dropout in forward, Dropout2d inside a residual block,
+    a channel-dropout the graph cannot fuse (after the block)."""
+
+    def __init__(self, p_block: float = 0.3, p_head: float = 0.4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.drop = nn.Dropout2d(p_block)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+        self.p_head = p_head
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = x + self.conv2(self.drop(x))
+        x = F.adaptive_avg_pool2d(F.relu(x), 2).flatten(1)
+        return self.fc(F.dropout(x, self.p_head, training=self.training))
+
+
+def test_converted_custom_model_samples():
+    """bdlkern.nn.convert of a custom model (a dropout fused inside a residual block, F.dropout
+    rewritten into MCDropout) exports inside sampling and samples like PyTorch."""
+    torch.manual_seed(4)
+    base = _CustomCNN()
+    wrong = copy.deepcopy(base)
+    wrong.p_head = 0.05
+    model = bdlkern.nn.convert(base).eval()
+    wrong = bdlkern.nn.convert(wrong).eval()
+    assert isinstance(model, torch.fx.GraphModule)
+    x = torch.randn(2, 1, 8, 8)
+    _check_mc(model, x, wrong, (S_MC * 2, 3), folded=True)
