@@ -115,3 +115,14 @@ def _image_out_numel(layer: nn.Module, x: torch.Tensor, dims: int, kernel, out_c
     for n, k, s, p, d in zip(spatial, kernel, layer.stride, padding, layer.dilation):
         size *= max((n + 2 * p - d * (k - 1) - 1) // s + 1, 0)
     return size
+
+
+def _copied_from(layer: nn.Module, source: nn.Module, weight: str = "weight") -> nn.Module:
+    """``layer`` with copies of ``source``'s weight (into ``layer.<weight>``) and bias, in
+    ``source``'s training mode: what every ``from_linear`` / ``from_conv`` ends with."""
+    with torch.no_grad():
+        getattr(layer, weight).copy_(source.weight)
+        if source.bias is not None:
+            layer.bias.copy_(source.bias)
+    layer.train(source.training)
+    return layer

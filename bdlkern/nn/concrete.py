@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _F32_F64, _MC_DTYPES, _NotScriptable, _check_dtype, _check_width, _module_label
+from ._base import _F32_F64, _MC_DTYPES, _NotScriptable, _check_dtype, _check_width, _copied_from, _module_label
 
 
 def _logit(p: float) -> float:
@@ -257,12 +257,7 @@ class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
             linear.in_features, linear.out_features, bias=linear.bias is not None, init_p=init_p,
             device=linear.weight.device, dtype=linear.weight.dtype, **concrete_kwargs,
         )
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.train(linear.training)
-        return layer
+        return _copied_from(layer, linear)
 
     def _dropout_weight(self):
         return self.weight

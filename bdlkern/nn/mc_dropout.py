@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _check_conv_input, _MC_DTYPES, _NotScriptable, _check_dtype, _check_width
+from ._base import _check_conv_input, _MC_DTYPES, _NotScriptable, _check_dtype, _check_width, _copied_from
 
 
 class MCDropoutLinear(_NotScriptable, nn.Linear):
@@ -67,12 +67,7 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.train(linear.training)
-        return layer
+        return _copied_from(layer, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, in] -> [*, out]``; inside ``sampling(S)`` ``[*, in]`` or ``[S, *, in]`` -> ``[S, *, out]``."""
@@ -166,12 +161,7 @@ class _MCDropoutConvNd(_NotScriptable):
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return _copied_from(layer, conv)
 
     def _error_label(self) -> str:
         return f"{type(self).__name__}(in_channels={self.in_channels}, out_channels={self.out_channels})"

@@ -14,7 +14,15 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _check_conv_input, _F32_F64, _NotScriptable, _check_dtype, _check_width, _image_out_numel
+from ._base import (
+    _F32_F64,
+    _check_conv_input,
+    _check_dtype,
+    _check_width,
+    _copied_from,
+    _image_out_numel,
+    _NotScriptable,
+)
 
 
 class SparseVDLinear(_NotScriptable, nn.Module):
@@ -78,12 +86,7 @@ class SparseVDLinear(_NotScriptable, nn.Module):
             linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
             log_sigma2_init=log_sigma2_init, device=linear.weight.device, dtype=linear.weight.dtype,
         )
-        with torch.no_grad():
-            layer.theta.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.train(linear.training)
-        return layer
+        return _copied_from(layer, linear, "theta")
 
     @property
     def log_alpha(self) -> torch.Tensor:
@@ -214,12 +217,7 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
             dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, threshold=threshold,
             log_sigma2_init=log_sigma2_init, device=conv.weight.device, dtype=conv.weight.dtype,
         )
-        with torch.no_grad():
-            layer.theta.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return _copied_from(layer, conv, "theta")
 
     log_alpha = SparseVDLinear.log_alpha
     mask = SparseVDLinear.mask
