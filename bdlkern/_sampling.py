@@ -326,12 +326,17 @@ _LIFTED_NAMES = (
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "maximum", "minimum", "where",
     "addcmul", "addcdiv", "lerp", "cat", "concat", "concatenate", "stack",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+    "add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__",
 )
 _JOINS = ("cat", "concat", "concatenate", "stack")
+#: In-place functions: their first argument is written, so it is never replaced by a lifted copy
+#: (``out += identity`` in a residual block lifts ``identity``; ``x.add_(sampled)`` with an ``x``
+#: without samples stays a shape error, as it would be outside the block).
+_IN_PLACE_NAMES = ("add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__")
 
 
-def _lifted_functions() -> tuple[frozenset, frozenset]:
-    found, joins = set(), set()
+def _lifted_functions() -> tuple[frozenset, frozenset, frozenset]:
+    found, joins, in_place = set(), set(), set()
     for name in _LIFTED_NAMES:
         for owner in (torch, torch.Tensor):
             fn = getattr(owner, name, None)
@@ -339,10 +344,12 @@ def _lifted_functions() -> tuple[frozenset, frozenset]:
                 found.add(fn)
                 if name in _JOINS:
                     joins.add(fn)
-    return frozenset(found), frozenset(joins)
+                if name in _IN_PLACE_NAMES:
+                    in_place.add(fn)
+    return frozenset(found), frozenset(joins), frozenset(in_place)
 
 
-_LIFTED, _JOIN_FUNCTIONS = _lifted_functions()
+_LIFTED, _JOIN_FUNCTIONS, _IN_PLACE = _lifted_functions()
 
 
 class _SampleTracker(TorchFunctionMode):
@@ -356,7 +363,8 @@ class _SampleTracker(TorchFunctionMode):
 
     * folded ``[S * N, ...]``: an activation of the same rank whose leading dimension is the batch
       ``N`` (the skip connection of a residual block around a first MC layer) is repeated to
-      ``[S * N, ...]``, sample-major; parameters are never lifted;
+      ``[S * N, ...]``, sample-major; parameters are never lifted, nor the tensor an in-place op
+      writes (``out += identity`` lifts ``identity``);
     * stacked ``[S, ...]``: in a join, a tensor of one rank less is expanded to ``[S, ...]``
       (arithmetic broadcasts it already).
     """
@@ -426,6 +434,8 @@ class _SampleTracker(TorchFunctionMode):
 
         if func in _JOIN_FUNCTIONS and args and isinstance(args[0], (list, tuple)):
             return (type(args[0])(lift(t) for t in args[0]), *args[1:])
+        if func in _IN_PLACE:
+            return (args[0], *(lift(a) for a in args[1:]))
         return tuple(lift(a) for a in args)
 
 

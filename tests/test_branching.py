@@ -384,3 +384,24 @@ def test_compiled_two_heads_equal_eager(mc_trunk):
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e)
     assert not torch.allclose(other[0], eager[0])
+
+
+def test_in_place_residual_sum_lifts_the_skip_not_the_target():
+    """torchvision's BasicBlock writes ``out += identity``: the sampled ``out`` is written, the
+    per-input ``identity`` is lifted to the folded layout; ``x.add_(sampled)`` on a tensor without
+    samples stays a shape error (it cannot grow in place)."""
+    torch.manual_seed(0)
+    drop_conv = bdlkern.nn.MCDropoutConv2d(3, 3, 3, padding=1, p=0.3)
+    x = torch.randn(2, 3, 5, 5)
+    S = 4
+    with bdlkern.sampling(S, seed=1):
+        out = drop_conv(x)
+        expected = out + x.repeat(S, 1, 1, 1)
+        out += x
+        assert bdlkern.current_sampling().carries(out) == "folded"
+    torch.testing.assert_close(out, expected)
+    with bdlkern.sampling(S, seed=1):
+        sampled = drop_conv(x)
+        target = x.clone()
+        with pytest.raises(RuntimeError):
+            target.add_(sampled)
