@@ -352,6 +352,27 @@ def _lifted_functions() -> tuple[frozenset, frozenset, frozenset]:
 _LIFTED, _JOIN_FUNCTIONS, _IN_PLACE = _lifted_functions()
 
 
+def _metadata_functions() -> frozenset:
+    """Tensor functions that return metadata, never a tensor: the tracker passes them straight
+    through (they are most of the calls a layer makes)."""
+    found = set()
+    for name in ("dim", "numel", "size", "stride", "is_floating_point", "is_complex", "is_contiguous", "data_ptr",
+                 "element_size", "__len__", "get_device"):
+        fn = getattr(torch.Tensor, name, None)
+        if fn is not None:
+            found.add(fn)
+    for name in ("shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_cpu", "is_meta", "requires_grad",
+                 "grad_fn", "is_leaf", "names"):
+        prop = getattr(torch.Tensor, name, None)
+        getter = getattr(prop, "__get__", None)
+        if getter is not None:
+            found.add(getter)
+    return frozenset(found)
+
+
+_METADATA = _metadata_functions()
+
+
 class _SampleTracker(TorchFunctionMode):
     """Follows the samples through a ``sampling`` block: every torch function whose arguments
     include a tensor that carries the block's samples marks its tensor outputs as carrying them
@@ -376,6 +397,8 @@ class _SampleTracker(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
+        if func in _METADATA:
+            return func(*args, **kwargs)
         state = self.state
         mark = None
         for arg in args:
