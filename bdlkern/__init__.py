@@ -31,7 +31,7 @@ _check_torch_version()
 from . import _C  # noqa: E402,F401  (registers torch.ops.bdlkern)
 
 from . import ops  # noqa: E402  (registers the fake kernels)
-from . import nn, uncertainty  # noqa: E402
+from . import losses, nn, uncertainty  # noqa: E402
 from ._sampling import NoStochasticLayerWarning, current_sampling, sampling, unfold_samples  # noqa: E402
 
 from ._version import __version__  # noqa: E402
@@ -76,6 +76,7 @@ __all__ = [
     "ops",
     "nn",
     "uncertainty",
+    "losses",
     "sampling",
     "current_sampling",
     "unfold_samples",
