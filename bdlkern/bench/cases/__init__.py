@@ -8,7 +8,7 @@ its cases with :func:`bdlkern.bench.case`, add the module name to :data:`FAMILIE
 import importlib
 
 #: Case modules, in the order their cases are listed and run.
-FAMILIES = ("rng", "mc_dropout", "concrete", "sparse_vd", "conv", "overhead")
+FAMILIES = ("rng", "mc_dropout", "concrete", "sparse_vd", "conv", "overhead", "models", "methods")
 
 for _family in FAMILIES:
     importlib.import_module(f"{__name__}.{_family}")

@@ -1,0 +1,174 @@
+"""Family ``methods`` (issue 19): training steps of the methods built on the fused kernels.
+
+* ``methods.alpha_div_train_k10``: one alpha-divergence training step of MC dropout (Li & Gal 2017,
+  :func:`bdlkern.losses.alpha_divergence`, alpha = 0.5) with K = 10 samples per input: forward,
+  loss, backward (the gradients of every parameter; no optimizer step in any variant). The digits
+  MLP 64-300-100-10, dropout p = 0.5 before each linear layer, ReLU between, on a batch of 128
+  standardised digits (quick: 64-32-16-10, batch 16, still K = 10), float32.
+
+  - bdlkern: ``MCDropoutLinear`` layers inside ``bdlkern.sampling(K)`` in training mode: the first
+    layer reads the ``[N, 64]`` input once and draws the K masks inside its GEMM, later layers take
+    ``[K, N, in]``; the masks are re-made in backward, never stored;
+  - ``reference (eager)``: what a user writes without bdlkern: the input repeated K times,
+    ``x.unsqueeze(0).expand(K, N, 64)``, through ``nn.Dropout -> nn.Linear`` (ReLU between) in
+    training mode, giving ``[K, N, 10]``, and the same loss;
+  - ``reference (torch.compile)``: ``torch.compile`` of that eager forward + loss (compiled and run
+    once in setup, not timed); the backward is the compiled graph's.
+
+The check (before timing) runs bdlkern's step inside ``sampling(K, seed=0)`` and compares its loss
+and gradients with a float64 reference that applies the same Philox masks by hand: call ``k`` of a
+seeded block draws ``rng_state = [seed, k << 40]``, and the layer's keep mask is
+``bdlkern.ops.dropout_mask([K, N, in], p, rng_state=..., stream="mc_dropout")``; the reference is
+``h = linear(h * M_k / (1 - p))`` layer by layer and the loss written out, ``-(1/alpha) log mean_k
+p_k^alpha``. The baselines (torch's own masks) are checked for shape and a finite loss.
+
+The registry has no field for speed-up targets; the issue's is kept in :data:`TARGETS` and printed
+with the case's description: >= 1.5x the eager step on the CPU in float32 with 2 threads
+(``python -m bdlkern.bench --case methods --threads 2``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bdlkern
+from bdlkern.bench.registry import Workload, case
+from bdlkern.losses import alpha_divergence
+
+FULL = {"K": 10, "N": 128, "sizes": (64, 300, 100, 10)}
+QUICK = {"K": 10, "N": 16, "sizes": (64, 32, 16, 10)}
+P = 0.5
+ALPHA = 0.5
+
+#: The issue's speed-up targets: case -> baseline -> minimum ``baseline time / bdlkern time``.
+TARGETS: dict[str, dict[str, float]] = {
+    "methods.alpha_div_train_k10": {"reference (eager)": 1.5},
+}
+
+
+def _targets(name: str) -> str:
+    return "targets: " + ", ".join(f">= {r}x {b}" for b, r in TARGETS[name].items())
+
+
+def _digits_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` of sklearn's bundled digits, standardised over the whole set: ``[n, 64]``
+    float32 and ``[n]`` int64 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-3)  # a few border pixels are constant
+    return x[:n], y[:n]
+
+
+def _nets(sizes: tuple[int, ...], device: torch.device) -> tuple[nn.Sequential, nn.Sequential]:
+    """The bdlkern MLP (``MCDropoutLinear``, ReLU between) and the eager one (``nn.Dropout(P) ->
+    nn.Linear``, ReLU between) with the same parameters (seed 0), both in training mode."""
+    ours: list[nn.Module] = []
+    eager: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):  # leaves torch's global generator as it was
+        torch.manual_seed(0)
+        linears = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+    for i, linear in enumerate(linears):
+        ours.append(bdlkern.nn.MCDropoutLinear.from_linear(linear, p=P))
+        eager += [nn.Dropout(P), linear]
+        if i < len(sizes) - 2:
+            ours.append(nn.ReLU())
+            eager.append(nn.ReLU())
+    return nn.Sequential(*ours).to(device).train(), nn.Sequential(*eager).to(device).train()
+
+
+def _flops(dims) -> int:
+    """Multiply-adds of the forward over the K samples, times 3: the forward, the gradient of each
+    layer's input (all but the first's) and of its weight."""
+    sizes = dims["sizes"]
+    forward = 2 * dims["K"] * dims["N"] * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return 3 * forward
+
+
+def _hand_masked_step(net: nn.Sequential, x, y, K: int, seed: int):
+    """The float64 reference of bdlkern's step in ``sampling(K, seed=seed)``: (loss, grads)."""
+    layers = [m for m in net if isinstance(m, bdlkern.nn.MCDropoutLinear)]
+    params = [t.detach().cpu().double().requires_grad_() for t in net.parameters()]
+    N = x.shape[0]
+    h = x.detach().cpu().double().unsqueeze(0).expand(K, N, x.shape[1])
+    for k, layer in enumerate(layers):
+        state = torch.tensor([seed, k << 40], dtype=torch.int64)
+        keep = bdlkern.ops.dropout_mask([K, N, layer.in_features], layer.p, rng_state=state, stream="mc_dropout")
+        h = F.linear(h * keep.double() / (1 - layer.p), params[2 * k], params[2 * k + 1])
+        if k < len(layers) - 1:
+            h = torch.relu(h)
+    log_p = torch.log_softmax(h, -1).gather(-1, y.cpu().view(1, N, 1).expand(K, N, 1)).squeeze(-1)
+    loss = (-torch.log(torch.exp(ALPHA * log_p).mean(0)) / ALPHA).mean()
+    return loss, torch.autograd.grad(loss, params)
+
+
+@case(
+    "methods.alpha_div_train_k10",
+    family="methods",
+    description="alpha-divergence (alpha=0.5) MC-dropout training step, K=10 samples per input, digits MLP "
+    "64-300-100-10, p=0.5, batch 128: forward + loss + backward; " + _targets("methods.alpha_div_train_k10"),
+    subject="bdlkern sampling(K)",
+    baselines={
+        "reference (eager)": "reference",
+        "reference (torch.compile)": "compiled",
+    },
+)
+def _alpha_div_train(device: torch.device, quick: bool) -> Workload:
+    dims = QUICK if quick else FULL
+    K, N = dims["K"], dims["N"]
+    x, y = _digits_batch(N)
+    x, y = x.to(device), y.to(device)
+    ours, eager = _nets(dims["sizes"], device)
+    ours_params, eager_params = list(ours.parameters()), list(eager.parameters())
+
+    def ours_step(seed: int | None = None):
+        with bdlkern.sampling(K, seed=seed):
+            logits = ours(x)  # [K, N, 10]
+        loss = alpha_divergence(logits, y, ALPHA)
+        return loss, torch.autograd.grad(loss, ours_params)
+
+    def eager_loss(x, y):
+        logits = eager(x.unsqueeze(0).expand(K, *x.shape))  # [K, N, 10]
+        return alpha_divergence(logits, y, ALPHA)
+
+    compiled_loss = torch.compile(eager_loss)
+
+    def step(loss_fn):
+        def call():
+            loss = loss_fn(x, y)
+            return loss, torch.autograd.grad(loss, eager_params)
+
+        return call
+
+    eager_step, compiled_step = step(eager_loss), step(compiled_loss)
+    compiled_step()  # compile in setup, not in the first timed call
+
+    def check() -> None:
+        seed = 0
+        loss, grads = ours_step(seed)
+        want_loss, want = _hand_masked_step(ours, x, y, K, seed)
+        torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=1e-5, atol=1e-5, msg="alpha-div loss")
+        for (name, p), g, e in zip(ours.named_parameters(), grads, want):
+            assert g.shape == p.shape and g.dtype == torch.float32, f"grad of {name}: {g.shape} {g.dtype}"
+            torch.testing.assert_close(
+                g.cpu().double(), e, rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item()), msg=f"grad of {name}"
+            )
+        for name, fn in (("eager", eager_step), ("compiled", compiled_step)):
+            b_loss, b_grads = fn()
+            assert torch.isfinite(b_loss), f"{name} loss {b_loss}"
+            assert [g.shape for g in b_grads] == [g.shape for g in grads], f"{name} gradient shapes"
+
+    return Workload(
+        variants={
+            "bdlkern sampling(K)": ours_step,
+            "reference (eager)": eager_step,
+            "reference (torch.compile)": compiled_step,
+        },
+        params={"K": K, "N": N, "sizes": "-".join(map(str, dims["sizes"])), "p": P, "alpha": ALPHA, "dtype": "float32"},
+        flops=_flops(dims),
+        check=check,
+    )
