@@ -114,14 +114,148 @@ def test_mc_inference_is_timed_against_eager_pytorch(report, name):
     if not report["models"][name]["stochastic"]:
         assert mc["eager_s"] is None and mc["speedup"] is None and mc["eager_baseline"] is None
         return
-    # both plain-PyTorch ways were timed, and bdlkern is compared with the faster
-    assert None not in (mc["eager_loop_s"], mc["eager_batched_s"])
-    faster = "batched" if mc["eager_batched_s"] < mc["eager_loop_s"] else "loop"
-    assert mc["eager_baseline"] == faster and mc["eager_s"] == mc[f"eager_{faster}_s"]
-    # Both sample the same network: the same accuracy up to Monte Carlo noise.
+    # the three plain-PyTorch ways were timed (vmap runs every demo model), and bdlkern is compared with the fastest
+    assert mc["eager_vmap_error"] is None
+    times = {"loop": mc["eager_loop_s"], "batched": mc["eager_batched_s"], "vmap": mc["eager_vmap_s"]}
+    assert None not in times.values() and all(t > 0 for t in times.values())
+    fastest = min(times, key=times.__getitem__)
+    assert mc["eager_baseline"] == fastest and mc["eager_s"] == mc[f"eager_{fastest}_s"]
+    assert mc["speedup"] == pytest.approx(mc["eager_s"] / mc["bdlkern_s"])
+    # All sample the same network: the same accuracy up to Monte Carlo noise.
     accuracy = report["models"][name]["metrics"]["accuracy"]
     assert abs(mc["eager_accuracy"] - accuracy) < 0.03
     assert abs(mc["eager_batched_accuracy"] - accuracy) < 0.03
+    assert abs(mc["eager_vmap_accuracy"] - accuracy) < 0.03
+
+
+def test_report_texts_name_the_vmap_baseline(quick_run):
+    _, printed, _, out = quick_run
+    text = (out / "report.md").read_text()
+    for where in (printed, text):
+        assert "vmap" in where and "--case models" in where
+    assert "vmap could not run" not in text  # it runs every demo model
+
+
+def _tiny_dropout_mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4)
+    ).train()
+
+
+def _tiny_dropout_convnet() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout2d(0.5), torch.nn.Conv2d(4, 4, 3),
+        torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(4 * 4 * 4, 3),
+    ).train()
+
+
+@pytest.mark.parametrize(
+    "build, x_shape", [(_tiny_dropout_mlp, (5, 6)), (_tiny_dropout_convnet, (5, 1, 6, 6))], ids=["mlp", "conv"]
+)
+def test_eager_vmap_mc_predict_draws_its_own_masks_per_sample(build, x_shape, monkeypatch):
+    """vmap over the samples: S different samples of the right shape (each its own masks), whose
+    summaries agree with the loop's (the independent reference: S separate passes) up to MC noise."""
+    from bdlkern.demo import evaluation
+
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(*x_shape)
+    seen = []
+    summary = evaluation._mc_summary
+    monkeypatch.setattr(evaluation, "_mc_summary", lambda probs: seen.append(probs) or summary(probs))
+    mean_probs, mutual_information = evaluation.eager_vmap_mc_predict(model, x, 7)
+    (probs,) = seen
+    classes = model[-1].out_features
+    assert probs.shape == (7, 5, classes)
+    assert mean_probs.shape == (5, classes) and mutual_information.shape == (5,)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(7, 5))
+    # every pair of samples differs (p = 0.5 on 16 or 4 features: equal masks are rare), for each input
+    distinct = (probs[:, None] - probs[None]).abs().amax(-1) > 1e-6  # [S, S, N]
+    assert distinct[~torch.eye(7, dtype=torch.bool)].all()
+    assert (mutual_information > 0).all()
+    monkeypatch.setattr(evaluation, "_mc_summary", summary)
+
+    S = 2000
+    torch.manual_seed(1)
+    vmap_mean, vmap_mi = evaluation.eager_vmap_mc_predict(model, x, S)
+    loop_mean, loop_mi = demo.eager_mc_predict(model, x, S)
+    torch.testing.assert_close(vmap_mean, loop_mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(vmap_mi, loop_mi, atol=0.05, rtol=0.2)
+    # eval mode: no randomness, so the S samples are the deterministic output and carry no uncertainty
+    model.eval()
+    det_mean, det_mi = evaluation.eager_vmap_mc_predict(model, x, 3)
+    torch.testing.assert_close(det_mean, model(x).softmax(-1))
+    assert (det_mi.abs() < 1e-5).all()
+
+
+def test_eager_vmap_mc_predict_checks_num_samples():
+    from bdlkern.demo import evaluation
+
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluation.eager_vmap_mc_predict(_tiny_dropout_mlp(), torch.randn(2, 6), 0)
+
+
+def test_vmap_conv_channel_masks_are_per_sample_and_channel():
+    """Under vmap, ``nn.Dropout2d`` keeps drawing one flag per (sample, image, channel): the baseline
+    is the same channel-mask network as the loop's, not an element-mask one."""
+    torch.manual_seed(0)
+    drop = torch.nn.Dropout2d(0.5).train()
+    x = torch.ones(3, 4, 5, 5)
+    y = torch.func.vmap(lambda _: drop(x), randomness="different")(torch.arange(6))
+    assert y.shape == (6, 3, 4, 5, 5)
+    assert torch.equal(y, y[..., :1, :1].expand_as(y))  # constant over each channel's pixels
+    assert not torch.equal(y[0], y[1])
+
+
+def test_mc_timing_picks_the_fastest_baseline():
+    from bdlkern.demo.evaluation import MCTiming
+
+    timing = MCTiming(samples=8, rows=10, bdlkern_s=1.0, eager_loop_s=4.0, eager_batched_s=3.0, eager_vmap_s=2.0)
+    assert (timing.eager_baseline, timing.eager_s, timing.speedup) == ("vmap", 2.0, 2.0)
+    timing.eager_vmap_s = 5.0
+    assert (timing.eager_baseline, timing.eager_s) == ("batched", 3.0)
+    timing.eager_loop_s = 2.5
+    assert (timing.eager_baseline, timing.eager_s) == ("loop", 2.5)
+    timing.eager_vmap_s, timing.eager_vmap_error = None, "RuntimeError: no batching rule"
+    assert (timing.eager_baseline, timing.eager_s) == ("loop", 2.5)  # vmap could not run: loop or batched
+    record = timing.to_json()
+    assert record["eager_vmap_s"] is None and record["eager_vmap_error"] == "RuntimeError: no batching rule"
+    assert record["eager_baseline"] == "loop" and record["speedup"] == 2.5
+    deterministic = MCTiming(samples=8, rows=10, bdlkern_s=1.0)
+    assert (deterministic.eager_baseline, deterministic.eager_s, deterministic.speedup) == (None, None, None)
+
+
+class _ItemScale(torch.nn.Module):
+    """Scales by a Python float read with ``.item()``: fine eagerly, impossible under vmap once
+    the input carries the sample axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / (1.0 + x.abs().max().item())
+
+
+def test_time_mc_inference_records_why_vmap_cannot_run_a_model():
+    """A model vmap cannot run keeps None for vmap with the reason, and the report says so."""
+    from types import SimpleNamespace
+
+    from bdlkern.demo import evaluation, report
+
+    method = next(m for m in demo.METHODS if m.name == "mc_dropout")
+    torch.manual_seed(0)
+    model = method.build((64, 16, 16, 10)).eval()
+    eager = torch.nn.Sequential(method.eager_reference(model), _ItemScale()).train()
+    data = SimpleNamespace(x_test=torch.rand(20, 64), y_test=torch.randint(0, 10, (20,)))
+    settings = demo.Settings(samples=4, timing_target_s=0.001, timing_repeats=1)
+    timing = evaluation.time_mc_inference(model, eager, data, settings)
+    assert timing.eager_vmap_s is None and timing.eager_vmap_accuracy is None
+    assert timing.eager_vmap_error is not None and timing.eager_vmap_error.startswith("RuntimeError: ")
+    assert timing.eager_baseline in ("loop", "batched") and None not in (timing.eager_loop_s, timing.eager_batched_s)
+    fake = {"models": {"mc_dropout": {"stochastic": True, "mc_inference": timing.to_json()},
+                       "plain": {"stochastic": False, "mc_inference": {"eager_vmap_error": None}}}}
+    (note,) = report._vmap_notes(fake)
+    assert "mc_dropout" in note and timing.eager_vmap_error in note
+
+    works = evaluation.time_mc_inference(model, method.eager_reference(model), data, settings)
+    assert works.eager_vmap_error is None and works.eager_vmap_s is not None and works.eager_vmap_s > 0
+    assert 0.0 <= works.eager_vmap_accuracy <= 1.0
 
 
 def test_conv_section_runs_three_bayesian_conv_nets(report):

@@ -31,10 +31,14 @@ What it does:
 
 4. **Evaluation** by :func:`bdlkern.uncertainty.mc_predict` with S samples: accuracy, NLL, ECE,
    Brier score, OOD AUROC by mutual information and by predictive entropy per OOD set, and the
-   time of MC inference through bdlkern's fused kernels against the faster of the two ways to
+   time of MC inference through bdlkern's fused kernels against the fastest of three ways to
    write it without bdlkern: the same network in plain PyTorch with ``nn.Dropout`` active, run S
-   times in a loop, or run once on the input replicated S times (``x.expand(S, ...)``; for the
-   conv nets ``x.repeat(S, 1, 1, 1)``, folded into the batch as bdlkern does).
+   times in a loop, run once on the input replicated S times (``x.expand(S, ...)``; for the
+   conv nets ``x.repeat(S, 1, 1, 1)``, folded into the batch as bdlkern does), or
+   ``torch.func.vmap(lambda _: model(x), randomness="different")(torch.arange(S))``, each sample
+   drawing its own masks in one vectorised call (a model vmap cannot run gets None and the reason
+   in the report). ``torch.compile`` of the replicated model is measured by
+   ``python -m bdlkern.bench --case models`` only: compiling every demo model would add minutes.
 5. **Outputs** in ``--out`` (default ``results/``): ``report.json``, ``report.md`` and the figures
    of :data:`FIGURES`; the table is printed too.
 
@@ -102,6 +106,7 @@ from bdlkern.demo.evaluation import (
     Evaluation,
     MCTiming,
     eager_batched_mc_predict,
+    eager_vmap_mc_predict,
     eager_mc_predict,
     evaluate,
     prediction_summary,
@@ -158,6 +163,7 @@ __all__ = [
     "draw_training",
     "dropout_rates",
     "eager_batched_mc_predict",
+    "eager_vmap_mc_predict",
     "eager_equivalent",
     "eager_mc_predict",
     "eager_sparse_vd",

@@ -42,7 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m bdlkern.demo",
         description="Train plain, MC-dropout, Concrete-dropout and sparse-VD MLPs, and MC-dropout, Concrete and "
         "sparse-VD conv nets, on scikit-learn's digits; report accuracy, calibration, OOD detection and "
-        "MC-inference speed (bdlkern vs eager PyTorch).",
+        "MC-inference speed (bdlkern vs the fastest of an eager PyTorch loop, batch replication and "
+        "torch.func.vmap).",
     )
     add = parser.add_argument
     add("--out", default="results", metavar="DIR", help="output folder, created if missing (default: results)")
@@ -130,10 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("OOD sets: " + "; ".join(f"{name}: {text}" for name, text in report["ood"].items()))
     print(
         f"AUROC: OOD detection by mutual information (MI) and by predictive entropy (H). Times: MC inference "
-        f"with S = {settings.samples} on the {data.x_test.shape[0]} test digits; eager: the faster plain-PyTorch "
-        "way (a loop of S passes, or one pass on the input replicated S times); speed-up = eager / bdlkern. "
+        f"with S = {settings.samples} on the {data.x_test.shape[0]} test digits; eager: the fastest plain-PyTorch "
+        "way (loop: S passes; batched: one pass on the input replicated S times; vmap: torch.func.vmap over the "
+        "S samples, randomness='different'); speed-up = eager / bdlkern. torch.compile of the replicated model: "
+        "python -m bdlkern.bench --case models only (compiling every demo model would add minutes). "
         "conv_*: conv nets on the 8x8 images."
     )
+    for name, record in report["models"].items():
+        error = record["mc_inference"].get("eager_vmap_error")
+        if record["stochastic"] and error:
+            print(f"vmap could not run {name} (its eager baseline: loop or batched): {error}")
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(figures)} figures "
           f"in {report['wall_seconds']:.1f} s")
     return 0

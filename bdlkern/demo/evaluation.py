@@ -1,7 +1,9 @@
 """Evaluating a trained demo model: metrics of its Monte Carlo prediction on the test digits and
-the OOD sets (:func:`evaluate`), and the timing of its MC inference through bdlkern against the two
-plain-PyTorch ways to write it (:func:`time_mc_inference`, :func:`eager_mc_predict`,
-:func:`eager_batched_mc_predict`).
+the OOD sets (:func:`evaluate`), and the timing of its MC inference through bdlkern against the three
+plain-PyTorch ways to write it (:func:`time_mc_inference`: a loop, :func:`eager_mc_predict`; the replicated
+input, :func:`eager_batched_mc_predict`; ``torch.func.vmap`` over the samples, :func:`eager_vmap_mc_predict`).
+``torch.compile`` of the replicated model is measured by ``python -m bdlkern.bench --case models`` only:
+compiling every demo model would add minutes to the demo.
 """
 
 from __future__ import annotations
@@ -58,6 +60,38 @@ def eager_batched_mc_predict(
             logits = model(x.repeat(num_samples, *([1] * (x.dim() - 1)))).unflatten(0, (num_samples, x.shape[0]))
         else:
             logits = model(x.expand(num_samples, *x.shape))
+        return _mc_summary(logits.softmax(-1))
+
+
+def eager_vmap_mc_predict(
+    model: nn.Module, x: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The third way to write it without bdlkern: ``torch.func.vmap`` of the train-mode model over a
+    dummy sample axis ``torch.arange(S)`` with ``randomness="different"``, so each of the S samples
+    draws its own dropout masks (or LRT noise) in one vectorised call. The input is not mapped (the
+    function ignores the sample index), so the layers before the first random op run once, and the
+    later ones run batched over the S samples; the model's layers see ``x`` with its own shape
+    (``[N, F]`` or ``[N, C, H, W]``), so the same call serves the MLPs and the conv nets. Same summaries
+    as :func:`eager_mc_predict`.
+
+    Args:
+        model: a train-mode plain-PyTorch model mapping ``x`` to logits ``[N, classes]``.
+        x: the inputs, ``[N, ...]``.
+        num_samples: S >= 1.
+
+    Returns:
+        ``(mean_probs [N, C], mutual_information [N])``.
+
+    Raises:
+        ValueError: ``num_samples < 1``.
+        RuntimeError, NotImplementedError: vmap cannot run the model (a layer without a batching rule,
+            an in-place or data-dependent op).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    with torch.no_grad():
+        samples = torch.arange(num_samples, device=x.device)
+        logits = torch.func.vmap(lambda _: model(x), randomness="different")(samples)  # [S, N, C]
         return _mc_summary(logits.softmax(-1))
 
 
@@ -138,9 +172,12 @@ class MCTiming:
         eager_loop_s: :func:`eager_mc_predict` (S passes) on the plain-PyTorch equivalent (None for
             every eager field: a deterministic model).
         eager_batched_s: :func:`eager_batched_mc_predict` (one pass on the replicated input).
+        eager_vmap_s: :func:`eager_vmap_mc_predict` (``torch.func.vmap`` over the samples); None also
+            where vmap cannot run the model (:attr:`eager_vmap_error` says why).
         eager_accuracy, eager_nll: what the eager loop's prediction scores (seeded), to show it is
             the same model: equal to bdlkern's up to Monte Carlo noise.
-        eager_batched_accuracy: the same for the batched replication.
+        eager_batched_accuracy, eager_vmap_accuracy: the same for the batched replication and vmap.
+        eager_vmap_error: why vmap could not run the model (``"ExceptionType: message"``), else None.
     """
 
     samples: int
@@ -151,24 +188,36 @@ class MCTiming:
     eager_accuracy: float | None = None
     eager_nll: float | None = None
     eager_batched_accuracy: float | None = None
+    eager_vmap_s: float | None = None
+    eager_vmap_accuracy: float | None = None
+    eager_vmap_error: str | None = None
+
+    def _eager_times(self) -> dict[str, float]:
+        """Baseline name -> its time, for the plain-PyTorch ways that were timed (none for a
+        deterministic model; loop and batched, and vmap where it runs, for a stochastic one)."""
+        if self.eager_loop_s is None or self.eager_batched_s is None:
+            return {}
+        times = {"loop": self.eager_loop_s, "batched": self.eager_batched_s}
+        if self.eager_vmap_s is not None:
+            times["vmap"] = self.eager_vmap_s
+        return times
 
     @property
     def eager_baseline(self) -> str | None:
-        """The faster way to do it in plain PyTorch: ``"loop"`` or ``"batched"``."""
-        if self.eager_loop_s is None or self.eager_batched_s is None:
-            return None
-        return "batched" if self.eager_batched_s < self.eager_loop_s else "loop"
+        """The fastest way to do it in plain PyTorch: ``"loop"``, ``"batched"`` or ``"vmap"``."""
+        times = self._eager_times()
+        return min(times, key=times.__getitem__) if times else None
 
     @property
     def eager_s(self) -> float | None:
-        """The time of the faster plain-PyTorch way (:attr:`eager_baseline`): what bdlkern is
+        """The time of the fastest plain-PyTorch way (:attr:`eager_baseline`): what bdlkern is
         compared with."""
         baseline = self.eager_baseline
-        return None if baseline is None else (self.eager_batched_s if baseline == "batched" else self.eager_loop_s)
+        return None if baseline is None else self._eager_times()[baseline]
 
     @property
     def speedup(self) -> float | None:
-        """``eager_s / bdlkern_s``: how many times faster bdlkern's MC inference is than the faster
+        """``eager_s / bdlkern_s``: how many times faster bdlkern's MC inference is than the fastest
         plain-PyTorch way."""
         return None if self.eager_s is None else self.eager_s / self.bdlkern_s
 
@@ -178,18 +227,30 @@ class MCTiming:
 
 def time_mc_inference(model: nn.Module, eager: nn.Module | None, data: Data, settings: Settings) -> MCTiming:
     """Time MC inference on the whole test set with S samples: ``mc_predict(model.eval(), ...)``
-    through bdlkern's fused kernels and, for a stochastic model, both plain-PyTorch ways on its
-    equivalent ``eager`` (:func:`eager_mc_predict`, a loop of S passes, and
-    :func:`eager_batched_mc_predict`, one pass on the replicated input), interleaved by
-    :func:`bdlkern.bench.time_fns`; bdlkern is compared with the faster of the two."""
+    through bdlkern's fused kernels and, for a stochastic model, the plain-PyTorch ways on its
+    equivalent ``eager`` (:func:`eager_mc_predict`, a loop of S passes;
+    :func:`eager_batched_mc_predict`, one pass on the replicated input; :func:`eager_vmap_mc_predict`,
+    ``torch.func.vmap`` over the samples), interleaved by one :func:`bdlkern.bench.time_fns` call;
+    bdlkern is compared with the fastest. vmap is tried once first (seeded, its accuracy recorded);
+    if it cannot run the model, its fields stay None and :attr:`MCTiming.eager_vmap_error` says why."""
     from bdlkern import bench
 
     x, S = data.x_test, settings.samples
     model.eval()
     fns: dict[str, Callable[[], Any]] = {"bdlkern": lambda: U.mc_predict(model, x, S, seed=0)}
+    vmap_probs: torch.Tensor | None = None
+    vmap_error: str | None = None
     if eager is not None:
         fns["eager loop"] = lambda: eager_mc_predict(eager, x, S)
         fns["eager batched"] = lambda: eager_batched_mc_predict(eager, x, S)
+        torch.manual_seed(settings.seed)
+        try:
+            vmap_probs, _ = eager_vmap_mc_predict(eager, x, S)
+        except (RuntimeError, NotImplementedError) as e:
+            message = str(e).strip().splitlines()
+            vmap_error = f"{type(e).__name__}: {message[0] if message else 'no message'}"
+        else:
+            fns["eager vmap"] = lambda: eager_vmap_mc_predict(eager, x, S)
     timings = bench.time_fns(
         fns, settings.device, target_s=settings.timing_target_s, repeats=settings.timing_repeats
     )
@@ -204,4 +265,8 @@ def time_mc_inference(model: nn.Module, eager: nn.Module | None, data: Data, set
         result.eager_accuracy = (mean_probs.argmax(-1) == data.y_test).float().mean().item()
         result.eager_nll = U.nll(mean_probs, data.y_test)
         result.eager_batched_accuracy = (batched_probs.argmax(-1) == data.y_test).float().mean().item()
+        result.eager_vmap_error = vmap_error
+        if vmap_probs is not None:
+            result.eager_vmap_s = timings["eager vmap"]["median_s"]
+            result.eager_vmap_accuracy = (vmap_probs.argmax(-1) == data.y_test).float().mean().item()
     return result

@@ -162,6 +162,17 @@ def build_report(
     }
 
 
+def _vmap_notes(report: Mapping[str, Any]) -> list[str]:
+    """One line of report.md per stochastic model that ``torch.func.vmap`` could not run (its eager
+    baseline is then the faster of the loop and the batched replication), saying why."""
+    return [
+        f"- **{name}**: vmap could not run its plain-PyTorch equivalent "
+        f"({record['mc_inference']['eager_vmap_error']}); its eager baseline is the faster of `loop` and `batched`."
+        for name, record in report["models"].items()
+        if record["stochastic"] and record["mc_inference"].get("eager_vmap_error")
+    ]
+
+
 def observations(report: Mapping[str, Any]) -> list[str]:
     """What the OOD numbers say, per OOD set and stochastic model (lines of report.md)."""
     models = {name: r for name, r in report["models"].items() if r["stochastic"]}
@@ -239,11 +250,16 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         "- **AUROC <set> H**: the same by the predictive entropy (total uncertainty), for every model: "
         "the score the plain network can offer, to compare the stochastic models with.",
         f"- **bdlkern ms / eager ms / eager / speed-up**: median time of MC inference on the {report['data']['test']} "
-        f"test digits with S = {S}: `mc_predict` through bdlkern's fused kernels, against the faster of two ways "
+        f"test digits with S = {S}: `mc_predict` through bdlkern's fused kernels, against the fastest of three ways "
         "to write it without bdlkern (the same network in plain PyTorch, `nn.Dropout` active, same summaries): "
-        "`loop`, S forward passes, or `batched`, one forward pass on the input replicated S times "
-        "(`x.expand(S, ...)`); the **eager** column names the faster, which the speed-up is over. "
-        "bdlkern also runs the layers before the first dropout once instead of S times.",
+        "`loop`, S forward passes; `batched`, one forward pass on the input replicated S times "
+        "(`x.expand(S, ...)`); or `vmap`, `torch.func.vmap(lambda _: model(x), randomness=\"different\")"
+        "(torch.arange(S))`, each sample drawing its own masks in one vectorised call; the **eager** column names "
+        "the fastest, which the speed-up is over (`report.json` has all three times). "
+        "bdlkern also runs the layers before the first dropout once instead of S times (so does vmap, whose input "
+        "is not mapped). `torch.compile` of the replicated model is measured by `python -m bdlkern.bench "
+        "--case models` only: compiling every demo model would add minutes to the demo.",
+        *_vmap_notes(report),
         "- **per layer**: each method's per-layer numbers, in layer order ("
         + "; ".join(f"{name}: {r['layers']['label']}" for name, r in models.items() if r["layers"])
         + "); p is the drop probability of the layer's input.",
@@ -284,8 +300,9 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         "first MC layer turns the N images into S * N rows (sample-major) and the later layers run on those rows "
         "(`conv1` runs once for the MC-dropout and Concrete nets, whose first dropout is before `conv2`); "
         "`mc_predict` returns the samples as [S, N, 10]. The plain-PyTorch baselines are the same nets with "
-        "`nn.Dropout2d` / `nn.Dropout` active: a loop of S passes, or one pass on the images repeated "
-        "(`x.repeat(S, 1, 1, 1)`, [S * N, 1, 8, 8]).",
+        "`nn.Dropout2d` / `nn.Dropout` active: a loop of S passes, one pass on the images repeated "
+        "(`x.repeat(S, 1, 1, 1)`, [S * N, 1, 8, 8]), or `torch.func.vmap` over the S samples (the net sees "
+        "[N, 1, 8, 8], vmap batches it).",
         "",
         "```python",
         _CONV_SNIPPET,
