@@ -23,7 +23,8 @@ None of the modules can be compiled by TorchScript (``torch.jit.script`` raises 
 Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropout`, :class:`MCDropoutLinear`,
 :class:`MCDropoutConv2d` and its 1-d / 3-d siblings), :mod:`~bdlkern.nn.concrete` (the Concrete-dropout
 modules) and :mod:`~bdlkern.nn.sparse_vd` (:class:`SparseVDLinear`, :class:`SparseVDConv2d` and its 1-d /
-3-d siblings, :class:`SparseLinear`, :class:`SparseConv2d`); then what works on a whole model: ``convert``
+3-d siblings, :class:`SparseLinear`, :class:`SparseConv2d`) and :mod:`~bdlkern.nn.variational`
+(:class:`VariationalDropoutLinear`, :class:`VariationalDropoutConv2d`: Kingma et al.'s variational dropout); then what works on a whole model: ``convert``
 (:func:`convert`, :func:`regularization`, :func:`kl_divergence`), ``bayesianize`` (:func:`bayesianize`:
 dense layers to bdlkern layers) and ``prune`` (:func:`prune`: sparse-VD layers to compacted sparse ones);
 ``_base`` holds the input checks every module shares. Every name is importable from ``bdlkern.nn`` itself.
@@ -62,6 +63,7 @@ from .sparse_vd import (
     SparseVDConv3d,
     SparseVDLinear,
 )
+from .variational import VariationalDropoutConv2d, VariationalDropoutLinear, variational_dropout_kl
 # Importing the submodule binds bdlkern.nn.convert to it; this import then rebinds the name to the
 # function, which is what the public name has always been.
 from .convert import ConvertReport, convert, kl_divergence, regularization
@@ -94,6 +96,9 @@ __all__ = [
     "SparseVDConv1d",
     "SparseVDConv2d",
     "SparseVDConv3d",
+    "VariationalDropoutLinear",
+    "VariationalDropoutConv2d",
+    "variational_dropout_kl",
     "convert",
     "ConvertReport",
     "kl_divergence",
