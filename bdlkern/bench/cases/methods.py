@@ -172,3 +172,119 @@ def _alpha_div_train(device: torch.device, quick: bool) -> Workload:
         flops=_flops(dims),
         check=check,
     )
+
+
+# ---- variational (Gaussian) dropout, Kingma et al. 2015 --------------------------------------------
+VD_FULL = {"N": 256, "sizes": (1024, 1024, 1024)}
+VD_QUICK = {"N": 16, "sizes": (64, 32, 10)}
+VD_INIT_ALPHA = 0.25
+
+
+def _vd_nets(sizes, device):
+    """A ``VariationalDropoutLinear`` MLP (alpha per input unit, ReLU between) and the plain
+    parameters of the same net for the eager formula."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(bdlkern.nn.VariationalDropoutLinear(a, b, alpha="input", init_alpha=VD_INIT_ALPHA))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(device).train()
+
+
+def _vd_eager_forward(net, x, noise=None):
+    """The LRT forward written in torch, as users write it: ``mu = x theta^T + b``,
+    ``var = x^2 (alpha theta^2)^T``, ``mu + sqrt(var + 1e-8) * eps`` per layer, plus the KL.
+    ``noise``: the eps of each layer (else ``torch.randn_like``)."""
+    h, k = x, 0
+    kl = x.new_zeros(())
+    for m in net:
+        if isinstance(m, bdlkern.nn.VariationalDropoutLinear):
+            alpha = m.alpha()
+            mu = F.linear(h, m.theta, m.bias)
+            var = F.linear(h * h, alpha * m.theta**2)
+            eps = torch.randn_like(mu) if noise is None else noise[k]
+            h = mu + torch.sqrt(var + 1e-8) * eps
+            kl = kl + m.kl()
+            k += 1
+        else:
+            h = m(h)
+    return h, kl
+
+
+@case(
+    "methods.variational_dropout_train",
+    family="methods",
+    description="variational (Gaussian) dropout training step (Kingma et al. 2015, alpha per input unit) of an "
+    "MLP 1024-1024-1024, batch 256: LRT forward, squared-error loss + KL / N, backward of theta, log_alpha and "
+    "bias (no target in the issue; the row of the README)",
+    subject="bdlkern VariationalDropoutLinear",
+    baselines={
+        "reference (eager)": "reference",
+        "reference (torch.compile)": "compiled",
+    },
+)
+def _variational_dropout_train(device: torch.device, quick: bool) -> Workload:
+    dims = VD_QUICK if quick else VD_FULL
+    N, sizes = dims["N"], dims["sizes"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, sizes[0], generator=g).to(device)
+    target = torch.randn(N, sizes[-1], generator=g).to(device)
+    net = _vd_nets(sizes, device)
+    params = list(net.parameters())
+
+    def ours_step():
+        out = net(x)
+        loss = F.mse_loss(out, target) + bdlkern.nn.kl_divergence(net) / 50_000
+        return loss, torch.autograd.grad(loss, params)
+
+    def eager_loss(x, target):
+        out, kl = _vd_eager_forward(net, x)
+        return F.mse_loss(out, target) + kl / 50_000
+
+    compiled_loss = torch.compile(eager_loss)
+
+    def step(loss_fn):
+        def call():
+            loss = loss_fn(x, target)
+            return loss, torch.autograd.grad(loss, params)
+
+        return call
+
+    eager_step, compiled_step = step(eager_loss), step(compiled_loss)
+    compiled_step()  # compile in setup
+
+    def check() -> None:
+        # bdlkern in sampling(1, seed=0) draws layer k's noise from rng_state [0, k << 40] (stream "lrt",
+        # the output's index): the eager formula with that noise must give the same loss and gradients.
+        with bdlkern.sampling(1, seed=0):
+            out = net(x)[0]
+        loss = F.mse_loss(out, target) + bdlkern.nn.kl_divergence(net) / 50_000
+        grads = torch.autograd.grad(loss, params)
+        widths = sizes[1:]
+        noise = [
+            bdlkern.ops.normal((N, w), rng_state=torch.tensor([0, k << 40], device=device), stream="lrt")
+            for k, w in enumerate(widths)
+        ]
+        ref_out, kl = _vd_eager_forward(net, x, noise)
+        ref_loss = F.mse_loss(ref_out, target) + kl / 50_000
+        ref_grads = torch.autograd.grad(ref_loss, params)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, msg="variational dropout loss")
+        for (name, _), a, b in zip(net.named_parameters(), grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * max(1.0, b.abs().max().item()), msg=f"grad {name}")
+        for name, fn in (("eager", eager_step), ("compiled", compiled_step)):
+            b_loss, _ = fn()
+            assert torch.isfinite(b_loss), f"{name} loss {b_loss}"
+
+    forward = 2 * N * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return Workload(
+        variants={
+            "bdlkern VariationalDropoutLinear": ours_step,
+            "reference (eager)": eager_step,
+            "reference (torch.compile)": compiled_step,
+        },
+        params={"N": N, "sizes": "-".join(map(str, sizes)), "alpha": "input", "dtype": "float32"},
+        flops=2 * 3 * forward,
+        check=check,
+    )
