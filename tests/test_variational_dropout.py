@@ -73,7 +73,7 @@ def test_op_sees_exactly_alpha_eff(kind):
     """The log_sigma2 the layer hands to the LRT op gives back log_alpha_eff through the op's own
     formula clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8) (float32, |theta| not tiny)."""
     layer = _randomise(VariationalDropoutLinear(30, 20, alpha=kind), 1, -7.5, 1.0)  # some above 1: clamped
-    seen = ref.log_alpha(layer.theta, layer._log_sigma2())
+    seen = ref.log_alpha(layer.theta, layer._lrt_log_sigma2())
     big = layer.theta.abs() > 1e-2
     assert big.float().mean() > 0.9
     torch.testing.assert_close(seen[big], layer.log_alpha_eff()[big], rtol=0, atol=2e-6)
@@ -386,3 +386,22 @@ def test_bad_input_matrix(cls, args):
         low(x_low)
     with bdlkern.sampling(2, seed=0), pytest.raises(TypeError, match="LRT"):
         low(x_low)
+
+
+def test_non_contiguous_input_and_autocast():
+    """A non-contiguous input gives the contiguous input's samples; under CPU autocast the LRT
+    op runs in float32 (its autocast policy) and gives the float32 samples."""
+    torch.manual_seed(0)
+    lin = bdlkern.nn.VariationalDropoutLinear(6, 4, alpha="input", init_alpha=0.3)
+    conv = bdlkern.nn.VariationalDropoutConv2d(3, 4, 3, padding=1, alpha="layer", init_alpha=0.3)
+    for layer, x in ((lin, torch.randn(6, 5).t()), (conv, torch.randn(2, 3, 5, 5).transpose(-1, -2))):
+        assert not x.is_contiguous()
+        with bdlkern.sampling(3, seed=2):
+            want = layer(x.contiguous())
+        with bdlkern.sampling(3, seed=2):
+            got = layer(x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16), bdlkern.sampling(3, seed=2):
+            low = layer(x)
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, want, rtol=1e-6, atol=1e-6)

@@ -25,6 +25,23 @@ from ._base import (
 )
 
 
+def _init_conv_theta(layer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
+                     dtype) -> nn.Parameter | None:
+    """Sets the geometry and ``theta`` of an LRT convolution (sparse VD, variational dropout) and
+    returns its bias parameter (or None), for the caller to register after its own parameters (the
+    state-dict order stays theta, the noise parameter, bias). The torch convolution of
+    ``layer._conv_type`` checks and normalises the geometry and owns the initialisation."""
+    template = layer._conv_type(
+        in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=bias, device=device, dtype=dtype,
+    )
+    layer.in_channels, layer.out_channels = in_channels, out_channels
+    layer.kernel_size, layer.stride = template.kernel_size, template.stride
+    layer.padding, layer.dilation, layer.groups = template.padding, template.dilation, groups
+    layer.theta = nn.Parameter(template.weight.detach().clone())
+    return nn.Parameter(template.bias.detach().clone()) if bias else None
+
+
 class SparseVDLinear(_NotScriptable, nn.Module):
     """A linear layer trained by sparse variational dropout (Molchanov, Ashukha & Vetrov 2017).
 
@@ -123,13 +140,24 @@ class SparseVDLinear(_NotScriptable, nn.Module):
         if state is not None:
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
             rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features, per_row=self.out_features)
-            y = ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=num_samples, rng_state=rng_state)
+            y = ops.lrt_linear(
+                x, self.theta, self._lrt_log_sigma2(), self.bias, num_samples=num_samples, rng_state=rng_state
+            )
             return state.output(y.flatten(0, 1) if folded else y, "folded" if folded else "stacked")
         if self.training:
             _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            return ops.lrt_linear(x, self.theta, self.log_sigma2, self.bias, num_samples=1).squeeze(0)
+            return ops.lrt_linear(x, self.theta, self._lrt_log_sigma2(), self.bias, num_samples=1).squeeze(0)
         _check_dtype(self, x, self.theta.dtype)
-        return F.linear(x, self.pruned_weight(), self.bias)
+        return F.linear(x, self._mean_weight(), self.bias)
+
+    # The two hooks through which the LRT layers differ (bdlkern.nn.variational reuses forward):
+    def _lrt_log_sigma2(self) -> torch.Tensor:
+        """The ``log_sigma2`` handed to the LRT op."""
+        return self.log_sigma2
+
+    def _mean_weight(self) -> torch.Tensor:
+        """The weight of the deterministic eval layer: the pruned mean."""
+        return self.pruned_weight()
 
     def to_sparse(self) -> "SparseLinear":
         """The pruned layer as a :class:`SparseLinear`: CSR of the weights with
@@ -191,18 +219,12 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
             raise ValueError(f"{name}: threshold must be finite, got {threshold}")
         if not math.isfinite(float(log_sigma2_init)):
             raise ValueError(f"{name}: log_sigma2_init must be finite, got {log_sigma2_init}")
-        # The torch convolution checks and normalises the geometry (and owns the initialisation).
-        template = self._conv_type(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
-            bias=bias, device=device, dtype=dtype,
+        bias_param = _init_conv_theta(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device, dtype
         )
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = template.kernel_size, template.stride
-        self.padding, self.dilation, self.groups = template.padding, template.dilation, groups
         self.threshold = float(threshold)
-        self.theta = nn.Parameter(template.weight.detach().clone())
         self.log_sigma2 = nn.Parameter(torch.full_like(self.theta, float(log_sigma2_init)))
-        self.bias = nn.Parameter(template.bias.detach().clone()) if bias else None
+        self.bias = bias_param
 
     @classmethod
     def from_conv(cls, conv: nn.Module, threshold: float = 3.0, log_sigma2_init: float = -10.0):
@@ -245,9 +267,12 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
 
     def _lrt(self, x, num_samples, rng_state=None, input_has_samples=False):
         return ops.lrt_conv(
-            x, self.theta, self.log_sigma2, self.bias, num_samples, stride=self.stride, padding=self.padding,
+            x, self.theta, self._lrt_log_sigma2(), self.bias, num_samples, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, input_has_samples=input_has_samples, rng_state=rng_state,
         )
+
+    _lrt_log_sigma2 = SparseVDLinear._lrt_log_sigma2
+    _mean_weight = SparseVDLinear._mean_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C, *] -> [N, C_out, *]``; inside ``sampling(S)`` see the class docstring."""
@@ -268,7 +293,7 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
             return y.squeeze(0) if unbatched else y
         _check_dtype(self, x, self.theta.dtype)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self._dims - 1]
-        return conv(x, self.pruned_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv(x, self._mean_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (

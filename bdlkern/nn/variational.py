@@ -27,20 +27,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from .._sampling import current_sampling
-from ._base import (
-    _F32_F64,
-    _check_conv_input,
-    _check_dtype,
-    _check_width,
-    _copied_from,
-    _image_out_numel,
-    _NotScriptable,
-)
+from ._base import _copied_from, _NotScriptable
+from .sparse_vd import SparseVDLinear, _init_conv_theta, _SparseVDConvNd
 
 #: Kingma et al. (2015)'s constants of the polynomial approximation of the negative KL.
 KL_C1, KL_C2, KL_C3 = 1.16145124, -1.50204118, 0.58629921
@@ -100,9 +90,13 @@ class _VariationalDropoutMixin:
         """``exp(log_alpha_eff())``: the noise variance ratio of every weight, ``theta``'s shape."""
         return torch.exp(self.log_alpha_eff())
 
-    def _log_sigma2(self) -> torch.Tensor:
+    def _lrt_log_sigma2(self) -> torch.Tensor:
         """``log_alpha_eff + log(theta^2 + 1e-8)``: the LRT op then uses exactly ``alpha_eff``."""
         return self.log_alpha_eff() + torch.log(self.theta**2 + 1e-8)
+
+    def _mean_weight(self) -> torch.Tensor:
+        """The eval layer's weight: the mean, ``theta`` (nothing is pruned)."""
+        return self.theta
 
     def kl(self) -> torch.Tensor:
         """The layer's KL term, a 0-dim tensor: :func:`variational_dropout_kl` of each clamped alpha
@@ -178,22 +172,8 @@ class VariationalDropoutLinear(_VariationalDropoutMixin, _NotScriptable, nn.Modu
         )
         return _copied_from(layer, linear, "theta")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[*, in] -> [*, out]``; inside ``sampling(S)`` ``[*, in]`` or ``[S, *, in]`` -> ``[S, *, out]``."""
-        _check_width(self, x, self.in_features)
-        state = current_sampling()
-        if state is not None:
-            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features, per_row=self.out_features)
-            y = ops.lrt_linear(
-                x, self.theta, self._log_sigma2(), self.bias, num_samples=num_samples, rng_state=rng_state
-            )
-            return state.output(y.flatten(0, 1) if folded else y, "folded" if folded else "stacked")
-        if self.training:
-            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            return ops.lrt_linear(x, self.theta, self._log_sigma2(), self.bias, num_samples=1).squeeze(0)
-        _check_dtype(self, x, self.theta.dtype)
-        return F.linear(x, self.theta, self.bias)
+    # The sparse-VD layer's regimes, through the hooks _lrt_log_sigma2 and _mean_weight.
+    forward = SparseVDLinear.forward
 
     def extra_repr(self) -> str:
         return (
@@ -243,19 +223,13 @@ class _VariationalDropoutConvNd(_VariationalDropoutMixin, _NotScriptable, nn.Mod
     ):
         super().__init__()
         init = _check_alpha_args(type(self).__name__, alpha, init_alpha)
-        # The torch convolution checks and normalises the geometry (and owns the initialisation).
-        template = self._conv_type(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
-            bias=bias, device=device, dtype=dtype,
+        bias_param = _init_conv_theta(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device, dtype
         )
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = template.kernel_size, template.stride
-        self.padding, self.dilation, self.groups = template.padding, template.dilation, groups
         self.alpha_kind = alpha
-        self.theta = nn.Parameter(template.weight.detach().clone())
         shape = {"layer": (), "input": (in_channels,), "weight": tuple(self.theta.shape)}[alpha]
         self.log_alpha = nn.Parameter(torch.full(shape, math.log(init), device=device, dtype=self.theta.dtype))
-        self.bias = nn.Parameter(template.bias.detach().clone()) if bias else None
+        self.bias = bias_param
 
     @classmethod
     def from_conv(cls, conv: nn.Module, alpha: str = "layer", init_alpha: float = 0.1):
@@ -286,40 +260,12 @@ class _VariationalDropoutConvNd(_VariationalDropoutMixin, _NotScriptable, nn.Mod
         per_group = t.reshape(g, 1, c_in_g, *([1] * self._dims))
         return per_group.expand(g, c_out_g, c_in_g, *self.theta.shape[2:]).reshape(self.theta.shape)
 
-    def _error_label(self) -> str:
-        return f"{type(self).__name__}(in_channels={self.in_channels}, out_channels={self.out_channels})"
-
-    def _check_channels(self, x: torch.Tensor, where: str) -> None:
-        _check_conv_input(self, x, self._dims, self.in_channels, where)
-
-    def _lrt(self, x, num_samples, rng_state=None, input_has_samples=False):
-        return ops.lrt_conv(
-            x, self.theta, self._log_sigma2(), self.bias, num_samples, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, groups=self.groups, input_has_samples=input_has_samples, rng_state=rng_state,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, C, *] -> [N, C_out, *]``; inside ``sampling(S)`` see the class docstring."""
-        state = current_sampling()
-        if state is not None:
-            per_image = _image_out_numel(self, x, self._dims, self.theta.shape[2:], self.out_channels)
-            rng_state, has_samples, x_op, stacked = state.conv_call(self, x, per_image=per_image)
-            self._check_channels(x_op, "an input (samples folded into the batch)" if has_samples else "a batched input")
-            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            y = self._lrt(x_op, state.num_samples, rng_state, has_samples)
-            if stacked:
-                return state.output(y.unflatten(0, (state.num_samples, -1)), "stacked")
-            return state.output(y, "folded")
-        if self.training:
-            unbatched = x.dim() == self._dims + 1
-            xb = x.unsqueeze(0) if unbatched else x
-            self._check_channels(xb, "a batched or unbatched input")
-            _check_dtype(self, x, self.theta.dtype, _F32_F64, "LRT")
-            y = self._lrt(xb, 1)
-            return y.squeeze(0) if unbatched else y
-        _check_dtype(self, x, self.theta.dtype)
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self._dims - 1]
-        return conv(x, self.theta, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    # The sparse-VD convolution's checks, op call and regimes, through the hooks _lrt_log_sigma2
+    # and _mean_weight.
+    _error_label = _SparseVDConvNd._error_label
+    _check_channels = _SparseVDConvNd._check_channels
+    _lrt = _SparseVDConvNd._lrt
+    forward = _SparseVDConvNd.forward
 
     def extra_repr(self) -> str:
         return (

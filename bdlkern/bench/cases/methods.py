@@ -89,6 +89,16 @@ def _flops(dims) -> int:
     return 3 * forward
 
 
+def _grad_step(loss_fn, args, params):
+    """A timed training step: ``loss_fn(*args)`` and its gradients with respect to ``params``."""
+
+    def call():
+        loss = loss_fn(*args)
+        return loss, torch.autograd.grad(loss, params)
+
+    return call
+
+
 def _hand_masked_step(net: nn.Sequential, x, y, K: int, seed: int):
     """The float64 reference of bdlkern's step in ``sampling(K, seed=seed)``: (loss, grads)."""
     layers = [m for m in net if isinstance(m, bdlkern.nn.MCDropoutLinear)]
@@ -137,14 +147,7 @@ def _alpha_div_train(device: torch.device, quick: bool) -> Workload:
 
     compiled_loss = torch.compile(eager_loss)
 
-    def step(loss_fn):
-        def call():
-            loss = loss_fn(x, y)
-            return loss, torch.autograd.grad(loss, eager_params)
-
-        return call
-
-    eager_step, compiled_step = step(eager_loss), step(compiled_loss)
+    eager_step, compiled_step = (_grad_step(fn, (x, y), eager_params) for fn in (eager_loss, compiled_loss))
     compiled_step()  # compile in setup, not in the first timed call
 
     def check() -> None:
@@ -245,14 +248,7 @@ def _variational_dropout_train(device: torch.device, quick: bool) -> Workload:
 
     compiled_loss = torch.compile(eager_loss)
 
-    def step(loss_fn):
-        def call():
-            loss = loss_fn(x, target)
-            return loss, torch.autograd.grad(loss, params)
-
-        return call
-
-    eager_step, compiled_step = step(eager_loss), step(compiled_loss)
+    eager_step, compiled_step = (_grad_step(fn, (x, target), params) for fn in (eager_loss, compiled_loss))
     compiled_step()  # compile in setup
 
     def check() -> None:
