@@ -785,3 +785,23 @@ def test_converted_model_exports_and_compiles_under_seeded_sampling(build):
         got = compiled(x)
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
     assert eager.shape[0] in (5, 15)  # stacked [5, 3, 4] or folded [15, 3]
+
+
+@pytest.mark.parametrize("mask,dims,shape", [("element", None, (3, 5)), ("channel", 2, (2, 3, 4, 4))])
+def test_mcdropout_non_contiguous_input_and_autocast(mask, dims, shape):
+    """A transposed (non-contiguous) input gives the contiguous input's samples; under CPU
+    autocast a bfloat16 input keeps its dtype and the same flags (x * keep / (1 - p))."""
+    layer = MCDropout(0.4, mask=mask, dims=dims)
+    x = torch.randn(*shape)
+    strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    assert not strided.is_contiguous()
+    with bdlkern.sampling(3, seed=5):
+        want = layer(x)
+    with bdlkern.sampling(3, seed=5):
+        got = layer(strided)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), bdlkern.sampling(3, seed=5):
+        low = layer(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), want, rtol=1e-2, atol=1e-2)
+    assert torch.equal(low == 0, want == 0)  # the same flags

@@ -543,3 +543,19 @@ def test_compact_conv_in_a_stacked_pass():
     assert_close_rel(s, s_plain)
     with torch.no_grad():
         assert_close_rel(report.model(x), plain(x))
+
+
+def test_compacted_models_take_non_contiguous_inputs_and_compile():
+    """A transposed (non-contiguous) input gives the contiguous input's outputs, in eval and in
+    sampling; torch.compile of the compacted MLP gives eager's eval output."""
+    for model, x in ((build_mlp(dead=False), torch.randn(64, 16).t()), (build_convnet(), torch.randn(4, 3, 10, 10).transpose(-1, -2))):
+        report, _ = pruned_pair(model)
+        net = report.model
+        assert not x.is_contiguous()
+        with torch.no_grad():
+            assert_close_rel(net(x), net(x.contiguous()))
+        assert_close_rel(sample(net, x), sample(net, x.contiguous()))
+    net = pruned_pair(build_mlp(dead=False))[0].model
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        assert_close_rel(torch.compile(net)(x), net(x))
