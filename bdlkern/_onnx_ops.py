@@ -317,6 +317,37 @@ def lrt_conv(x, theta, log_sigma2, bias, rng_state, num_samples: int, shared_inp
     return _conv_lrt_output(mean, std, num_samples, shared_input)
 
 
+def _zero_mean(var: ir.Value, bias, spatial: int | None) -> ir.Value:
+    """The mean of a variance layer's output: zeros like ``var`` plus ``bias [C]``, along the last
+    dimension (``spatial=None``: the features of a linear layer) or along dimension 1 of
+    ``[N, C, *spatial]``."""
+    zeros = op.CastLike(op.ConstantOfShape(op.Shape(var)), var)
+    if bias is None:
+        return zeros
+    if spatial:
+        bias = op.Unsqueeze(bias, _ints(range(1, spatial + 1)))  # [C, 1, ...]
+    return op.Add(zeros, bias)
+
+
+def variance_linear(x, log_sigma2, bias, rng_state, num_samples: int):
+    """The variance layer: ``var = x^2 exp(log_sigma2)^T``, output ``(bias + sqrt(var + 1e-8) * eps, std)``."""
+    x_rank = _rank(x, "x")
+    x2 = x if x_rank == 2 else _flatten_samples(x)
+    var = op.MatMul(op.Mul(x2, x2), op.Transpose(op.Exp(log_sigma2), perm=[1, 0]))
+    std = op.Sqrt(_add_eps(var, _EPS_LRT))
+    return _lrt_output(_zero_mean(var, bias, None), std, x_rank, x, num_samples)
+
+
+def variance_conv(x, log_sigma2, bias, rng_state, num_samples: int, shared_input: bool, stride, padding, dilation,
+                  groups: int):
+    """The variance convolution: ``var = Conv(x^2, exp(log_sigma2))``, output
+    ``(bias + sqrt(var + 1e-8) * eps, sqrt(var + 1e-8))`` in the folded layout."""
+    rank = _conv_rank(x, "variance_conv")
+    var = _conv(op.Mul(x, x), op.Exp(log_sigma2), None, stride, padding, dilation, groups)
+    std = op.Sqrt(_add_eps(var, _EPS_LRT))
+    return _conv_lrt_output(_zero_mean(var, bias, rank - 2), std, num_samples, shared_input)
+
+
 def sparse_conv(x, crow, col, values, bias, kernel_size, stride, padding, dilation, groups: int):
     """``Conv(x, W, bias)`` with W the dense weight of the CSR buffers (``values [nnz]``, or column 0
     of ``[nnz, 2]``), made in the graph (:func:`_csr_conv_weight`)."""
@@ -417,6 +448,8 @@ def table() -> dict:
         ns.lrt_linear.default: lrt_linear,
         ns.mc_dropout_conv.default: mc_dropout_conv,
         ns.lrt_conv.default: lrt_conv,
+        ns.variance_linear.default: variance_linear,
+        ns.variance_conv.default: variance_conv,
         ns.sparse_conv.default: sparse_conv,
         ns.sparse_conv_lrt.default: sparse_conv_lrt,
         ns.concrete_dropout.default: concrete_dropout,

@@ -143,6 +143,8 @@ NOT_EXPORTABLE: dict[str, str] = {
     "sparse_linear_lrt_backward": _BACKWARD,
     "mc_dropout_conv_backward": _BACKWARD,
     "lrt_conv_backward": _BACKWARD,
+    "variance_linear_backward": _BACKWARD,
+    "variance_conv_backward": _BACKWARD,
     "sparse_conv_backward": _BACKWARD,
     "sparse_conv_lrt_backward": _BACKWARD,
     "philox_bits": _PHILOX,

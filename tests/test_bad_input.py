@@ -68,6 +68,8 @@ def valid_args(op: str) -> dict:
         "concrete_dropout_backward": dict(grad_out=torch.randn(3, 4), x=x, p_logit=torch.tensor(0.0), rng_state=st, temperature=0.1, channel_dim=-1),
         "lrt_linear": dict(x=x, theta=w, log_sigma2=torch.randn(5, 4), bias=torch.randn(5), rng_state=st, num_samples=2),
         "lrt_linear_backward": dict(grad_out=torch.randn(2, 3, 5), x=x, theta=w, log_sigma2=torch.randn(5, 4), std=torch.ones(3, 5), rng_state=st),
+        "variance_linear": dict(x=x, log_sigma2=torch.randn(5, 4), bias=torch.randn(5), rng_state=st, num_samples=2),
+        "variance_linear_backward": dict(grad_out=torch.randn(2, 3, 5), x=x, log_sigma2=torch.randn(5, 4), std=torch.ones(3, 5), rng_state=st),
         "sparse_vd_kl": dict(theta=w, log_sigma2=torch.randn(5, 4)),
         "sparse_vd_kl_backward": dict(grad=torch.tensor(1.0), theta=w, log_sigma2=torch.randn(5, 4)),
         "sparse_vd_kl_with_grad": dict(theta=w, log_sigma2=torch.randn(5, 4)),
@@ -83,6 +85,7 @@ RAW_OPS = [
     "mc_dropout_linear", "mc_dropout_linear_grad_input", "mc_dropout_linear_grad_weight",
     "concrete_dropout", "concrete_dropout_backward",
     "lrt_linear", "lrt_linear_backward", "sparse_vd_kl", "sparse_vd_kl_backward", "sparse_vd_kl_with_grad",
+    "variance_linear", "variance_linear_backward",
     "sparse_linear", "sparse_linear_backward", "sparse_linear_lrt", "sparse_linear_lrt_backward",
 ]  # fmt: skip
 
@@ -267,6 +270,25 @@ case(op, "rng_state", lambda a: a["rng_state"].to(META), "rng_state must be on",
 # x [S=2, B, K] with a grad_out of 3 samples: the message must name grad_out (the backward ops have
 # no num_samples argument: S is grad_out's leading size).
 case(op, "*", dict(x=torch.randn(2, 3, 4), std=torch.ones(6, 5), grad_out=torch.randn(3, 3, 5)), "grad_out", "grad_out 3 samples vs x 2")
+
+# Variance layers: log_sigma2 is their only weight, and the errors name it
+op = "variance_linear"
+case(op, "x", torch.randn(4), r"x must be \[B, in_features\]", "1-d")
+case(op, "x", lambda a: a["x"].double(), "x must have the dtype of log_sigma2", "float64")
+case(op, "x", torch.randn(3, 6), "x has 6 features but log_sigma2 expects in_features = 4", "features")
+case(op, "log_sigma2", torch.randn(4), r"log_sigma2 must be \[out_features, in_features\]", "1-d")
+case(op, "log_sigma2", lambda a: a["log_sigma2"].int(), "log_sigma2 must be float32 or float64", "int32")
+case(op, "log_sigma2", _meta("log_sigma2"), "log_sigma2 must be on", "meta")
+case(op, "bias", torch.randn(4), r"bias must be \[out_features\] = \[5\]", "[4]")
+case(op, "bias", torch.randn(5, dtype=F64), "bias must have the dtype of log_sigma2", "float64")
+sampling_cases(op, (0, -2))
+
+op = "variance_linear_backward"
+case(op, "grad_out", torch.randn(3, 5), r"grad_out must be \[S, B, out_features\]", "2-d")
+case(op, "grad_out", torch.randn(2, 4, 5), r"grad_out must be \[2, 3, 5\]", "4 rows")
+case(op, "std", torch.ones(2, 5), r"std must be \[3, 5\] \(saved by variance_linear\)", "[2, 5]")
+case(op, "std", torch.ones(3, 5, dtype=F64), "std must have the dtype of log_sigma2", "float64")
+case(op, "rng_state", torch.tensor([1.0, 2.0]), "rng_state must be an int64", "float")
 
 for op in ("sparse_vd_kl", "sparse_vd_kl_with_grad"):
     case(op, "theta", lambda a: a["theta"].int(), "theta must be float32 or float64", "int32")

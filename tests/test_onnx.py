@@ -568,3 +568,19 @@ def test_converted_custom_model_samples():
     assert isinstance(model, torch.fx.GraphModule)
     x = torch.randn(2, 1, 8, 8)
     _check_mc(model, x, wrong, (S_MC * 2, 3), folded=True)
+
+
+def test_variance_layers_sample():
+    """A variance network (VarianceConv2d -> VarianceLinear: variance_conv on the shared input,
+    variance_linear on the folded samples) inside sampling: zero-mean LRT samples around the biases."""
+
+    def make(shift: float):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            bdlkern.nn.VarianceConv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), bdlkern.nn.VarianceLinear(48, 3)
+        )
+        with torch.no_grad():
+            model[3].log_sigma2.add_(shift)
+        return model
+
+    _check_mc(make(0.0), _x(2, 2, 4, 4), wrong=make(0.5), expect_shape=(S_MC * 2, 3), folded=True)

@@ -24,7 +24,9 @@ Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropout`
 :class:`MCDropoutConv2d` and its 1-d / 3-d siblings), :mod:`~bdlkern.nn.concrete` (the Concrete-dropout
 modules) and :mod:`~bdlkern.nn.sparse_vd` (:class:`SparseVDLinear`, :class:`SparseVDConv2d` and its 1-d /
 3-d siblings, :class:`SparseLinear`, :class:`SparseConv2d`) and :mod:`~bdlkern.nn.variational`
-(:class:`VariationalDropoutLinear`, :class:`VariationalDropoutConv2d`: Kingma et al.'s variational dropout); then what works on a whole model: ``convert``
+(:class:`VariationalDropoutLinear`, :class:`VariationalDropoutConv2d`: Kingma et al.'s variational dropout) and
+:mod:`~bdlkern.nn.variance` (:class:`VarianceLinear`, :class:`VarianceConv2d` and its 1-d / 3-d siblings: the
+zero-mean layers of variance networks); then what works on a whole model: ``convert``
 (:func:`convert`, :func:`regularization`, :func:`kl_divergence`), ``bayesianize`` (:func:`bayesianize`:
 dense layers to bdlkern layers) and ``prune`` (:func:`prune`: sparse-VD layers to compacted sparse ones);
 ``_base`` holds the input checks every module shares. Every name is importable from ``bdlkern.nn`` itself.
@@ -64,6 +66,7 @@ from .sparse_vd import (
     SparseVDLinear,
 )
 from .variational import VariationalDropoutConv2d, VariationalDropoutLinear, variational_dropout_kl
+from .variance import VarianceConv1d, VarianceConv2d, VarianceConv3d, VarianceLinear
 # Importing the submodule binds bdlkern.nn.convert to it; this import then rebinds the name to the
 # function, which is what the public name has always been.
 from .convert import ConvertReport, convert, kl_divergence, regularization
@@ -99,6 +102,10 @@ __all__ = [
     "VariationalDropoutLinear",
     "VariationalDropoutConv2d",
     "variational_dropout_kl",
+    "VarianceLinear",
+    "VarianceConv1d",
+    "VarianceConv2d",
+    "VarianceConv3d",
     "convert",
     "ConvertReport",
     "kl_divergence",

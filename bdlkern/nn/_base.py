@@ -101,20 +101,26 @@ class _NotScriptable:
 
 
 
-def _image_out_numel(layer: nn.Module, x: torch.Tensor, dims: int, kernel, out_channels: int) -> int:
-    """The elements of one output image ``[C_out, *spatial_out]`` of the convolution ``layer``
-    (its ``stride``, ``padding``, ``dilation``) on ``x [..., C, *spatial]``: what an op that draws
-    noise over its output draws per image and sample (see ``SamplingState.conv_call``)."""
-    spatial = x.shape[-dims:] if dims else ()
+def _conv_out_spatial(layer: nn.Module, spatial, kernel) -> list[int]:
+    """The spatial output size of the convolution ``layer`` (its ``stride``, ``padding``,
+    ``dilation``; ``padding`` may be ``"same"`` / ``"valid"``) on an input of ``spatial`` size."""
     padding = layer.padding
     if isinstance(padding, str):
         if padding == "same":
-            return out_channels * math.prod(spatial)
-        padding = (0,) * dims
-    size = out_channels
-    for n, k, s, p, d in zip(spatial, kernel, layer.stride, padding, layer.dilation):
-        size *= max((n + 2 * p - d * (k - 1) - 1) // s + 1, 0)
-    return size
+            return list(spatial)
+        padding = (0,) * len(spatial)
+    return [
+        max((n + 2 * p - d * (k - 1) - 1) // s + 1, 0)
+        for n, k, s, p, d in zip(spatial, kernel, layer.stride, padding, layer.dilation)
+    ]
+
+
+def _image_out_numel(layer: nn.Module, x: torch.Tensor, dims: int, kernel, out_channels: int) -> int:
+    """The elements of one output image ``[C_out, *spatial_out]`` of the convolution ``layer``
+    on ``x [..., C, *spatial]``: what an op that draws noise over its output draws per image and
+    sample (see ``SamplingState.conv_call``)."""
+    spatial = x.shape[-dims:] if dims else ()
+    return out_channels * math.prod(_conv_out_spatial(layer, spatial, kernel))
 
 
 def _copied_from(layer: nn.Module, source: nn.Module, weight: str = "weight") -> nn.Module:

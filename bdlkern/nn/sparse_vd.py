@@ -25,12 +25,11 @@ from ._base import (
 )
 
 
-def _init_conv_theta(layer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
-                     dtype) -> nn.Parameter | None:
-    """Sets the geometry and ``theta`` of an LRT convolution (sparse VD, variational dropout) and
-    returns its bias parameter (or None), for the caller to register after its own parameters (the
-    state-dict order stays theta, the noise parameter, bias). The torch convolution of
-    ``layer._conv_type`` checks and normalises the geometry and owns the initialisation."""
+def _conv_template(layer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
+                   dtype) -> nn.Module:
+    """Sets the geometry of an LRT convolution (sparse VD, variational dropout, variance layer) and
+    returns the torch convolution of ``layer._conv_type`` that checked and normalised it, whose
+    freshly initialised weight and bias the caller copies."""
     template = layer._conv_type(
         in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
         bias=bias, device=device, dtype=dtype,
@@ -38,6 +37,17 @@ def _init_conv_theta(layer, in_channels, out_channels, kernel_size, stride, padd
     layer.in_channels, layer.out_channels = in_channels, out_channels
     layer.kernel_size, layer.stride = template.kernel_size, template.stride
     layer.padding, layer.dilation, layer.groups = template.padding, template.dilation, groups
+    return template
+
+
+def _init_conv_theta(layer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
+                     dtype) -> nn.Parameter | None:
+    """Sets the geometry and ``theta`` of an LRT convolution (the torch convolution's initial weight)
+    and returns its bias parameter (or None), for the caller to register after its own parameters (the
+    state-dict order stays theta, the noise parameter, bias)."""
+    template = _conv_template(
+        layer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device, dtype
+    )
     layer.theta = nn.Parameter(template.weight.detach().clone())
     return nn.Parameter(template.bias.detach().clone()) if bias else None
 

@@ -13,8 +13,8 @@ op reproducible.
 Layout: one module per op family, each holding its user-facing wrappers next to the fake (meta)
 kernels that torch.compile / FakeTensor use for its ops (the autograd formulas are registered in
 C++): :mod:`~bdlkern.ops.rng` (the raw streams), :mod:`~bdlkern.ops.mc_dropout`,
-:mod:`~bdlkern.ops.concrete`, :mod:`~bdlkern.ops.sparse_vd` (LRT and KL) and the
-``sparse_linear`` module (the CSR layer); what they share is in ``_common``. Importing this
+:mod:`~bdlkern.ops.concrete`, :mod:`~bdlkern.ops.sparse_vd` (LRT and KL),
+:mod:`~bdlkern.ops.variance` (zero-mean LRT layers) and the ``sparse_linear`` module (the CSR layer); what they share is in ``_common``. Importing this
 package imports every family, which registers the fake kernels.
 """
 
@@ -41,6 +41,7 @@ from .rng import dropout_mask, normal, philox_bits, uniform
 from .mc_dropout import mc_dropout_conv, mc_dropout_linear
 from .concrete import _channel_dim, concrete_dropout, concrete_dropout_regularizer  # noqa: F401
 from .sparse_vd import lrt_conv, lrt_linear, sparse_vd_kl
+from .variance import variance_conv, variance_linear
 # Importing the submodule binds bdlkern.ops.sparse_linear to it; this import then rebinds the name to
 # the function, which is what the public name has always been.
 from .sparse_linear import sparse_conv, sparse_linear
@@ -54,7 +55,7 @@ def _register_namespace(ns: str) -> None:
         return
     import importlib
 
-    for family in ("rng", "mc_dropout", "concrete", "sparse_vd", "sparse_linear"):
+    for family in ("rng", "mc_dropout", "concrete", "sparse_vd", "sparse_linear", "variance"):
         importlib.import_module(f"{__name__}.{family}")._register_fakes(ns)
     _NAMESPACES.append(ns)
 
@@ -74,4 +75,6 @@ __all__ = [
     "sparse_vd_kl",
     "sparse_linear",
     "sparse_conv",
+    "variance_linear",
+    "variance_conv",
 ]

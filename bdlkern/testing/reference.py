@@ -228,6 +228,33 @@ def lrt_linear(x, theta, log_sigma2, bias=None, num_samples=None, *, rng_state=N
     return _lrt_sample(x, theta, alpha_theta2, bias, rng_state, stream=3)
 
 
+def variance_linear(x, log_sigma2, bias=None, num_samples=None, *, rng_state=None) -> torch.Tensor:
+    """The variance layer written out (Neklyudov et al. 2018): weights ``N(0, exp(log_sigma2))``,
+    ``y = b + sqrt(x^2 exp(log_sigma2)^T + 1e-8) * eps``, ``[S, *batch, out]``; eps as
+    :func:`lrt_linear`'s (tag 3)."""
+    if num_samples is not None:
+        x = x.unsqueeze(0).expand(num_samples, *x.shape)
+    return _lrt_sample(x, torch.zeros_like(log_sigma2), torch.exp(log_sigma2), bias, rng_state, stream=3)
+
+
+def variance_conv(x, log_sigma2, bias=None, num_samples=1, *, input_has_samples=False, rng_state=None, stride=1,
+                  padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """The variance convolution written out: ``xs`` = x repeated S times sample-major (or x itself with
+    ``input_has_samples``), ``y = b + sqrt(conv(xs^2, exp(log_sigma2)) + 1e-8) * eps`` with eps element i
+    of stream 3 at the row-major index of ``y [S * N, C_out, *]`` (randn without ``rng_state``)."""
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[log_sigma2.dim() - 3]
+    xs = x if input_has_samples else x.repeat(num_samples, *([1] * (x.dim() - 1)))
+    var = conv(xs * xs, torch.exp(log_sigma2), None, stride, padding, dilation, groups)
+    if rng_state is None:
+        eps = torch.randn_like(var)
+    else:
+        eps = normal(rng_state, tuple(var.shape), stream=3, dtype=var.dtype).to(var.device)
+    y = torch.sqrt(var + 1e-8) * eps
+    if bias is not None:
+        y = y + bias.reshape(-1, *([1] * (var.dim() - 2)))
+    return y
+
+
 def _lrt_sample(x, weight, variance, bias, rng_state, stream: int) -> torch.Tensor:
     """``mu + sqrt(v + 1e-8) * eps`` with ``mu = x W^T + b``, ``v = x^2 V^T``; eps from the bdlkern
     stream ``stream`` over the output's row-major index when ``rng_state`` is given, else randn."""

@@ -124,6 +124,10 @@ struct AutocastRegistrar {
     impl<"lrt_linear_backward", kAsGiven>(&VD::backward);
     impl<"lrt_conv", kFloat32>(&LrtConv::forward);
     impl<"lrt_conv_backward", kAsGiven>(&LrtConv::backward);
+    impl<"variance_linear", kFloat32>(&VD::variance_forward);
+    impl<"variance_linear_backward", kAsGiven>(&VD::variance_backward);
+    impl<"variance_conv", kFloat32>(&LrtConv::variance_forward);
+    impl<"variance_conv_backward", kAsGiven>(&LrtConv::variance_backward);
     impl<"sparse_vd_kl", kFloat32>(&VD::kl);
     impl<"sparse_vd_kl_backward", kAsGiven>(&VD::kl_backward);
     impl<"sparse_vd_kl_with_grad", kFloat32>(&VD::kl_with_grad);

@@ -49,20 +49,21 @@ struct LrtConvOps {
 
   static Layer layer(const Tensor& x, const Tensor& theta, const Tensor& log_sigma2,
                      const Tensor& rng_state, int64_t S, bool shared_input, Ints stride,
-                     Ints padding, Ints dilation, int64_t groups, const char* op) {
-    const DType dt = VD::check_weights(theta, log_sigma2, op);
-    TORCH_CHECK(theta.dim() >= 3 && theta.dim() <= 5, op,
-                ": theta must be [out_channels, in_channels / groups, *kernel] with 1 to 3 kernel "
+                     Ints padding, Ints dilation, int64_t groups, const char* op,
+                     const char* weight = "theta") {
+    const DType dt = VD::check_weights(theta, log_sigma2, op, weight);
+    TORCH_CHECK(theta.dim() >= 3 && theta.dim() <= 5, op, ": ", weight,
+                " must be [out_channels, in_channels / groups, *kernel] with 1 to 3 kernel "
                 "dimensions, got shape ",
                 theta.sizes());
-    check_like(x, "x", theta, "theta", op);
+    check_like(x, "x", theta, weight, op);
     TORCH_CHECK(x.dim() == theta.dim(), op, ": x must be [batch, channels, *spatial] with ",
-                theta.dim() - 2, " spatial dimension(s) for theta of shape ", theta.sizes(),
+                theta.dim() - 2, " spatial dimension(s) for ", weight, " of shape ", theta.sizes(),
                 ", got shape ", x.sizes());
     TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-    TORCH_CHECK(x.size(1) == theta.size(1) * groups, op, ": x has ", x.size(1),
-                " channels but theta expects in_channels = ", theta.size(1), " * groups (", groups,
-                ") = ", theta.size(1) * groups);
+    TORCH_CHECK(x.size(1) == theta.size(1) * groups, op, ": x has ", x.size(1), " channels but ",
+                weight, " expects in_channels = ", theta.size(1), " * groups (", groups, ") = ",
+                theta.size(1) * groups);
     TORCH_CHECK(theta.size(0) % groups == 0, op, ": out_channels (", theta.size(0),
                 ") must be divisible by groups (", groups, ")");
     const int64_t dims = x.dim() - 2;
@@ -98,6 +99,41 @@ struct LrtConvOps {
   static std::vector<int64_t> zeros(Ints v) { return std::vector<int64_t>(v.size(), 0); }
 
 
+  // bias [C_out] (or none), contiguous, like the weight w.
+  static OptTensor checked_bias(const OptTensor& bias, const Tensor& w, const char* w_name,
+                                const char* op) {
+    if (!bias.has_value()) return std::nullopt;
+    check_like(*bias, "bias", w, w_name, op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op,
+                ": bias must be [out_channels] = [", w.size(0), "], got shape ", bias->sizes());
+    return bias->contiguous();
+  }
+
+  // y [S N, C_out, *sp'] and std like var from the convolved mean and variance (contiguous,
+  // [N or S N, C_out, *sp']), the bias b [C_out] added per channel: lrt_noise_forward on rows of
+  // C_out L' values.
+  static std::tuple<Tensor, Tensor> noise_forward(Layer& l, const Tensor& mean, const Tensor& var,
+                                                  const OptTensor& b, const Tensor& rng_state,
+                                                  const char* op) {
+    check_buffer(mean, l.x.scalar_type(), "mean", op);
+    check_buffer(var, l.x.scalar_type(), "var", op);
+    const int64_t C_out = var.size(1), inner = var.numel() / std::max<int64_t>(1, var.size(0) * C_out);
+    l.prm.out_features = C_out * inner;
+    std::vector<int64_t> y_sizes = var.sizes().vec();
+    y_sizes[0] = l.prm.num_samples * l.prm.rows;
+    Tensor y = at::empty(y_sizes, l.x.options().memory_format(at::MemoryFormat::Contiguous));
+    Tensor std = at::empty_like(var, at::MemoryFormat::Contiguous);
+    if (y.numel() == 0) return {y, std};
+    const Tensor state = rng_state.contiguous();
+    l.prm.rng_state = state.const_data_ptr<int64_t>();
+    Tensor bias_rows;  // [C_out L']: the bias of every element of a row
+    if (b.has_value()) bias_rows = b->unsqueeze(1).expand({C_out, inner}).contiguous();
+    lrt_noise_forward(Tag{}, l.prm, mean.const_data_ptr(), var.const_data_ptr(),
+                      b.has_value() ? bias_rows.const_data_ptr() : nullptr, y.data_ptr(),
+                      std.data_ptr());
+    return {y, std};
+  }
+
   // (y [S N, C_out, *sp'], std [N or S N, C_out, *sp'])
   static std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& theta,
                                             const Tensor& log_sigma2, const OptTensor& bias,
@@ -109,16 +145,7 @@ struct LrtConvOps {
     at::OptionalDeviceGuard guard(x.device());
     Layer l = layer(x, theta, log_sigma2, rng_state, num_samples, shared_input, stride, padding,
                     dilation, groups, op);
-    OptTensor b;
-    if (bias.has_value()) {
-      check_like(*bias, "bias", theta, "theta", op);
-      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == theta.size(0), op,
-                  ": bias must be [out_channels] = [", theta.size(0), "], got shape ",
-                  bias->sizes());
-      b = bias->contiguous();
-    }
-    const Tensor state = rng_state.contiguous();
-    l.prm.rng_state = state.const_data_ptr<int64_t>();
+    const OptTensor b = checked_bias(bias, theta, "theta", op);
     const Tensor A = variance_weights(l);
     const auto out_pad = zeros(stride);
     const Tensor mean = at::convolution(l.x, l.theta, std::nullopt, stride, padding, dilation,
@@ -127,22 +154,67 @@ struct LrtConvOps {
     const Tensor var = at::convolution(l.x.square(), A, std::nullopt, stride, padding, dilation,
                                        false, out_pad, groups)
                            .contiguous();
-    check_buffer(mean, l.theta.scalar_type(), "mean", op);
-    check_buffer(var, l.theta.scalar_type(), "var", op);
-    // Rows of C_out L' values; the bias is added per channel, so the passes see it per element.
-    const int64_t C_out = theta.size(0), inner = mean.numel() / std::max<int64_t>(1, mean.size(0) * C_out);
+    return noise_forward(l, mean, var, b, rng_state, op);
+  }
+
+  // The variance convolution (Neklyudov et al. 2018): zero-mean weights with variance
+  // V = exp(log_sigma2), y = bias + sqrt(conv(x^2, V) + 1e-8) eps; one convolution, no mean.
+  static std::tuple<Tensor, Tensor> variance_forward(const Tensor& x, const Tensor& log_sigma2,
+                                                     const OptTensor& bias,
+                                                     const Tensor& rng_state, int64_t num_samples,
+                                                     bool shared_input, Ints stride, Ints padding,
+                                                     Ints dilation, int64_t groups) {
+    const char* op = "variance_conv";
+    const NoAutocast no_ac = no_autocast();
+    at::OptionalDeviceGuard guard(x.device());
+    Layer l = layer(x, log_sigma2, log_sigma2, rng_state, num_samples, shared_input, stride,
+                    padding, dilation, groups, op, "log_sigma2");
+    const OptTensor b = checked_bias(bias, log_sigma2, "log_sigma2", op);
+    const Tensor var = at::convolution(l.x.square(), l.log_sigma2.exp(), std::nullopt, stride,
+                                       padding, dilation, false, zeros(stride), groups)
+                           .contiguous();
+    return noise_forward(l, at::zeros_like(var), var, b, rng_state, op);
+  }
+
+  // (grad_mean, grad_var) like std from grad_y [S N, C_out, *sp'] by lrt_noise_backward (the
+  // samples of a shared input summed), after checking grad_y and std (saved by `fwd`).
+  static std::tuple<Tensor, Tensor> noise_backward(const Tensor& grad_y, const Tensor& std,
+                                                   const Tensor& rng_state, Layer& l,
+                                                   const Tensor& w, const char* w_name,
+                                                   const char* op, const char* fwd) {
+    check_like(grad_y, "grad_out", w, w_name, op);
+    check_like(std, "std", w, w_name, op);
+    const int64_t S = l.prm.num_samples, N = l.prm.rows, C_out = w.size(0);
+    const int64_t src_rows = l.prm.shared_input ? N : S * N;
+    TORCH_CHECK(grad_y.dim() == l.x.dim() && grad_y.size(0) == S * N && grad_y.size(1) == C_out,
+                op, ": grad_out must be [S * N = ", S * N, ", out_channels = ", C_out,
+                ", *spatial], got shape ", grad_y.sizes());
+    TORCH_CHECK(std.dim() == l.x.dim() && std.size(0) == src_rows &&
+                    std.sizes().slice(1) == grad_y.sizes().slice(1),
+                op, ": std must be [", src_rows, ", ", grad_y.sizes().slice(1), "] (saved by ", fwd,
+                "), got ", std.sizes());
+    const int64_t inner = grad_y.numel() / std::max<int64_t>(1, grad_y.size(0) * C_out);
     l.prm.out_features = C_out * inner;
-    std::vector<int64_t> y_sizes = mean.sizes().vec();
-    y_sizes[0] = num_samples * l.prm.rows;
-    Tensor y = at::empty(y_sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
-    Tensor std = at::empty_like(var, at::MemoryFormat::Contiguous);
-    if (y.numel() == 0) return {y, std};
-    Tensor bias_rows;  // [C_out L']: the bias of every element of a row
-    if (b.has_value()) bias_rows = b->unsqueeze(1).expand({C_out, inner}).contiguous();
-    lrt_noise_forward(Tag{}, l.prm, mean.const_data_ptr(), var.const_data_ptr(),
-                      b.has_value() ? bias_rows.const_data_ptr() : nullptr, y.data_ptr(),
-                      std.data_ptr());
-    return {y, std};
+    const Tensor state = rng_state.contiguous();
+    l.prm.rng_state = state.const_data_ptr<int64_t>();
+    const Tensor g = grad_y.contiguous();
+    const Tensor sd = std.contiguous();
+    Tensor grad_mean = at::empty(sd.sizes(), w.options());
+    Tensor grad_var = at::empty(sd.sizes(), w.options());
+    if (sd.numel() > 0) {
+      lrt_noise_backward(Tag{}, l.prm, g.const_data_ptr(), sd.const_data_ptr(),
+                         grad_mean.data_ptr(), grad_var.data_ptr());
+    } else {
+      grad_mean.zero_();
+      grad_var.zero_();
+    }
+    return {grad_mean, grad_var};
+  }
+
+  static Tensor channel_sum(const Tensor& t) {  // [*, C, *sp] -> [C]
+    std::vector<int64_t> reduce{0};
+    for (int64_t d = 2; d < t.dim(); ++d) reduce.push_back(d);
+    return t.sum(reduce);
   }
 
   // (grad_x like x, grad_theta, grad_log_sigma2, grad_bias [C_out])
@@ -155,32 +227,7 @@ struct LrtConvOps {
     at::OptionalDeviceGuard guard(x.device());
     Layer l = layer(x, theta, log_sigma2, rng_state, num_samples, shared_input, stride, padding,
                     dilation, groups, op);
-    check_like(grad_y, "grad_out", theta, "theta", op);
-    check_like(std, "std", theta, "theta", op);
-    const int64_t S = num_samples, N = l.prm.rows, C_out = theta.size(0);
-    const int64_t src_rows = shared_input ? N : S * N;
-    TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(0) == S * N && grad_y.size(1) == C_out, op,
-                ": grad_out must be [S * N = ", S * N, ", out_channels = ", C_out,
-                ", *spatial], got shape ", grad_y.sizes());
-    TORCH_CHECK(std.dim() == x.dim() && std.size(0) == src_rows &&
-                    std.sizes().slice(1) == grad_y.sizes().slice(1),
-                op, ": std must be [", src_rows, ", ", grad_y.sizes().slice(1),
-                "] (saved by lrt_conv), got ", std.sizes());
-    const int64_t inner = grad_y.numel() / std::max<int64_t>(1, grad_y.size(0) * C_out);
-    l.prm.out_features = C_out * inner;
-    const Tensor state = rng_state.contiguous();
-    l.prm.rng_state = state.const_data_ptr<int64_t>();
-    const Tensor g = grad_y.contiguous();
-    const Tensor sd = std.contiguous();
-    Tensor grad_mean = at::empty(sd.sizes(), theta.options());
-    Tensor grad_var = at::empty(sd.sizes(), theta.options());
-    if (sd.numel() > 0) {
-      lrt_noise_backward(Tag{}, l.prm, g.const_data_ptr(), sd.const_data_ptr(),
-                         grad_mean.data_ptr(), grad_var.data_ptr());
-    } else {
-      grad_mean.zero_();
-      grad_var.zero_();
-    }
+    auto [grad_mean, grad_var] = noise_backward(grad_y, std, rng_state, l, theta, "theta", op, "lrt_conv");
     const Tensor A = variance_weights(l);
     const Tensor x2 = l.x.square();
     const auto out_pad = zeros(stride);
@@ -200,15 +247,36 @@ struct LrtConvOps {
                              l.log_sigma2.const_data_ptr(), grad_theta.const_data_ptr(),
                              grad_ls2.const_data_ptr(), grad_theta.data_ptr(), grad_ls2.data_ptr(),
                              l.prm.dtype, l.prm.stream);
-    std::vector<int64_t> reduce{0};
-    for (int64_t d = 2; d < grad_mean.dim(); ++d) reduce.push_back(d);
-    Tensor grad_bias = grad_mean.sum(reduce);
-    return {grad_x, grad_theta, grad_ls2, grad_bias};
+    return {grad_x, grad_theta, grad_ls2, channel_sum(grad_mean)};
+  }
+
+  // (grad_x like x, grad_log_sigma2, grad_bias [C_out])
+  static std::tuple<Tensor, Tensor, Tensor> variance_backward(
+      const Tensor& grad_y, const Tensor& x, const Tensor& log_sigma2, const Tensor& std,
+      const Tensor& rng_state, int64_t num_samples, bool shared_input, Ints stride, Ints padding,
+      Ints dilation, int64_t groups) {
+    const char* op = "variance_conv_backward";
+    const NoAutocast no_ac = no_autocast();
+    at::OptionalDeviceGuard guard(x.device());
+    Layer l = layer(x, log_sigma2, log_sigma2, rng_state, num_samples, shared_input, stride,
+                    padding, dilation, groups, op, "log_sigma2");
+    auto [grad_mean, grad_var] =
+        noise_backward(grad_y, std, rng_state, l, log_sigma2, "log_sigma2", op, "variance_conv");
+    const Tensor V = l.log_sigma2.exp();
+    auto [gx_var, g_V, unused_b] = at::convolution_backward(
+        grad_var, l.x.square(), V, std::nullopt, stride, padding, dilation, false, zeros(stride),
+        groups, {true, true, false});
+    // d var / d x = 2 x; d V / d log_sigma2 = V
+    Tensor grad_x = gx_var.contiguous().mul_(l.x).mul_(2);
+    Tensor grad_ls2 = g_V.contiguous().mul_(V);
+    return {grad_x, grad_ls2, channel_sum(grad_mean)};
   }
 
   static void register_impls(torch::Library& m) {
     m.impl("lrt_conv", &forward);
     m.impl("lrt_conv_backward", &backward);
+    m.impl("variance_conv", &variance_forward);
+    m.impl("variance_conv_backward", &variance_backward);
   }
 };
 

@@ -64,6 +64,22 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
       "lrt_conv_backward(Tensor grad_out, Tensor x, Tensor theta, Tensor log_sigma2, Tensor std, "
       "Tensor rng_state, int num_samples, bool shared_input, int[] stride, int[] padding, "
       "int[] dilation, int groups) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Variance layers (Neklyudov et al. 2018): zero-mean weights N(0, exp(log_sigma2)), the LRT of
+  // lrt_linear / lrt_conv without the mean product: y = bias + sqrt(x^2 sigma^2 + 1e-8) eps.
+  m.def(
+      "variance_linear(Tensor x, Tensor log_sigma2, Tensor? bias, Tensor rng_state, "
+      "int num_samples) -> (Tensor, Tensor)");
+  m.def(
+      "variance_linear_backward(Tensor grad_out, Tensor x, Tensor log_sigma2, Tensor std, "
+      "Tensor rng_state) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "variance_conv(Tensor x, Tensor log_sigma2, Tensor? bias, Tensor rng_state, "
+      "int num_samples, bool shared_input, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> (Tensor, Tensor)");
+  m.def(
+      "variance_conv_backward(Tensor grad_out, Tensor x, Tensor log_sigma2, Tensor std, "
+      "Tensor rng_state, int num_samples, bool shared_input, int[] stride, int[] padding, "
+      "int[] dilation, int groups) -> (Tensor, Tensor, Tensor)");
   m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
   m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
   m.def("sparse_vd_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");

@@ -42,12 +42,13 @@ struct SparseVDOps {
                 c10::DeviceTypeName(Traits::device_type, true), ", got ", t.device());
   }
 
-  // theta and log_sigma2: the same shape, dtype and device.
+  // theta and log_sigma2: the same shape, dtype and device. `weight` names the first argument in
+  // errors (the variance layers pass log_sigma2 as both).
   static DType check_weights(const at::Tensor& theta, const at::Tensor& log_sigma2,
-                             const char* op) {
-    check_on_backend(theta, "theta", op);
-    const DType dt = dtype_of(theta, "theta", op);
-    check_like(log_sigma2, "log_sigma2", theta, "theta", op);
+                             const char* op, const char* weight = "theta") {
+    check_on_backend(theta, weight, op);
+    const DType dt = dtype_of(theta, weight, op);
+    check_like(log_sigma2, "log_sigma2", theta, weight, op);
     TORCH_CHECK(log_sigma2.sizes() == theta.sizes(), op, ": log_sigma2 must have theta's shape ",
                 theta.sizes(), ", got ", log_sigma2.sizes());
     return dt;
@@ -61,17 +62,18 @@ struct SparseVDOps {
   };
 
   static Layer layer(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& log_sigma2,
-                     const at::Tensor& rng_state, int64_t num_samples, const char* op) {
-    const DType dt = check_weights(theta, log_sigma2, op);
-    TORCH_CHECK(theta.dim() == 2, op, ": theta must be [out_features, in_features], got shape ",
+                     const at::Tensor& rng_state, int64_t num_samples, const char* op,
+                     const char* weight = "theta") {
+    const DType dt = check_weights(theta, log_sigma2, op, weight);
+    TORCH_CHECK(theta.dim() == 2, op, ": ", weight, " must be [out_features, in_features], got shape ",
                 theta.sizes());
-    check_like(x, "x", theta, "theta", op);
+    check_like(x, "x", theta, weight, op);
     TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op,
                 ": x must be [B, in_features] (shared by all samples) or [S, B, in_features], got "
                 "shape ",
                 x.sizes());
-    TORCH_CHECK(x.size(-1) == theta.size(1), op, ": x has ", x.size(-1),
-                " features but theta expects in_features = ", theta.size(1));
+    TORCH_CHECK(x.size(-1) == theta.size(1), op, ": x has ", x.size(-1), " features but ", weight,
+                " expects in_features = ", theta.size(1));
     TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
     TORCH_CHECK(x.dim() == 2 || x.size(0) == num_samples, op, ": x has ", x.size(0),
                 " samples in its leading dimension but num_samples = ", num_samples);
@@ -102,6 +104,17 @@ struct SparseVDOps {
     return A;
   }
 
+  // bias [N] (or none), contiguous, like the weight `like`.
+  static std::optional<at::Tensor> checked_bias(const std::optional<at::Tensor>& bias, int64_t N,
+                                                const at::Tensor& like, const char* like_name,
+                                                const char* op) {
+    if (!bias.has_value()) return std::nullopt;
+    check_like(*bias, "bias", like, like_name, op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [out_features] = [", N,
+                "], got shape ", bias->sizes());
+    return bias->contiguous();
+  }
+
   // (y [S, R, N], std [R, N] or [S * R, N])
   static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& theta,
                                                     const at::Tensor& log_sigma2,
@@ -113,13 +126,7 @@ struct SparseVDOps {
     at::OptionalDeviceGuard guard(x.device());
     Layer l = layer(x, theta, log_sigma2, rng_state, num_samples, op);
     const int64_t N = l.prm.out_features;
-    std::optional<at::Tensor> b;
-    if (bias.has_value()) {
-      check_like(*bias, "bias", theta, "theta", op);
-      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [out_features] = [",
-                  N, "], got shape ", bias->sizes());
-      b = bias->contiguous();
-    }
+    const std::optional<at::Tensor> b = checked_bias(bias, N, theta, "theta", op);
     const at::Tensor state = rng_state.contiguous();
     l.prm.rng_state = state.const_data_ptr<int64_t>();
     const at::Tensor A = variance_weights(l);
@@ -134,6 +141,27 @@ struct SparseVDOps {
     return {y, std};
   }
 
+  // What lrt_noise_backward reads, checked against the layer and contiguous: grad_out [S, R, N],
+  // std (saved by the forward `fwd`) and rng_state, whose pointer goes into l.prm.
+  struct NoiseGrad {
+    at::Tensor grad, std, state;
+  };
+  static NoiseGrad noise_grad_inputs(const at::Tensor& grad_y, const at::Tensor& std,
+                                     const at::Tensor& rng_state, Layer& l, const at::Tensor& like,
+                                     const char* like_name, const char* op, const char* fwd) {
+    check_like(grad_y, "grad_out", like, like_name, op);
+    check_like(std, "std", like, like_name, op);
+    const int64_t S = l.prm.num_samples, R = l.prm.rows, N = l.prm.out_features;
+    TORCH_CHECK(grad_y.size(1) == R && grad_y.size(2) == N, op, ": grad_out must be [", S, ", ",
+                R, ", ", N, "], got ", grad_y.sizes());
+    const int64_t src_rows = l.prm.shared_input ? R : S * R;
+    TORCH_CHECK(std.dim() == 2 && std.size(0) == src_rows && std.size(1) == N, op,
+                ": std must be [", src_rows, ", ", N, "] (saved by ", fwd, "), got ", std.sizes());
+    NoiseGrad in{grad_y.contiguous(), std.contiguous(), rng_state.contiguous()};
+    l.prm.rng_state = in.state.template const_data_ptr<int64_t>();
+    return in;
+  }
+
   // (grad_x like x, grad_theta, grad_log_sigma2, grad_bias [N])
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& theta,
@@ -146,18 +174,10 @@ struct SparseVDOps {
     TORCH_CHECK(x.dim() != 3 || x.size(0) == grad_y.size(0), op, ": grad_out has ",
                 grad_y.size(0), " samples but x has ", x.size(0));
     Layer l = layer(x, theta, log_sigma2, rng_state, grad_y.size(0), op);
-    check_like(grad_y, "grad_out", theta, "theta", op);
-    check_like(std, "std", theta, "theta", op);
+    const NoiseGrad in = noise_grad_inputs(grad_y, std, rng_state, l, theta, "theta", op, "lrt_linear");
+    const at::Tensor &g = in.grad, &sd = in.std;
     const int64_t S = l.prm.num_samples, R = l.prm.rows, N = l.prm.out_features;
-    TORCH_CHECK(grad_y.size(1) == R && grad_y.size(2) == N, op, ": grad_out must be [", S, ", ",
-                R, ", ", N, "], got ", grad_y.sizes());
-    const int64_t src_rows = l.prm.shared_input ? R : S * R;
-    TORCH_CHECK(std.dim() == 2 && std.size(0) == src_rows && std.size(1) == N, op,
-                ": std must be [", src_rows, ", ", N, "] (saved by lrt_linear), got ", std.sizes());
-    const at::Tensor state = rng_state.contiguous();
-    l.prm.rng_state = state.const_data_ptr<int64_t>();
-    const at::Tensor g = grad_y.contiguous();
-    const at::Tensor sd = std.contiguous();
+    const int64_t src_rows = sd.size(0);
     at::Tensor grad_mu = at::empty({src_rows, N}, theta.options());
     at::Tensor grad_var = at::empty({src_rows, N}, theta.options());
     lrt_noise_backward(Tag{}, l.prm, g.const_data_ptr(), sd.const_data_ptr(), grad_mu.data_ptr(),
@@ -182,6 +202,67 @@ struct SparseVDOps {
     at::Tensor grad_bias = grad_mu.sum(0);
     if (!l.prm.shared_input) grad_x = grad_x.view({S, R, x.size(-1)});
     return {grad_x, grad_theta, grad_ls2, grad_bias};
+  }
+
+  // ---- variance layers (Neklyudov et al. 2018): zero-mean weights, variance exp(log_sigma2) ----
+  // forward: V = exp(log_sigma2), var = x^2 V^T (the only GEMM), y = bias + sqrt(var + 1e-8) eps
+  // by lrt_noise_forward with the bias rows as the mean (the same `lrt` stream and layout as
+  // lrt_linear). backward: grad_mean (-> grad_bias) and grad_var from lrt_noise_backward, then
+  // grad_x = 2 x (grad_var V), grad_log_sigma2 = (grad_var^T x^2) * V.
+  static at::Tensor mean_rows(const std::optional<at::Tensor>& b, int64_t rows, int64_t N,
+                              const at::Tensor& like) {
+    if (!b.has_value()) return at::zeros({rows, N}, like.options());
+    return b->unsqueeze(0).expand({rows, N}).contiguous();
+  }
+
+  // (y [S, R, N], std [R, N] or [S * R, N])
+  static std::tuple<at::Tensor, at::Tensor> variance_forward(
+      const at::Tensor& x, const at::Tensor& log_sigma2, const std::optional<at::Tensor>& bias,
+      const at::Tensor& rng_state, int64_t num_samples) {
+    const char* op = "variance_linear";
+    const NoAutocast no_ac = no_autocast();
+    at::OptionalDeviceGuard guard(x.device());
+    Layer l = layer(x, log_sigma2, log_sigma2, rng_state, num_samples, op, "log_sigma2");
+    const int64_t N = l.prm.out_features;
+    const std::optional<at::Tensor> b = checked_bias(bias, N, log_sigma2, "log_sigma2", op);
+    const at::Tensor state = rng_state.contiguous();
+    l.prm.rng_state = state.const_data_ptr<int64_t>();
+    const at::Tensor var = at::mm(l.x.square(), l.log_sigma2.exp().t());
+    check_buffer(var, l.log_sigma2.scalar_type(), "var", op);
+    const at::Tensor mean = mean_rows(b, var.size(0), N, var);
+    at::Tensor y = at::empty({num_samples, l.prm.rows, N}, x.options());
+    at::Tensor std = at::empty_like(var);
+    lrt_noise_forward(Tag{}, l.prm, mean.const_data_ptr(), var.const_data_ptr(), nullptr,
+                      y.data_ptr(), std.data_ptr());
+    return {y, std};
+  }
+
+  // (grad_x like x, grad_log_sigma2, grad_bias [N])
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> variance_backward(
+      const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& log_sigma2,
+      const at::Tensor& std, const at::Tensor& rng_state) {
+    const char* op = "variance_linear_backward";
+    const NoAutocast no_ac = no_autocast();
+    at::OptionalDeviceGuard guard(x.device());
+    TORCH_CHECK(grad_y.dim() == 3, op, ": grad_out must be [S, B, out_features], got shape ",
+                grad_y.sizes());
+    TORCH_CHECK(x.dim() != 3 || x.size(0) == grad_y.size(0), op, ": grad_out has ",
+                grad_y.size(0), " samples but x has ", x.size(0));
+    Layer l = layer(x, log_sigma2, log_sigma2, rng_state, grad_y.size(0), op, "log_sigma2");
+    const NoiseGrad in =
+        noise_grad_inputs(grad_y, std, rng_state, l, log_sigma2, "log_sigma2", op, "variance_linear");
+    const at::Tensor &g = in.grad, &sd = in.std;
+    const int64_t src_rows = sd.size(0), N = l.prm.out_features;
+    at::Tensor grad_mu = at::empty({src_rows, N}, log_sigma2.options());
+    at::Tensor grad_var = at::empty({src_rows, N}, log_sigma2.options());
+    lrt_noise_backward(Tag{}, l.prm, g.const_data_ptr(), sd.const_data_ptr(), grad_mu.data_ptr(),
+                       grad_var.data_ptr());
+    const at::Tensor V = l.log_sigma2.exp();
+    at::Tensor grad_x = at::mm(grad_var, V).mul_(l.x).mul_(2);
+    at::Tensor grad_ls2 = at::mm(grad_var.t(), l.x.square()).mul_(V);
+    at::Tensor grad_bias = grad_mu.sum(0);
+    if (!l.prm.shared_input) grad_x = grad_x.view({l.prm.num_samples, l.prm.rows, x.size(-1)});
+    return {grad_x, grad_ls2, grad_bias};
   }
 
   static at::Tensor kl(const at::Tensor& theta, const at::Tensor& log_sigma2) {
@@ -244,6 +325,8 @@ struct SparseVDOps {
   static void register_impls(torch::Library& m) {
     m.impl("lrt_linear", &forward);
     m.impl("lrt_linear_backward", &backward);
+    m.impl("variance_linear", &variance_forward);
+    m.impl("variance_linear_backward", &variance_backward);
     m.impl("sparse_vd_kl", &kl);
     m.impl("sparse_vd_kl_backward", &kl_backward);
     m.impl("sparse_vd_kl_with_grad", &kl_with_grad);

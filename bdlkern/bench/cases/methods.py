@@ -22,6 +22,12 @@ seeded block draws ``rng_state = [seed, k << 40]``, and the layer's keep mask is
 ``h = linear(h * M_k / (1 - p))`` layer by layer and the loss written out, ``-(1/alpha) log mean_k
 p_k^alpha``. The baselines (torch's own masks) are checked for shape and a finite loss.
 
+* ``methods.variational_dropout_train`` / ``methods.variance_network_train``: a training step
+  (forward, squared error + KL / 50000, backward) of an MLP 1024-1024-1024, batch 256, of
+  ``VariationalDropoutLinear`` (Kingma et al. 2015) / ``VarianceLinear`` (Neklyudov et al. 2018:
+  zero-mean weights, one GEMM per layer forward) against the LRT formula written in torch (eager
+  and ``torch.compile``); the check replays bdlkern's noise through that formula.
+
 The registry has no field for speed-up targets; the issue's is kept in :data:`TARGETS` and printed
 with the case's description: >= 1.5x the eager step on the CPU in float32 with 2 threads
 (``python -m bdlkern.bench --case methods --threads 2``).
@@ -196,24 +202,79 @@ def _vd_nets(sizes, device):
     return nn.Sequential(*layers).to(device).train()
 
 
-def _vd_eager_forward(net, x, noise=None):
-    """The LRT forward written in torch, as users write it: ``mu = x theta^T + b``,
-    ``var = x^2 (alpha theta^2)^T``, ``mu + sqrt(var + 1e-8) * eps`` per layer, plus the KL.
-    ``noise``: the eps of each layer (else ``torch.randn_like``)."""
+def _vd_eager_layer(m, h, eps):
+    """One ``VariationalDropoutLinear`` as users write its LRT in torch: ``mu = x theta^T + b``,
+    ``var = x^2 (alpha theta^2)^T``, ``mu + sqrt(var + 1e-8) * eps``; and its KL."""
+    mu = F.linear(h, m.theta, m.bias)
+    var = F.linear(h * h, m.alpha() * m.theta**2)
+    return mu + torch.sqrt(var + 1e-8) * (torch.randn_like(mu) if eps is None else eps), m.kl()
+
+
+def _eager_forward(net, x, layer_fn, noise=None):
+    """``net`` with every bdlkern LRT layer replaced by ``layer_fn(module, h, eps) -> (h, kl)``;
+    ``noise``: the eps of each such layer (else drawn by ``layer_fn``). Returns (output, summed KL)."""
     h, k = x, 0
     kl = x.new_zeros(())
     for m in net:
-        if isinstance(m, bdlkern.nn.VariationalDropoutLinear):
-            alpha = m.alpha()
-            mu = F.linear(h, m.theta, m.bias)
-            var = F.linear(h * h, alpha * m.theta**2)
-            eps = torch.randn_like(mu) if noise is None else noise[k]
-            h = mu + torch.sqrt(var + 1e-8) * eps
-            kl = kl + m.kl()
+        if isinstance(m, (bdlkern.nn.VariationalDropoutLinear, bdlkern.nn.VarianceLinear)):
+            h, layer_kl = layer_fn(m, h, None if noise is None else noise[k])
+            kl = kl + layer_kl
             k += 1
         else:
             h = m(h)
     return h, kl
+
+
+def _lrt_train_workload(net, layer_fn, dims, device, subject: str, params: dict) -> Workload:
+    """A training step of the LRT MLP ``net`` (squared error against a fixed random target + KL / 50000)
+    against the eager formula of ``layer_fn`` and its ``torch.compile``; the check replays bdlkern's
+    noise in ``sampling(1, seed=0)`` (layer k draws from rng_state ``[0, k << 40]``, stream "lrt", the
+    output's index) through the eager formula and compares loss and gradients."""
+    N, sizes = dims["N"], dims["sizes"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, sizes[0], generator=g).to(device)
+    target = torch.randn(N, sizes[-1], generator=g).to(device)
+    net_params = list(net.parameters())
+
+    def ours_step():
+        out = net(x)
+        loss = F.mse_loss(out, target) + bdlkern.nn.kl_divergence(net) / 50_000
+        return loss, torch.autograd.grad(loss, net_params)
+
+    def eager_loss(x, target):
+        out, kl = _eager_forward(net, x, layer_fn)
+        return F.mse_loss(out, target) + kl / 50_000
+
+    compiled_loss = torch.compile(eager_loss)
+    eager_step, compiled_step = (_grad_step(fn, (x, target), net_params) for fn in (eager_loss, compiled_loss))
+    compiled_step()  # compile in setup
+
+    def check() -> None:
+        with bdlkern.sampling(1, seed=0):
+            out = net(x)[0]
+        loss = F.mse_loss(out, target) + bdlkern.nn.kl_divergence(net) / 50_000
+        grads = torch.autograd.grad(loss, net_params)
+        noise = [
+            bdlkern.ops.normal((N, w), rng_state=torch.tensor([0, k << 40], device=device), stream="lrt")
+            for k, w in enumerate(sizes[1:])
+        ]
+        ref_out, kl = _eager_forward(net, x, layer_fn, noise)
+        ref_loss = F.mse_loss(ref_out, target) + kl / 50_000
+        ref_grads = torch.autograd.grad(ref_loss, net_params)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, msg=f"{subject} loss")
+        for (name, _), a, b in zip(net.named_parameters(), grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * max(1.0, b.abs().max().item()), msg=f"grad {name}")
+        for name, fn in (("eager", eager_step), ("compiled", compiled_step)):
+            b_loss, _ = fn()
+            assert torch.isfinite(b_loss), f"{name} loss {b_loss}"
+
+    forward = 2 * N * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return Workload(
+        variants={subject: ours_step, "reference (eager)": eager_step, "reference (torch.compile)": compiled_step},
+        params={"N": N, "sizes": "-".join(map(str, sizes)), **params, "dtype": "float32"},
+        flops=2 * 3 * forward,
+        check=check,
+    )
 
 
 @case(
@@ -230,57 +291,46 @@ def _vd_eager_forward(net, x, noise=None):
 )
 def _variational_dropout_train(device: torch.device, quick: bool) -> Workload:
     dims = VD_QUICK if quick else VD_FULL
-    N, sizes = dims["N"], dims["sizes"]
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(N, sizes[0], generator=g).to(device)
-    target = torch.randn(N, sizes[-1], generator=g).to(device)
-    net = _vd_nets(sizes, device)
-    params = list(net.parameters())
+    return _lrt_train_workload(
+        _vd_nets(dims["sizes"], device), _vd_eager_layer, dims, device, "bdlkern VariationalDropoutLinear",
+        {"alpha": "input"},
+    )
 
-    def ours_step():
-        out = net(x)
-        loss = F.mse_loss(out, target) + bdlkern.nn.kl_divergence(net) / 50_000
-        return loss, torch.autograd.grad(loss, params)
 
-    def eager_loss(x, target):
-        out, kl = _vd_eager_forward(net, x)
-        return F.mse_loss(out, target) + kl / 50_000
+# ---- variance networks, Neklyudov et al. 2018 -------------------------------------------------------
+def _variance_nets(sizes, device):
+    """A ``VarianceLinear`` MLP (ReLU between), seed 0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(bdlkern.nn.VarianceLinear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(device).train()
 
-    compiled_loss = torch.compile(eager_loss)
 
-    eager_step, compiled_step = (_grad_step(fn, (x, target), params) for fn in (eager_loss, compiled_loss))
-    compiled_step()  # compile in setup
+def _variance_eager_layer(m, h, eps):
+    """One ``VarianceLinear`` as users write it in torch: ``var = x^2 exp(log_sigma2)^T``,
+    ``b + sqrt(var + 1e-8) * eps`` (no KL)."""
+    std = torch.sqrt(F.linear(h * h, torch.exp(m.log_sigma2)) + 1e-8)
+    return m.bias + std * (torch.randn_like(std) if eps is None else eps), h.new_zeros(())
 
-    def check() -> None:
-        # bdlkern in sampling(1, seed=0) draws layer k's noise from rng_state [0, k << 40] (stream "lrt",
-        # the output's index): the eager formula with that noise must give the same loss and gradients.
-        with bdlkern.sampling(1, seed=0):
-            out = net(x)[0]
-        loss = F.mse_loss(out, target) + bdlkern.nn.kl_divergence(net) / 50_000
-        grads = torch.autograd.grad(loss, params)
-        widths = sizes[1:]
-        noise = [
-            bdlkern.ops.normal((N, w), rng_state=torch.tensor([0, k << 40], device=device), stream="lrt")
-            for k, w in enumerate(widths)
-        ]
-        ref_out, kl = _vd_eager_forward(net, x, noise)
-        ref_loss = F.mse_loss(ref_out, target) + kl / 50_000
-        ref_grads = torch.autograd.grad(ref_loss, params)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, msg="variational dropout loss")
-        for (name, _), a, b in zip(net.named_parameters(), grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * max(1.0, b.abs().max().item()), msg=f"grad {name}")
-        for name, fn in (("eager", eager_step), ("compiled", compiled_step)):
-            b_loss, _ = fn()
-            assert torch.isfinite(b_loss), f"{name} loss {b_loss}"
 
-    forward = 2 * N * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    return Workload(
-        variants={
-            "bdlkern VariationalDropoutLinear": ours_step,
-            "reference (eager)": eager_step,
-            "reference (torch.compile)": compiled_step,
-        },
-        params={"N": N, "sizes": "-".join(map(str, sizes)), "alpha": "input", "dtype": "float32"},
-        flops=2 * 3 * forward,
-        check=check,
+@case(
+    "methods.variance_network_train",
+    family="methods",
+    description="variance-network training step (Neklyudov et al. 2018: zero-mean weights, learnt variances) of "
+    "an MLP 1024-1024-1024, batch 256: one GEMM per layer forward, squared-error loss, backward of log_sigma2 "
+    "and bias (no target in the issue; the row of the README)",
+    subject="bdlkern VarianceLinear",
+    baselines={
+        "reference (eager)": "reference",
+        "reference (torch.compile)": "compiled",
+    },
+)
+def _variance_network_train(device: torch.device, quick: bool) -> Workload:
+    dims = VD_QUICK if quick else VD_FULL
+    return _lrt_train_workload(
+        _variance_nets(dims["sizes"], device), _variance_eager_layer, dims, device, "bdlkern VarianceLinear", {}
     )

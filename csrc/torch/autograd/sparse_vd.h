@@ -97,26 +97,41 @@ struct SparseVDAutograd {
                                                      groups);
   }
 
-  // The op without bias as ATen ops (the double-backward graph), the noise re-made by `normal`.
+  // An LRT convolution without bias as ATen ops (the double-backward graph): mean conv(x, weight)
+  // (none when `weight` is undefined: the variance layers), variance conv(x^2, variance), the
+  // noise re-made by `normal`.
+  static Tensor conv_composite(const Tensor& x, const Tensor& weight, const Tensor& variance,
+                               const Tensor& state, int64_t S, bool shared_input,
+                               const std::vector<int64_t>& stride,
+                               const std::vector<int64_t>& padding,
+                               const std::vector<int64_t>& dilation, int64_t groups) {
+    const std::vector<int64_t> out_pad(stride.size(), 0);
+    Tensor var = at::convolution(x * x, variance, std::nullopt, stride, padding, dilation, false,
+                                 out_pad, groups);
+    Tensor mean;
+    if (weight.defined()) {
+      mean = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, out_pad,
+                             groups);
+    }
+    if (shared_input) {
+      std::vector<int64_t> repeat(static_cast<size_t>(var.dim()), 1);
+      repeat[0] = S;
+      var = var.repeat(repeat);
+      if (mean.defined()) mean = mean.repeat(repeat);
+    }
+    const Tensor eps = C::normal(state, C::sizes(var.sizes()), kStreamLRT, x.scalar_type());
+    const Tensor noise = at::sqrt(var + 1e-8) * eps;
+    return mean.defined() ? mean + noise : noise;
+  }
+
   static Tensor lrt_conv_composite(const Tensor& x, const Tensor& theta, const Tensor& log_sigma2,
                                    const Tensor& state, int64_t S, bool shared_input,
                                    const std::vector<int64_t>& stride,
                                    const std::vector<int64_t>& padding,
                                    const std::vector<int64_t>& dilation, int64_t groups) {
     const Tensor variance = at::exp(C::log_alpha(theta, log_sigma2)) * theta * theta;
-    const std::vector<int64_t> out_pad(stride.size(), 0);
-    Tensor mean = at::convolution(x, theta, std::nullopt, stride, padding, dilation, false, out_pad,
-                                  groups);
-    Tensor var = at::convolution(x * x, variance, std::nullopt, stride, padding, dilation, false,
-                                 out_pad, groups);
-    if (shared_input) {
-      std::vector<int64_t> repeat(static_cast<size_t>(mean.dim()), 1);
-      repeat[0] = S;
-      mean = mean.repeat(repeat);
-      var = var.repeat(repeat);
-    }
-    const Tensor eps = C::normal(state, C::sizes(mean.sizes()), kStreamLRT, x.scalar_type());
-    return mean + at::sqrt(var + 1e-8) * eps;
+    return conv_composite(x, theta, variance, state, S, shared_input, stride, padding, dilation,
+                          groups);
   }
 
   struct LrtConv : torch::autograd::Function<LrtConv> {
@@ -188,6 +203,146 @@ struct SparseVDAutograd {
     }
     const Grads out = LrtConv::apply(x, theta, log_sigma2, bias, rng_state, S, shared_input,
                                      stride, padding, dilation, groups);
+    return {out[0], out[1]};
+  }
+
+  // ---- variance layers: variance_linear, variance_conv -------------------------------------
+  using VarianceLinearSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                       const OptTensor&, const Tensor&, int64_t);
+  using VarianceConvSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                     const OptTensor&, const Tensor&, int64_t, bool,
+                                                     Ints, Ints, Ints, int64_t);
+
+  struct VarianceLinear : torch::autograd::Function<VarianceLinear> {
+    static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& log_sigma2,
+                         const OptTensor& bias, const Tensor& rng_state, int64_t S) {
+      Tensor y, std;
+      {
+        at::AutoDispatchBelowADInplaceOrView below;
+        std::tie(y, std) = op_handle<Ns, "variance_linear", VarianceLinearSig>().call(
+            x, log_sigma2, bias, rng_state, S);
+      }
+      ctx->mark_non_differentiable({std});
+      ctx->set_materialize_grads(false);
+      ctx->save_for_backward({x, log_sigma2, std, rng_state});
+      ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+      return {y, std};
+    }
+
+    static Grads backward(Ctx* ctx, Grads grads) {
+      Grads out(5);
+      const Tensor& grad = grads[0];
+      if (!grad.defined()) return out;
+      const auto saved = ctx->get_saved_variables();
+      const Tensor &x = saved[0], &log_sigma2 = saved[1], &std = saved[2], &state = saved[3];
+      const bool bias_grad = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+      if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
+        const Tensor y = C::lrt_composite(x, at::zeros_like(log_sigma2), at::exp(log_sigma2), state,
+                                          grad.size(0), kStreamLRT);
+        const Grads g = C::composite_grads(y, {x, log_sigma2}, C::needs(ctx, {0, 1}), grad);
+        std::copy(g.begin(), g.end(), out.begin());
+        if (bias_grad) out[2] = grad.sum({0, 1});
+        return out;
+      }
+      auto [gx, gs, gb] =
+          op_handle<Ns, "variance_linear_backward",
+                    std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                       const Tensor&, const Tensor&)>()
+              .call(grad, x, log_sigma2, std, state);
+      if (ctx->needs_input_grad(0)) out[0] = gx;
+      if (ctx->needs_input_grad(1)) out[1] = gs;
+      if (bias_grad) out[2] = gb;
+      return out;
+    }
+  };
+
+  static std::tuple<Tensor, Tensor> variance_linear(const Tensor& x, const Tensor& log_sigma2,
+                                                    const OptTensor& bias,
+                                                    const Tensor& rng_state, int64_t S) {
+    if (!C::needs_graph(x, log_sigma2, bias)) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return op_handle<Ns, "variance_linear", VarianceLinearSig>().call(x, log_sigma2, bias,
+                                                                        rng_state, S);
+    }
+    const Grads out = VarianceLinear::apply(x, log_sigma2, bias, rng_state, S);
+    return {out[0], out[1]};
+  }
+
+  struct VarianceConv : torch::autograd::Function<VarianceConv> {
+    static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& log_sigma2,
+                         const OptTensor& bias, const Tensor& rng_state, int64_t S,
+                         bool shared_input, Ints stride, Ints padding, Ints dilation,
+                         int64_t groups) {
+      Tensor y, std;
+      {
+        at::AutoDispatchBelowADInplaceOrView below;
+        std::tie(y, std) = op_handle<Ns, "variance_conv", VarianceConvSig>().call(
+            x, log_sigma2, bias, rng_state, S, shared_input, stride, padding, dilation, groups);
+      }
+      ctx->mark_non_differentiable({std});
+      ctx->set_materialize_grads(false);
+      ctx->save_for_backward({x, log_sigma2, std, rng_state});
+      auto& d = ctx->saved_data;
+      d["has_bias"] = bias.has_value() && bias->defined();
+      d["S"] = S;
+      d["shared_input"] = shared_input;
+      d["stride"] = stride.vec();
+      d["padding"] = padding.vec();
+      d["dilation"] = dilation.vec();
+      d["groups"] = groups;
+      return {y, std};
+    }
+
+    static Grads backward(Ctx* ctx, Grads grads) {
+      Grads out(10);
+      const Tensor& grad = grads[0];
+      if (!grad.defined()) return out;
+      const auto saved = ctx->get_saved_variables();
+      const Tensor &x = saved[0], &log_sigma2 = saved[1], &std = saved[2], &state = saved[3];
+      auto& d = ctx->saved_data;
+      const int64_t S = d["S"].toInt(), groups = d["groups"].toInt();
+      const bool shared_input = d["shared_input"].toBool();
+      const std::vector<int64_t> stride = d["stride"].toIntVector();
+      const std::vector<int64_t> padding = d["padding"].toIntVector();
+      const std::vector<int64_t> dilation = d["dilation"].toIntVector();
+      const bool bias_grad = d["has_bias"].toBool() && ctx->needs_input_grad(2);
+      if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
+        const Tensor y = conv_composite(x, Tensor(), at::exp(log_sigma2), state, S, shared_input,
+                                        stride, padding, dilation, groups);
+        const Grads g = C::composite_grads(y, {x, log_sigma2}, C::needs(ctx, {0, 1}), grad);
+        std::copy(g.begin(), g.end(), out.begin());
+        if (bias_grad) {
+          std::vector<int64_t> dims{0};
+          for (int64_t k = 2; k < grad.dim(); ++k) dims.push_back(k);
+          out[2] = grad.sum(dims);
+        }
+        return out;
+      }
+      auto [gx, gs, gb] =
+          op_handle<Ns, "variance_conv_backward",
+                    std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                       const Tensor&, const Tensor&, int64_t, bool,
+                                                       Ints, Ints, Ints, int64_t)>()
+              .call(grad, x, log_sigma2, std, state, S, shared_input, stride, padding, dilation,
+                    groups);
+      if (ctx->needs_input_grad(0)) out[0] = gx;
+      if (ctx->needs_input_grad(1)) out[1] = gs;
+      if (bias_grad) out[2] = gb;
+      return out;
+    }
+  };
+
+  static std::tuple<Tensor, Tensor> variance_conv(const Tensor& x, const Tensor& log_sigma2,
+                                                  const OptTensor& bias, const Tensor& rng_state,
+                                                  int64_t S, bool shared_input, Ints stride,
+                                                  Ints padding, Ints dilation, int64_t groups) {
+    if (!C::needs_graph(x, log_sigma2, bias)) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return op_handle<Ns, "variance_conv", VarianceConvSig>().call(
+          x, log_sigma2, bias, rng_state, S, shared_input, stride, padding, dilation, groups);
+    }
+    const Grads out = VarianceConv::apply(x, log_sigma2, bias, rng_state, S, shared_input, stride,
+                                          padding, dilation, groups);
     return {out[0], out[1]};
   }
 
@@ -287,6 +442,8 @@ struct SparseVDAutograd {
   static void register_impls(torch::Library& m) {
     m.impl("lrt_linear", &lrt_linear);
     m.impl("lrt_conv", &lrt_conv);
+    m.impl("variance_linear", &variance_linear);
+    m.impl("variance_conv", &variance_conv);
     m.impl("sparse_vd_kl", &sparse_vd_kl);
     m.impl("sparse_vd_kl_with_grad", &sparse_vd_kl_with_grad);
   }
