@@ -250,11 +250,11 @@ def test_linear_module_regimes_and_sampling_layouts():
     assert torch.equal(ys, again)
     # eval outside sampling: the mean of the zero-mean weights' output, the bias, with a warning
     layer.eval()
-    with pytest.warns(UserWarning, match="bias alone"):
+    with pytest.warns(bdlkern.nn.VarianceMeanWarning, match="bias alone"):
         mean = layer(x)
     torch.testing.assert_close(mean, layer.bias.detach().expand(5, 4))
     nobias = VarianceLinear(6, 4, bias=False).eval()
-    with pytest.warns(UserWarning):
+    with pytest.warns(bdlkern.nn.VarianceMeanWarning):
         assert torch.equal(nobias(x), torch.zeros(5, 4))
     # in an MLP the second layer takes the samples the first made
     mlp = nn.Sequential(VarianceLinear(6, 8), nn.ReLU(), VarianceLinear(8, 3))
@@ -295,7 +295,7 @@ def test_conv_module_matches_the_reference(cls, x_shape):
     want = ref.variance_conv(x, layer.log_sigma2, layer.bias, 1, rng_state=st, padding=1)
     torch.testing.assert_close(got, want)
     layer.eval()
-    with pytest.warns(UserWarning, match="bias alone"):
+    with pytest.warns(bdlkern.nn.VarianceMeanWarning, match="bias alone"):
         mean = layer(x)
     assert mean.shape == (x_shape[0], 4, *x_shape[2:])
     torch.testing.assert_close(mean, layer.bias.detach().reshape(1, -1, *([1] * (len(x_shape) - 2))).expand_as(mean))
@@ -380,7 +380,7 @@ def test_digits_ensemble_classifies_and_mean_weights_give_chance(threads):
     pred = bdlkern.uncertainty.mc_predict(model, x_te, 50, seed=0)
     mc_acc = (pred.prediction == y_te).double().mean().item()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", bdlkern.nn.VarianceMeanWarning)
         with torch.no_grad():
             mean_logits = model(x_te)
     mean_acc = (mean_logits.argmax(-1) == y_te).double().mean().item()

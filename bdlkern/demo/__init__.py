@@ -15,7 +15,14 @@ What it does:
    * ``mc_dropout``: the plain MLP with ``nn.Dropout(p)`` before the hidden and output layers,
      turned into :class:`bdlkern.nn.MCDropoutLinear` layers by :func:`bdlkern.nn.convert`;
    * ``concrete``: :class:`bdlkern.nn.ConcreteDropoutLinear` layers that learn their dropout rate;
-   * ``sparse_vd``: :class:`bdlkern.nn.SparseVDLinear` layers (KL term / N_train), pruned to CSR.
+   * ``sparse_vd``: :class:`bdlkern.nn.SparseVDLinear` layers (KL term / N_train), pruned to CSR;
+   * ``variational_dropout``: :class:`bdlkern.nn.VariationalDropoutLinear` layers (Gaussian noise
+     with alpha learnt per input unit, Kingma et al.'s KL term);
+   * on request only (``--methods variance``): ``variance``, a variance network
+     (:class:`bdlkern.nn.VarianceLinear` hidden layers with zero-mean weights, a linear read-out).
+
+   ``--methods NAME ...`` runs any subset of :data:`METHODS` (``all``: every one, including those
+   left out by default).
 
    The conv section (``Method.conv``): LeNet-style conv nets (:func:`lenet`: two 3x3 convolutions
    of :data:`CONV_CHANNELS` with ReLU and 2x2 max pooling, then a linear layer) on the digits as
@@ -136,7 +143,7 @@ from bdlkern.demo.report import (
     observations,
     table_columns,
 )
-from bdlkern.demo.cli import main, parse_args, settings_from_args
+from bdlkern.demo.cli import main, parse_args, selected_methods, settings_from_args
 
 __all__ = [
     "build_report",
@@ -182,6 +189,7 @@ __all__ = [
     "load_data",
     "LOG_ALPHA_BINS",
     "main",
+    "selected_methods",
     "MC_DROPOUT_P",
     "MCTiming",
     "Method",

@@ -1,5 +1,5 @@
 """The command line of ``python -m bdlkern.demo`` (:func:`main`): parse and check the arguments,
-run every method of :data:`~bdlkern.demo.models.METHODS`, write the figures and the reports in
+run the methods of :data:`~bdlkern.demo.models.METHODS` that ``--methods`` picks, write the figures and the reports in
 ``--out`` and print the table. Exit status: 0 on success, 2 for bad arguments."""
 
 from __future__ import annotations
@@ -57,7 +57,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"training epochs per conv net (default {Settings.conv_epochs}, quick {QUICK['conv_epochs']})")
     add("--seed", type=_int_at_least(0), default=0, help="seed of the weights, batches and masks (default 0)")
     add("--threads", type=_int_at_least(1), metavar="N", help="torch.set_num_threads(N) (default: torch's)")
+    names = [m.name for m in METHODS]
+    add("--methods", nargs="+", metavar="NAME", choices=[*names, "all", "default"],
+        help="the methods to run, in the report's order whatever the order given: any of "
+        f"{', '.join(names)}; 'default' (the default: {', '.join(m.name for m in METHODS if m.default)}) "
+        "or 'all'")
     return parser.parse_args(argv)
+
+
+def selected_methods(names: Sequence[str] | None) -> list:
+    """The :data:`METHODS` that ``--methods`` names, in :data:`METHODS` order (the default ones for
+    None or ``default``, every one for ``all``)."""
+    wanted = set(names or ["default"])
+    return [
+        m for m in METHODS
+        if m.name in wanted or "all" in wanted or ("default" in wanted and m.default)
+    ]
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -112,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads{', quick' if settings.quick else ''}"
     )
     results = []
-    for method in METHODS:
+    for method in selected_methods(args.methods):
         result = run_method(method, data, settings)
         print(
             f"  {method.name:<15} trained in {result.history.seconds:5.1f} s, "

@@ -1,5 +1,6 @@
 """The demo's models: the :class:`Method` spec and :data:`METHODS` (plain, MC dropout, Concrete
-dropout, sparse VD MLPs, and the conv section's MC dropout, Concrete and sparse VD conv nets), the
+dropout, sparse VD, variational dropout and, on request, variance-network MLPs, and the conv
+section's MC dropout, Concrete and sparse VD conv nets), the
 MLP and conv-net builders, their per-layer statistics, sparse VD's pruning, and the plain-PyTorch
 equivalents whose Monte Carlo inference bdlkern is timed against.
 """
@@ -76,6 +77,8 @@ class Method:
         conv: a conv net of the conv section: it takes the digits as images ``[N, 1, 8, 8]``,
             ``build`` gets the channel widths ``(1, *CONV_CHANNELS, classes)`` instead of the MLP's,
             and it trains for ``settings.conv_epochs`` epochs.
+        default: part of a plain ``python -m bdlkern.demo`` run; the others run when named with
+            ``--methods``.
     """
 
     name: str
@@ -88,6 +91,7 @@ class Method:
     layer_stats: LayerStats | None = None
     eager_reference: Callable[[nn.Module], nn.Module] | None = None
     conv: bool = False
+    default: bool = True
 
     @property
     def stochastic(self) -> bool:
@@ -328,19 +332,29 @@ def prune_to_sparse(model: nn.Module) -> dict[str, Any]:
 
 
 class DenseLRTLinear(nn.Module):
-    """Plain-PyTorch LRT layer on the pruned dense weights: one sample per forward,
-    ``x W^T + b + sqrt(x^2 V^T + 1e-8) * randn`` -- the eager MC baseline of the sparse model."""
+    """Plain-PyTorch LRT layer: one sample per forward, ``x W^T + b + sqrt(x^2 V^T + 1e-8) * randn``
+    (without ``W``, a variance layer: ``b + sqrt(x^2 V^T + 1e-8) * randn``) -- the eager MC baseline of
+    the LRT models (pruned sparse VD, variational dropout, variance networks)."""
 
-    def __init__(self, sparse: bdlkern.nn.SparseLinear):
+    def __init__(self, weight: torch.Tensor | None, variance: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+        self.register_buffer("variance", variance.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_sparse(cls, sparse: bdlkern.nn.SparseLinear) -> "DenseLRTLinear":
+        """The pruned layer's dense weights and variances."""
         weight, variance = sparse._dense_matrices()
-        self.register_buffer("weight", weight)
-        self.register_buffer("variance", variance)
-        self.register_buffer("bias", None if sparse.bias is None else sparse.bias.clone())
+        return cls(weight, variance, sparse.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mu = F.linear(x, self.weight, self.bias)
-        return mu + torch.sqrt(F.linear(x * x, self.variance) + 1e-8) * torch.randn_like(mu)
+        std = torch.sqrt(F.linear(x * x, self.variance) + 1e-8)
+        if self.weight is not None:
+            mean = F.linear(x, self.weight, self.bias)
+        else:
+            mean = torch.zeros_like(std) if self.bias is None else self.bias
+        return mean + std * torch.randn_like(std)
 
 
 class DenseLRTConv(nn.Module):
@@ -369,7 +383,7 @@ def eager_sparse_vd(model: nn.Sequential) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for name, module in model.named_children():
         if isinstance(module, bdlkern.nn.SparseLinear):
-            layers[name] = DenseLRTLinear(module)
+            layers[name] = DenseLRTLinear.from_sparse(module)
         elif isinstance(module, _SPARSE_VD_CONVS):
             layers[name] = DenseLRTConv(module)
         else:
@@ -448,8 +462,71 @@ def _build_conv_sparse_vd(widths: Sequence[int]) -> nn.Module:
     return model
 
 
+# ---- variational dropout and variance networks (issue 19) --------------------------------------------
+#: Variational dropout (Kingma et al. 2015): alpha per input unit, starting at 0.25 (a Gaussian
+#: dropout of rate 0.2); the log alphas learn at this multiple of the weights' rate.
+VD_INIT_ALPHA = 0.25
+VD_ALPHA_LR_SCALE = 10.0
+#: Variance networks (Neklyudov et al. 2018): the read-out learns at this multiple of the MLPs' rate
+#: and the log-variances at this multiple of the read-out's (they move in log space).
+VARIANCE_LR = (3.0, 10.0)
+
+
+def _build_variational_dropout(widths: Sequence[int]) -> nn.Module:
+    return mlp(
+        widths,
+        linear=lambda fan_in, fan_out: bdlkern.nn.VariationalDropoutLinear(
+            fan_in, fan_out, alpha="input", init_alpha=VD_INIT_ALPHA
+        ),
+    )
+
+
+def _vd_groups(model: nn.Module, settings: Settings) -> list[dict[str, Any]]:
+    return _scaled_groups(model, "log_alpha", settings.lr, VD_ALPHA_LR_SCALE)
+
+
+def mean_alpha(model: nn.Module) -> dict[str, float]:
+    """Layer name -> mean learnt alpha of a variational-dropout layer (its Gaussian noise variance)."""
+    return {
+        name: m.alpha().mean().item()
+        for name, m in model.named_modules()
+        if isinstance(m, bdlkern.nn.VariationalDropoutLinear)
+    }
+
+
+def _build_variance(widths: Sequence[int]) -> nn.Module:
+    # Variance layers (zero-mean weights, no bias) for the hidden layers, the plain read-out fcL: the
+    # hidden units carry their information in the variance, which the ReLU turns into a mean.
+    model = mlp(widths, linear=lambda fan_in, fan_out: bdlkern.nn.VarianceLinear(fan_in, fan_out, bias=False))
+    last = f"fc{len(widths) - 1}"
+    setattr(model, last, nn.Linear(widths[-2], widths[-1]))
+    return model
+
+
+def _variance_groups(model: nn.Module, settings: Settings) -> list[dict[str, Any]]:
+    base, scale = VARIANCE_LR
+    return _scaled_groups(model, "log_sigma2", settings.lr * base, scale)
+
+
+def eager_lrt(model: nn.Sequential) -> nn.Sequential:
+    """A variational-dropout or variance MLP in plain PyTorch: every such layer a
+    :class:`DenseLRTLinear` with its weights and variances."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    with torch.no_grad():
+        for name, module in model.named_children():
+            if isinstance(module, bdlkern.nn.VariationalDropoutLinear):
+                variance = module.alpha() * module.theta**2
+                layers[name] = DenseLRTLinear(module.theta, variance, module.bias)
+            elif isinstance(module, bdlkern.nn.VarianceLinear):
+                layers[name] = DenseLRTLinear(None, module.weight_variance, module.bias)
+            else:
+                layers[name] = copy.deepcopy(module)
+    return nn.Sequential(layers).train()
+
+
 # ---- the methods ----------------------------------------------------------------------------------
-#: The models of the demo, in report order. A new method is one more entry.
+#: The models of the demo, in report order. A new method is one more entry; those with
+#: ``default=False`` run only when named with ``--methods``.
 METHODS: tuple[Method, ...] = (
     Method(
         name="plain",
@@ -492,6 +569,31 @@ METHODS: tuple[Method, ...] = (
         post_train=prune_to_sparse,
         layer_stats=LayerStats("sparsity", "fraction of weights pruned", sparsity, learnt=True),
         eager_reference=eager_sparse_vd,
+    ),
+    Method(
+        name="variational_dropout",
+        summary=(
+            "VariationalDropoutLinear layers: Gaussian multiplicative noise w (1 + sqrt(alpha) eps) with alpha "
+            "learnt per input unit, trained with the LRT and Kingma et al.'s KL approximation (Kingma, Salimans & "
+            "Welling 2015)"
+        ),
+        build=_build_variational_dropout,
+        extra_loss=bdlkern.nn.kl_divergence,
+        param_groups=_vd_groups,
+        layer_stats=LayerStats("alpha", "mean learnt alpha", mean_alpha, learnt=True),
+        eager_reference=eager_lrt,
+    ),
+    Method(
+        name="variance",
+        summary=(
+            "a variance network: VarianceLinear hidden layers whose weights have zero mean and a learnt variance "
+            "(Neklyudov et al. 2018), a linear read-out; it predicts only as an ensemble of samples (its "
+            "deterministic test accuracy, with the weights at their means, is chance)"
+        ),
+        build=_build_variance,
+        param_groups=_variance_groups,
+        eager_reference=eager_lrt,
+        default=False,
     ),
     # The conv section: LeNet-style nets on the digits as [N, 1, 8, 8] images (see lenet).
     Method(

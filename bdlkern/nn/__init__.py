@@ -66,7 +66,7 @@ from .sparse_vd import (
     SparseVDLinear,
 )
 from .variational import VariationalDropoutConv2d, VariationalDropoutLinear, variational_dropout_kl
-from .variance import VarianceConv1d, VarianceConv2d, VarianceConv3d, VarianceLinear
+from .variance import VarianceConv1d, VarianceConv2d, VarianceConv3d, VarianceLinear, VarianceMeanWarning
 # Importing the submodule binds bdlkern.nn.convert to it; this import then rebinds the name to the
 # function, which is what the public name has always been.
 from .convert import ConvertReport, convert, kl_divergence, regularization
@@ -106,6 +106,7 @@ __all__ = [
     "VarianceConv1d",
     "VarianceConv2d",
     "VarianceConv3d",
+    "VarianceMeanWarning",
     "convert",
     "ConvertReport",
     "kl_divergence",

@@ -23,7 +23,8 @@ Regimes:
 * inside ``bdlkern.sampling(S)`` (train or eval): S samples with the sample rule of
   :mod:`bdlkern._sampling`, the way to predict with a variance network;
 * eval (outside ``sampling``): the layer with its weights' means, i.e. the bias alone. That is the
-  expectation the paper shows to be useless, so the layer warns (a ``UserWarning``) when it runs so.
+  expectation the paper shows to be useless, so the layer warns (:class:`VarianceMeanWarning`) when it
+  runs so.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ from ._base import (
 )
 from .sparse_vd import _conv_template
 
+class VarianceMeanWarning(UserWarning):
+    """A variance layer ran in eval mode outside ``bdlkern.sampling``: it returned the mean of its
+    zero-mean weights' output, its bias alone, whatever the input (filter this class to silence it
+    where that is what you want, e.g. to show the paper's point)."""
+
+
 _EVAL_WARNING = (
     "{}: in eval mode outside bdlkern.sampling a variance layer returns the mean of its zero-mean "
     "weights' output, i.e. its bias alone, whatever the input; predict with bdlkern.sampling(S) or "
@@ -65,7 +72,7 @@ def _init_log_sigma2(log_sigma2: torch.Tensor, fan_in: int) -> None:
 
 
 def _warn_eval(layer: nn.Module) -> None:
-    warnings.warn(_EVAL_WARNING.format(type(layer).__name__), UserWarning, stacklevel=3)
+    warnings.warn(_EVAL_WARNING.format(type(layer).__name__), VarianceMeanWarning, stacklevel=3)
 
 
 class VarianceLinear(_NotScriptable, nn.Module):
