@@ -41,6 +41,25 @@ def test_launch_rejects_bad_block():
         ops.selftest_indices(like, [1, 1, 1], [1024, 2, 1])
 
 
+@pytest.mark.parametrize(
+    "grid,block,match",
+    [
+        ((1, 65536, 1), (1, 1, 1), r"grid \(1, 65536, 1\) exceeds CUDA's limits"),
+        ((1, 1, 65536), (1, 1, 1), r"grid \(1, 1, 65536\) exceeds CUDA's limits"),
+        ((1, 1, 1), (1, 1, 65), r"block \(1, 1, 65\) exceeds CUDA's limits"),
+    ],
+)
+def test_launch_rejects_what_a_gpu_rejects(grid, block, match):
+    """The emulator enforces CUDA's grid and block limits (issue 18 section 4): a launch a GPU would
+    refuse fails here too, so a kernel that puts a large dimension on gridDim.y cannot pass under SIMT.
+    The largest legal grids on y and z still run."""
+    like = torch.empty(0)
+    with pytest.raises(ValueError, match=match):
+        ops.selftest_indices(like, list(grid), list(block))
+    assert ops.selftest_indices(like, [1, 65535, 1], [1, 1, 1]).shape[0] == 65535
+    assert ops.selftest_indices(like, [1, 1, 2], [1, 1, 64]).shape[0] == 128
+
+
 # ---- static __shared__ and __syncthreads --------------------------------------------------------
 def _tree_sum(chunk: np.ndarray) -> np.float32:
     t = chunk.astype(np.float32).copy()

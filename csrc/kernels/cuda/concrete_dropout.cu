@@ -68,8 +68,10 @@ __global__ void __launch_bounds__(kThreads)
                          T* __restrict__ out, T* __restrict__ partial) {
   const PhiloxStream stream = make_stream(p.rng_state, kStreamConcreteDropout);
   const T inv_t = static_cast<T>(p.inv_temperature);
-  const int64_t tile = blockIdx.x;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kQuadsPerBlock + threadIdx.x) * 4;
+  // Channel blocks on x (up to 2^31 - 1 of them), row tiles on y (at most kMaxRowTiles, far below
+  // gridDim.y's 65535): a long last dimension must not land on the small grid axis.
+  const int64_t tile = blockIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kQuadsPerBlock + threadIdx.x) * 4;
   if (c0 >= sh.C) return;  // no barrier in this kernel: idle threads may leave
   const int valid = sh.C - c0 >= 4 ? 4 : static_cast<int>(sh.C - c0);
   T acc[4] = {T(0), T(0), T(0), T(0)};
@@ -165,11 +167,12 @@ void run_map(const ConcreteDropoutParams& p, const Shape& sh, const T* x, const 
   if (sh.M == 0) return;
   if (sh.L == 1) {
     const int64_t col_blocks = (sh.C + 4 * kQuadsPerBlock - 1) / (4 * kQuadsPerBlock);
-    if (sh.row_tiles > 0x7fffffffLL || col_blocks > 65535) {
+    static_assert(kMaxRowTiles <= 65535, "row tiles go on gridDim.y");
+    if (col_blocks > 0x7fffffffLL) {
       throw std::invalid_argument("concrete_dropout: too many channels for one launch");
     }
     launch(concrete_rows_kernel<T, kBackward>,
-           dim3(static_cast<unsigned>(sh.row_tiles), static_cast<unsigned>(col_blocks)),
+           dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(sh.row_tiles)),
            dim3(kThreads), 0, p.stream, p, sh, x, g, p_logit, out, partial);
   } else {
     const int64_t pairs = sh.M * sh.C;

@@ -165,6 +165,19 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, void* 
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) {
     throw std::invalid_argument("bdlkern SIMT emulator: empty grid");
   }
+  // CUDA's launch limits, which a GPU enforces with an error: an emulated launch that a device
+  // would reject must fail here too (gridDim.x may reach 2^31 - 1, y and z only 65535; blockDim.z
+  // at most 64).
+  if (grid.x > 0x7fffffffu || grid.y > 65535u || grid.z > 65535u) {
+    throw std::invalid_argument("bdlkern SIMT emulator: grid (" + std::to_string(grid.x) + ", " +
+                                std::to_string(grid.y) + ", " + std::to_string(grid.z) +
+                                ") exceeds CUDA's limits (x <= 2^31 - 1, y and z <= 65535)");
+  }
+  if (block.x > 1024u || block.y > 1024u || block.z > 64u) {
+    throw std::invalid_argument("bdlkern SIMT emulator: block (" + std::to_string(block.x) + ", " +
+                                std::to_string(block.y) + ", " + std::to_string(block.z) +
+                                ") exceeds CUDA's limits (x, y <= 1024, z <= 64)");
+  }
 
   // Static __shared__ storage is one copy per kernel: only one launch may run at a time.
   static std::mutex launch_mutex;
