@@ -60,6 +60,16 @@ def test_launch_rejects_what_a_gpu_rejects(grid, block, match):
     assert ops.selftest_indices(like, [1, 1, 2], [1, 1, 64]).shape[0] == 128
 
 
+def test_launch_must_be_on_the_current_stream():
+    """Every emulated launch is checked against the emulated current stream (issue 18 section 4): a
+    kernel launched on the legacy default stream (nullptr), which on a GPU would run out of order
+    with the caller's work on the current stream, fails under the emulator."""
+    like = torch.empty(0)
+    with pytest.raises(ValueError, match="stream other than the current one"):
+        ops.selftest_indices(like, [1, 1, 1], [2, 1, 1], True)
+    assert ops.selftest_indices(like, [1, 1, 1], [2, 1, 1], False).shape[0] == 2
+
+
 # ---- static __shared__ and __syncthreads --------------------------------------------------------
 def _tree_sum(chunk: np.ndarray) -> np.float32:
     t = chunk.astype(np.float32).copy()

@@ -113,28 +113,28 @@ __global__ void wmma_kernel(const TIn* a, int lda, const TIn* b, int ldb, const 
 }
 
 template <typename TIn, typename LayoutA, typename LayoutB, typename TAcc>
-void run_wmma(const void* a, int lda, const void* b, int ldb, const void* c, int ldc, bool c_col,
-              bool use_fill, float fill, void* d, int ldd, bool d_col) {
-  launch(wmma_kernel<TIn, LayoutA, LayoutB, TAcc>, dim3(1), dim3(32), 0, nullptr,
+void run_wmma(void* stream, const void* a, int lda, const void* b, int ldb, const void* c,
+              int ldc, bool c_col, bool use_fill, float fill, void* d, int ldd, bool d_col) {
+  launch(wmma_kernel<TIn, LayoutA, LayoutB, TAcc>, dim3(1), dim3(32), 0, stream,
          static_cast<const TIn*>(a), lda, static_cast<const TIn*>(b), ldb,
          static_cast<const TAcc*>(c), ldc, c_col, use_fill, fill, static_cast<TAcc*>(d), ldd,
          d_col);
 }
 
 template <typename TIn, typename TAcc>
-void run_wmma_layouts(bool a_col, bool b_col, const void* a, int lda, const void* b, int ldb,
-                      const void* c, int ldc, bool c_col, bool use_fill, float fill, void* d,
-                      int ldd, bool d_col) {
+void run_wmma_layouts(void* stream, bool a_col, bool b_col, const void* a, int lda,
+                      const void* b, int ldb, const void* c, int ldc, bool c_col, bool use_fill,
+                      float fill, void* d, int ldd, bool d_col) {
   using R = nvcuda::wmma::row_major;
   using C = nvcuda::wmma::col_major;
   if (!a_col && !b_col) {
-    run_wmma<TIn, R, R, TAcc>(a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
+    run_wmma<TIn, R, R, TAcc>(stream, a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
   } else if (!a_col && b_col) {
-    run_wmma<TIn, R, C, TAcc>(a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
+    run_wmma<TIn, R, C, TAcc>(stream, a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
   } else if (a_col && !b_col) {
-    run_wmma<TIn, C, R, TAcc>(a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
+    run_wmma<TIn, C, R, TAcc>(stream, a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
   } else {
-    run_wmma<TIn, C, C, TAcc>(a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
+    run_wmma<TIn, C, C, TAcc>(stream, a, lda, b, ldb, c, ldc, c_col, use_fill, fill, d, ldd, d_col);
   }
 }
 
@@ -143,48 +143,48 @@ void run_wmma_layouts(bool a_col, bool b_col, const void* a, int lda, const void
 
 using SelftestTag = BDLKERN_DEVICE_TAG;
 
-void selftest_indices(SelftestTag, int32_t* out, const uint32_t grid[3], const uint32_t block[3]) {
+void selftest_indices(SelftestTag, void* stream, int32_t* out, const uint32_t grid[3], const uint32_t block[3]) {
   BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::indices_kernel, dim3(grid[0], grid[1], grid[2]),
-                            dim3(block[0], block[1], block[2]), 0, nullptr, out);
+                            dim3(block[0], block[1], block[2]), 0, stream, out);
 }
 
-void selftest_block_sum(SelftestTag, const float* x, int64_t n, float* block_sums,
+void selftest_block_sum(SelftestTag, void* stream, const float* x, int64_t n, float* block_sums,
                         float* reversed) {
   const int64_t blocks = (n + kSelftestReduceThreads - 1) / kSelftestReduceThreads;
   if (blocks == 0) return;
   BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::block_sum_kernel, dim3(static_cast<unsigned>(blocks)),
-                            dim3(kSelftestReduceThreads), 0, nullptr, x, n, block_sums, reversed);
+                            dim3(kSelftestReduceThreads), 0, stream, x, n, block_sums, reversed);
 }
 
-void selftest_shuffle(SelftestTag, const float* x, int64_t n, int threads, float* out) {
+void selftest_shuffle(SelftestTag, void* stream, const float* x, int64_t n, int threads, float* out) {
   const int64_t blocks = (n + threads - 1) / threads;
   if (blocks == 0) return;
   BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::shuffle_kernel, dim3(static_cast<unsigned>(blocks)),
-                            dim3(threads), 0, nullptr, x, n, out);
+                            dim3(threads), 0, stream, x, n, out);
 }
 
-void selftest_atomic_add(SelftestTag, const float* x, const double* xd, int64_t n, int blocks,
+void selftest_atomic_add(SelftestTag, void* stream, const float* x, const double* xd, int64_t n, int blocks,
                          int threads, float* out_f, double* out_d, int* count_i,
                          unsigned* count_u, unsigned long long* index_sum) {
   BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::atomic_kernel, dim3(blocks), dim3(threads), 0,
-                            nullptr, x, xd, n, out_f, out_d, count_i, count_u, index_sum);
+                            stream, x, xd, n, out_f, out_d, count_i, count_u, index_sum);
 }
 
-void selftest_wmma(SelftestTag, int type, const void* a, int lda, bool a_col, const void* b,
+void selftest_wmma(SelftestTag, void* stream, int type, const void* a, int lda, bool a_col, const void* b,
                    int ldb, bool b_col, const void* c, int ldc, bool c_col, bool use_fill,
                    float fill, void* d, int ldd, bool d_col) {
   using namespace BDLKERN_DEVICE_NS;
   switch (type) {
     case kWmmaHalfFloat:
-      run_wmma_layouts<__half, float>(a_col, b_col, a, lda, b, ldb, c, ldc, c_col, use_fill, fill,
-                                      d, ldd, d_col);
+      run_wmma_layouts<__half, float>(stream, a_col, b_col, a, lda, b, ldb, c, ldc, c_col,
+                                      use_fill, fill, d, ldd, d_col);
       break;
     case kWmmaHalfHalf:
-      run_wmma_layouts<__half, __half>(a_col, b_col, a, lda, b, ldb, c, ldc, c_col, use_fill,
+      run_wmma_layouts<__half, __half>(stream, a_col, b_col, a, lda, b, ldb, c, ldc, c_col, use_fill,
                                        fill, d, ldd, d_col);
       break;
     case kWmmaBf16Float:
-      run_wmma_layouts<__nv_bfloat16, float>(a_col, b_col, a, lda, b, ldb, c, ldc, c_col,
+      run_wmma_layouts<__nv_bfloat16, float>(stream, a_col, b_col, a, lda, b, ldb, c, ldc, c_col,
                                              use_fill, fill, d, ldd, d_col);
       break;
     default:

@@ -19,27 +19,29 @@ constexpr int kSelftestShuffleFields = 6;
 
 enum SelftestWmmaType : int { kWmmaHalfFloat = 0, kWmmaHalfHalf = 1, kWmmaBf16Float = 2 };
 
+// Every entry point launches on `stream` (the current stream of the op's device, as the kernels
+// of bdlkern._C do; the emulator checks nothing about it).
 #define BDLKERN_DECLARE_SELFTEST_KERNELS(Tag)                                                      \
   /* out[t, 0:12] = blockIdx.xyz, threadIdx.xyz, blockDim.xyz, gridDim.xyz for every thread t    \
      (t = linear block id * threads per block + linear thread id) */                              \
-  void selftest_indices(Tag, int32_t* out, const uint32_t grid[3], const uint32_t block[3]);     \
+  void selftest_indices(Tag, void* stream, int32_t* out, const uint32_t grid[3], const uint32_t block[3]);     \
   /* static __shared__ + __syncthreads: block_sums[b] = tree sum of x[256 b, 256 b + 256),        \
      reversed[i] = x[mirror of i within its 256-block] (zero-padded past n) */                    \
-  void selftest_block_sum(Tag, const float* x, int64_t n, float* block_sums, float* reversed);    \
+  void selftest_block_sum(Tag, void* stream, const float* x, int64_t n, float* block_sums, float* reversed);    \
   /* warp shuffles and __syncwarp over n threads in blocks of `threads` (a multiple of 32);       \
      out[i, 0:6] = xor-butterfly sum, shfl_down sum, broadcast of lane 3, width-8 xor sum,         \
      width-8 shfl_down by 1, __syncwarp-ordered mirror through shared memory */                    \
-  void selftest_shuffle(Tag, const float* x, int64_t n, int threads, float* out);                 \
+  void selftest_shuffle(Tag, void* stream, const float* x, int64_t n, int threads, float* out);                 \
   /* atomicAdd of every element into totals: out_f += x, out_d += xd, counts of int, unsigned and \
      sum of indices as unsigned long long */                                                      \
-  void selftest_atomic_add(Tag, const float* x, const double* xd, int64_t n, int blocks,          \
+  void selftest_atomic_add(Tag, void* stream, const float* x, const double* xd, int64_t n, int blocks,          \
                            int threads, float* out_f, double* out_d, int* count_i,                \
                            unsigned* count_u, unsigned long long* index_sum);                     \
   /* one warp: d = a b + c with nvcuda::wmma m16n16k16. a, b: 16x16 tiles (half or bfloat16 by    \
      `type`) with leading dimensions lda, ldb, column-major when a_col / b_col; c, d: float or     \
      half tiles (ldc, ldd; col-major when c_col / d_col); c is ignored and the accumulator is      \
      filled with `fill` when use_fill */                                                           \
-  void selftest_wmma(Tag, int type, const void* a, int lda, bool a_col, const void* b, int ldb,   \
+  void selftest_wmma(Tag, void* stream, int type, const void* a, int lda, bool a_col, const void* b, int ldb,   \
                      bool b_col, const void* c, int ldc, bool c_col, bool use_fill, float fill,   \
                      void* d, int ldd, bool d_col);
 

@@ -18,7 +18,9 @@ namespace bdlkern {
 namespace ops {
 
 inline void define_selftest_schemas(torch::Library& m) {
-  m.def("selftest_indices(Tensor like, int[] grid, int[] block) -> Tensor");
+  // legacy_stream: launch on the legacy default stream (nullptr) instead of the current one, which
+  // the emulator must refuse.
+  m.def("selftest_indices(Tensor like, int[] grid, int[] block, bool legacy_stream=False) -> Tensor");
   m.def("selftest_block_sum(Tensor x) -> (Tensor, Tensor)");
   m.def("selftest_shuffle(Tensor x, int threads) -> Tensor");
   m.def("selftest_atomic_add(Tensor x, Tensor xd, int blocks, int threads) -> Tensor");
@@ -35,8 +37,8 @@ struct SelftestOps {
     TORCH_CHECK(t.is_contiguous(), "selftest: ", name, " must be contiguous");
   }
 
-  static at::Tensor indices(const at::Tensor& like, c10::IntArrayRef grid,
-                            c10::IntArrayRef block) {
+  static at::Tensor indices(const at::Tensor& like, c10::IntArrayRef grid, c10::IntArrayRef block,
+                            bool legacy_stream) {
     check_device(like, "like");
     TORCH_CHECK(grid.size() == 3 && block.size() == 3, "selftest_indices: grid and block are 3-d");
     uint32_t g[3], b[3];
@@ -49,7 +51,7 @@ struct SelftestOps {
     }
     at::OptionalDeviceGuard guard(like.device());
     at::Tensor out = at::empty({total, kSelftestIndexFields}, like.options().dtype(at::kInt));
-    selftest_indices(Tag{}, out.data_ptr<int32_t>(), g, b);
+    selftest_indices(Tag{}, legacy_stream ? nullptr : BackendTraits<Tag>::stream(like), out.data_ptr<int32_t>(), g, b);
     return out;
   }
 
@@ -61,7 +63,7 @@ struct SelftestOps {
     const int64_t blocks = (n + kSelftestReduceThreads - 1) / kSelftestReduceThreads;
     at::Tensor sums = at::empty({blocks}, x.options());
     at::Tensor reversed = at::empty({n}, x.options());
-    selftest_block_sum(Tag{}, x.const_data_ptr<float>(), n, sums.data_ptr<float>(),
+    selftest_block_sum(Tag{}, BackendTraits<Tag>::stream(x), x.const_data_ptr<float>(), n, sums.data_ptr<float>(),
                        reversed.data_ptr<float>());
     return {sums, reversed};
   }
@@ -73,7 +75,7 @@ struct SelftestOps {
                 "selftest_shuffle: threads must be a multiple of 32 in [32, 1024]");
     at::OptionalDeviceGuard guard(x.device());
     at::Tensor out = at::empty({x.numel(), kSelftestShuffleFields}, x.options());
-    selftest_shuffle(Tag{}, x.const_data_ptr<float>(), x.numel(), static_cast<int>(threads),
+    selftest_shuffle(Tag{}, BackendTraits<Tag>::stream(x), x.const_data_ptr<float>(), x.numel(), static_cast<int>(threads),
                      out.data_ptr<float>());
     return out;
   }
@@ -91,7 +93,7 @@ struct SelftestOps {
     // One zeroed int64 buffer carved into the five accumulators (each 8-byte aligned).
     at::Tensor acc = at::zeros({5}, x.options().dtype(at::kLong));
     auto* base = reinterpret_cast<char*>(acc.data_ptr<int64_t>());
-    selftest_atomic_add(Tag{}, x.const_data_ptr<float>(), xd.const_data_ptr<double>(), x.numel(),
+    selftest_atomic_add(Tag{}, BackendTraits<Tag>::stream(x), x.const_data_ptr<float>(), xd.const_data_ptr<double>(), x.numel(),
                         static_cast<int>(blocks), static_cast<int>(threads),
                         reinterpret_cast<float*>(base), reinterpret_cast<double*>(base + 8),
                         reinterpret_cast<int*>(base + 16), reinterpret_cast<unsigned*>(base + 24),
@@ -149,7 +151,7 @@ struct SelftestOps {
     }
     at::OptionalDeviceGuard guard(a.device());
     at::Tensor d = at::zeros({16, 16}, a.options().dtype(acc_dtype));
-    selftest_wmma(Tag{}, type, a.const_data_ptr(), static_cast<int>(a.size(1)), a_col,
+    selftest_wmma(Tag{}, BackendTraits<Tag>::stream(a), type, a.const_data_ptr(), static_cast<int>(a.size(1)), a_col,
                   b.const_data_ptr(), static_cast<int>(b.size(1)), b_col, c_ptr, ldc, c_col,
                   !c.has_value(), static_cast<float>(fill), d.data_ptr(), 16, d_col);
     return d;

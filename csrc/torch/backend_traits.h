@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <bdlkern/common/backend.h>
+#include <bdlkern/common/simt_stream.h>
 
 namespace bdlkern {
 namespace ops {
@@ -18,11 +19,12 @@ struct BackendTraits<CpuTag> {
   static void* stream(const at::Tensor&) { return nullptr; }
 };
 
-// The SIMT emulator runs CUDA sources on CPU tensors.
+// The SIMT emulator runs CUDA sources on CPU tensors; its current stream is an identity that every
+// emulated launch is checked against (bdlkern/common/simt_stream.h).
 template <>
 struct BackendTraits<SimtTag> {
   static constexpr c10::DeviceType device_type = c10::DeviceType::CPU;
-  static void* stream(const at::Tensor&) { return nullptr; }
+  static void* stream(const at::Tensor&) { return simt::current_stream(); }
 };
 
 template <>

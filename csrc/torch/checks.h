@@ -24,6 +24,15 @@ inline void check_rng_state(const at::Tensor& rng_state, c10::DeviceType device,
               c10::DeviceTypeName(device, /*lower_case=*/true), ", got ", rng_state.device());
 }
 
+// rng_state as above, and on the very device of `like` (an index too, not only the type: a state
+// on another GPU would be read through a pointer of the wrong device).
+inline void check_rng_state(const at::Tensor& rng_state, c10::DeviceType device,
+                            const at::Tensor& like, const char* like_name, const char* op) {
+  check_rng_state(rng_state, device, op);
+  TORCH_CHECK(rng_state.device() == like.device(), op, ": rng_state must be on ", like_name,
+              "'s device (", like.device(), "), got ", rng_state.device());
+}
+
 // `name` has the dtype and the device of `ref_name` (the tensor it is combined with).
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
                        const char* ref_name, const char* op) {

@@ -55,9 +55,7 @@ struct ConcreteOps {
                 p_logit.sizes());
     TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
                 ": temperature must be a finite number > 0, got ", temperature);
-    check_rng_state(rng_state, Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
-                x.device(), "), got ", rng_state.device());
+    check_rng_state(rng_state, Traits::device_type, x, "x", op);
     // One reduction (a sync on CUDA) so a NaN / inf rate is an error, not a NaN network.
     TORCH_CHECK(p_logit.numel() == 0 || at::isfinite(p_logit).all().item<bool>(), op,
                 ": p_logit must be finite (no NaN or inf)");

@@ -74,9 +74,7 @@ struct LrtConvOps {
     TORCH_CHECK(shared_input || x.size(0) % S == 0, op, ": x has ", x.size(0),
                 " rows, not a multiple of num_samples = ", S,
                 " (an input with samples is [S * N, C, *spatial], sample-major)");
-    check_rng_state(rng_state, VD::Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
-                x.device(), "), got ", rng_state.device());
+    check_rng_state(rng_state, VD::Traits::device_type, x, "x", op);
     Layer l{x.contiguous(), theta.contiguous(), log_sigma2.contiguous(), LrtParams{}};
     l.prm.num_samples = S;
     l.prm.rows = shared_input ? x.size(0) : x.size(0) / S;

@@ -104,9 +104,7 @@ struct MCDropoutOps {
     TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
     TORCH_CHECK(x.dim() == 2 || x.size(0) == num_samples, op, ": x has ", x.size(0),
                 " samples in its leading dimension but num_samples = ", num_samples);
-    check_rng_state(rng_state, Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
-                x.device(), "), got ", rng_state.device());
+    check_rng_state(rng_state, Traits::device_type, x, "x", op);
 
     const bool shared_input = x.dim() == 2 || broadcast_over_samples(x);
     const at::Tensor xs = (x.dim() == 3 && shared_input ? x.select(0, 0) : x).contiguous();
@@ -146,7 +144,7 @@ struct MCDropoutOps {
     check_like(grad_out, "grad_out", like, like_name, op);
     dtype_of(grad_out.scalar_type(), op);
     check_p(p, op);
-    check_rng_state(rng_state, Traits::device_type, op);
+    check_rng_state(rng_state, Traits::device_type, like, like_name, op);
   }
 
   static at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& weight,

@@ -101,9 +101,7 @@ struct MCDropoutConvOps {
     TORCH_CHECK(shared_input || x.size(0) % S == 0, op, ": x has ", x.size(0),
                 " rows, not a multiple of num_samples = ", S,
                 " (an input with samples is [S * N, C, *spatial], sample-major)");
-    check_rng_state(rng_state, Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
-                x.device(), "), got ", rng_state.device());
+    check_rng_state(rng_state, Traits::device_type, x, "x", op);
 
     Problem pr;
     MCDropoutConvParams& prm = pr.prm;

@@ -193,9 +193,7 @@ struct SparseConvOps {
     TORCH_CHECK(shared_input || x.size(0) % num_samples == 0, op, ": x has ", x.size(0),
                 " rows, not a multiple of num_samples = ", num_samples,
                 " (an input with samples is [S * N, C, *spatial], sample-major)");
-    check_rng_state(rng_state, Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
-                x.device(), "), got ", rng_state.device());
+    check_rng_state(rng_state, Traits::device_type, x, "x", op);
     const OptTensor b = check_bias(bias, x, pr.prm.out_channels, op);
     const Tensor xc = x.contiguous();
     const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
@@ -236,7 +234,7 @@ struct SparseConvOps {
     Problem pr = problem(x, "x", x.size(0), x.size(1), x.sizes().slice(2), crow, col, values,
                          kernel_size, stride, padding, dilation, groups, true, op);
     TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
-    check_rng_state(rng_state, Traits::device_type, op);
+    check_rng_state(rng_state, Traits::device_type, x, "x", op);
     check_like(grad_out, "grad_out", x, "x", op);
     check_like(std, "std", x, "x", op);
     const int64_t N = shared_input ? x.size(0) : x.size(0) / num_samples;

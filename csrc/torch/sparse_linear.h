@@ -270,8 +270,7 @@ struct SparseLinearOps {
     TORCH_CHECK(S >= 1, op, ": num_samples must be >= 1, got ", S);
     TORCH_CHECK(x.dim() == 2 || x.size(0) == S, op, ": x has ", x.size(0),
                 " samples in its leading dimension but num_samples = ", S);
-    check_rng_state(rng_state, Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device");
+    check_rng_state(rng_state, Traits::device_type, x, "x", op);
   }
 
   // (y [S, R, N], std [R or S R, N]): mu and var from one pass over the CSR, then S noise draws.

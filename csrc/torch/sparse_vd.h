@@ -77,9 +77,7 @@ struct SparseVDOps {
     TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
     TORCH_CHECK(x.dim() == 2 || x.size(0) == num_samples, op, ": x has ", x.size(0),
                 " samples in its leading dimension but num_samples = ", num_samples);
-    check_rng_state(rng_state, Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
-                x.device(), "), got ", rng_state.device());
+    check_rng_state(rng_state, Traits::device_type, x, "x", op);
     // A 2-d x is shared by the samples: mu and var are computed once for all of them.
     const bool shared = x.dim() == 2;
     // Explicit row count: reshape(-1, K) is ambiguous when K == 0.

@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <bdlkern/common/simt_stream.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -148,12 +150,18 @@ inline void warp_barrier() {
   t.block->warp_barriers[t.linear_tid / kWarpSize].arrive_and_wait("__syncwarp");
 }
 
-// Runs `kernel(args...)` over `grid` x `block` threads. `stream` is ignored (the emulator is
-// synchronous); dynamic shared memory does not exist here, so `smem` must be 0.
+// Runs `kernel(args...)` over `grid` x `block` threads. The emulator is synchronous, but `stream`
+// must be the emulated current stream (simt_stream.h), as a GPU launch must be on the caller's
+// current stream; dynamic shared memory does not exist here, so `smem` must be 0.
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, void* stream,
             Args&&... args) {
-  (void)stream;
+  if (stream != current_stream()) {
+    throw std::invalid_argument(
+        "bdlkern SIMT emulator: launch on a stream other than the current one (pass the stream "
+        "BackendTraits<Tag>::stream gives, not nullptr: on a GPU the legacy default stream would run "
+        "out of order with the caller's work)");
+  }
   if (smem != 0) {
     throw std::invalid_argument("bdlkern SIMT emulator: dynamic shared memory is not supported");
   }
