@@ -28,37 +28,57 @@ def random_csr(N, K, density, *, variance=True, seed=0, dtype=torch.float64):
 SPARSE_SHAPES = [(1, 1, 1, 1.0), (5, 9, 13, 0.3), (3, 70, 40, 0.1), (2, 64, 200, 0.05), (1, 1, 50, 0.5), (2, 0, 9, 0.5)]
 
 
+def _offset(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a contiguous view that starts one element into its storage: a data pointer
+    off the 16-byte grid (the CUDA CSR kernel's vector path must fall back, not misread)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 @pytest.mark.parametrize("S,B,K,density", SPARSE_SHAPES)
-def test_sparse_linear_matches_dense_reference(backend, S, B, K, density):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_linear_matches_dense_reference(backend, S, B, K, density, dtype):
+    """Every backend's CSR kernels (the CUDA sources under SIMT) against the dense float64 reference.
+    float32 takes the CUDA kernel's 16-byte vector path (V = 4) at batches divisible by 4 (B = 64 here)
+    and its scalar path elsewhere; the LRT inputs of the non-shared case start off the 16-byte grid."""
     N = 17
-    layer, w, v = random_csr(N, K, density, seed=B + K)
+    layer, w, v = random_csr(N, K, density, seed=B + K, dtype=dtype)
+    w, v = w.double(), v.double()
     dev = backend.device
     crow, col, values, bias = (t.to(dev) for t in (layer.crow, layer.col, layer.values, layer.bias))
     order = layer.row_order.to(dev)
-    x = torch.randn(B, K, dtype=torch.float64)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    lrt_tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    x = torch.randn(B, K, dtype=torch.float64).to(dtype)
     y = backend.ops.sparse_linear(x.to(dev), crow, col, values, bias, order)
-    torch.testing.assert_close(y.cpu(), nn.functional.linear(x, w, layer.bias), rtol=1e-12, atol=1e-12)
-    g = torch.randn(B, N, dtype=torch.float64)
+    torch.testing.assert_close(y.cpu().double(), nn.functional.linear(x.double(), w, layer.bias.double()), **tol)
+    g = torch.randn(B, N, dtype=torch.float64).to(dtype)
     gx = backend.ops.sparse_linear_backward(g.to(dev), crow, col, values, K)
-    torch.testing.assert_close(gx.cpu(), g @ w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx.cpu().double(), g.double() @ w, **tol)
     state = backend.tensor([3 + K, 1], dtype=torch.int64)
+    ref_args = (layer.crow, layer.col, layer.values.double(), layer.bias.double())
     for shared in (True, False):
-        xs = x if shared else torch.randn(S, B, K, dtype=torch.float64)
-        y, std = backend.ops.sparse_linear_lrt(xs.to(dev), crow, col, values, bias, order, state, S)
-        yr = ref.sparse_linear(xs, layer.crow, layer.col, layer.values, layer.bias, S if shared else None, stochastic=True, rng_state=state.cpu())
-        torch.testing.assert_close(y.cpu(), yr, rtol=1e-10, atol=1e-12)
+        xs = x if shared else torch.randn(S, B, K, dtype=torch.float64).to(dtype)
+        x_dev = xs.to(dev) if shared else _offset(xs.to(dev))
+        y, std = backend.ops.sparse_linear_lrt(x_dev, crow, col, values, bias, order, state, S)
+        xd = xs.double()
+        yr = ref.sparse_linear(xd, *ref_args, S if shared else None, stochastic=True, rng_state=state.cpu())
+        torch.testing.assert_close(y.cpu().double(), yr, **lrt_tol)
         # the stochastic layer is the dense LRT layer with the same weight moments
-        var = nn.functional.linear(xs * xs, v)
-        torch.testing.assert_close(std.cpu().reshape(var.shape[-2:] if shared else var.shape), torch.sqrt(var + 1e-8))
-        gy = torch.randn(S, B, N, dtype=torch.float64)
-        gx = backend.ops.sparse_linear_lrt_backward(gy.to(dev), xs.to(dev), crow, col, values, std, state)
-        xr = xs.clone().requires_grad_()
+        var = nn.functional.linear(xd * xd, v)
+        torch.testing.assert_close(std.cpu().double().reshape(var.shape[-2:] if shared else var.shape),
+                                   torch.sqrt(var + 1e-8), **lrt_tol)
+        gy = torch.randn(S, B, N, dtype=torch.float64).to(dtype)
+        gx = backend.ops.sparse_linear_lrt_backward(_offset(gy.to(dev)), x_dev, crow, col, values, std, state)
+        xr = xd.clone().requires_grad_()
         (gxr,) = torch.autograd.grad(
-            ref.sparse_linear(xr, layer.crow, layer.col, layer.values, layer.bias, S if shared else None, stochastic=True, rng_state=state.cpu()),
+            ref.sparse_linear(xr, *ref_args, S if shared else None, stochastic=True, rng_state=state.cpu()),
             xr,
-            gy,
+            gy.double(),
         )
-        torch.testing.assert_close(gx.cpu(), gxr, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gx.cpu().double(), gxr, **lrt_tol)
 
 
 def test_sparse_linear_float32_batches_and_vector_paths():

@@ -89,6 +89,41 @@ def test_lrt_gradcheck(shared_input):
     assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (x, theta, log_sigma2, b)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 5000, 70001])
+def test_kl_and_weight_variance_kernels_on_every_backend(backend, dtype, n):
+    """The KL kernels (sum, backward) and the weight-variance kernels under lrt_linear, run by every
+    backend's own code (the CUDA sources under SIMT, issue 18 section 3), against the float64 reference:
+    sizes across the CUDA kernel's partial-sum chunks, float32 and float64, and weights that start at an
+    odd offset into their storage (no 16-byte alignment)."""
+    g = torch.Generator().manual_seed(n)
+    base_t = torch.randn(n + 1, generator=g, dtype=torch.float64) * 0.3
+    base_s = torch.rand(n + 1, generator=g, dtype=torch.float64) * 14 - 9  # log alpha across the clamp
+    theta, log_sigma2 = (t.to(dtype).to(backend.device)[1:] for t in (base_t, base_s))  # offset views
+    assert theta.storage_offset() == 1 and log_sigma2.storage_offset() == 1
+    kl = backend.ops.sparse_vd_kl(theta, log_sigma2)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (theta, log_sigma2)]
+    want = ref.sparse_vd_kl(*leaves)
+    tol = dict(rtol=1e-5, atol=1e-4 * max(1.0, math.sqrt(n))) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(kl.cpu().double(), want.detach(), **tol)
+    grad = torch.tensor(0.75, dtype=dtype, device=backend.device)
+    gt, gs = backend.ops.sparse_vd_kl_backward(grad, theta, log_sigma2)
+    wt, ws = torch.autograd.grad(want, leaves, torch.tensor(0.75, dtype=torch.float64))
+    # float32: d log_alpha / d theta = -2 theta / (theta^2 + 1e-8) is ill-conditioned at small theta
+    gtol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gt.cpu().double(), wt, **gtol)
+    torch.testing.assert_close(gs.cpu().double(), ws, **gtol)
+    if n <= 5000:  # the weight-variance passes of the LRT layer on the same offset weights
+        rows = 3
+        K = n
+        x = torch.randn(rows, K, generator=g, dtype=torch.float64).to(dtype).to(backend.device)
+        state = torch.tensor([n, 2], dtype=torch.int64, device=backend.device)
+        th, ls = theta.reshape(1, K), log_sigma2.reshape(1, K)
+        y, std = backend.ops.lrt_linear(x, th, ls, None, state, 2)
+        var = (x.cpu().double() ** 2) @ (torch.exp(ref.log_alpha(th.cpu().double(), ls.cpu().double())) * th.cpu().double() ** 2).T
+        torch.testing.assert_close(std.cpu().double(), torch.sqrt(var + 1e-8), rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-6)
+
+
 def test_kl_gradcheck_and_simt_autograd():
     _, theta, log_sigma2, _ = make_layer(1, 1, 6, 5, shared_input=True, seed=2)
     for ops in (torch.ops.bdlkern, torch.ops.bdlkern_simt):
