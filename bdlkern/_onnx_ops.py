@@ -226,14 +226,14 @@ def mc_dropout_linear(x, weight, bias, rng_state, p: float, num_samples: int, sh
     return y
 
 
-def sparse_linear(x, crow, col, values, bias=None, row_order=None):
+def sparse_linear(x, crow, col, values, bias=None, row_order=None, validate: bool = True):
     """``x W^T + bias`` for the CSR weight (``values [nnz]``, or column 0 of ``[nnz, 2]``), ``x [R, K]``.
     ``row_order`` only schedules the CUDA kernel's warps: unused."""
     rows = _csr_rows(crow, col)
     return _bias(_csr_matmul(x, crow, col, rows, _csr_values(values, 0)), bias)
 
 
-def sparse_linear_lrt(x, crow, col, values, bias, row_order, rng_state, num_samples: int):
+def sparse_linear_lrt(x, crow, col, values, bias, row_order, rng_state, num_samples: int, validate: bool = True):
     """LRT samples of the CSR layer: ``(mu + sqrt(v + 1e-8) * eps, sqrt(v + 1e-8))`` with
     ``mu = x W^T + bias``, ``v = x^2 V^T`` (``values [nnz, 2]``: W, V), eps standard normal."""
     x_rank = _rank(x, "x")
@@ -348,7 +348,8 @@ def variance_conv(x, log_sigma2, bias, rng_state, num_samples: int, shared_input
     return _conv_lrt_output(_zero_mean(var, bias, rank - 2), std, num_samples, shared_input)
 
 
-def sparse_conv(x, crow, col, values, bias, kernel_size, stride, padding, dilation, groups: int):
+def sparse_conv(x, crow, col, values, bias, kernel_size, stride, padding, dilation, groups: int,
+                validate: bool = True):
     """``Conv(x, W, bias)`` with W the dense weight of the CSR buffers (``values [nnz]``, or column 0
     of ``[nnz, 2]``), made in the graph (:func:`_csr_conv_weight`)."""
     _conv_rank(x, "sparse_conv")
@@ -357,7 +358,7 @@ def sparse_conv(x, crow, col, values, bias, kernel_size, stride, padding, dilati
 
 
 def sparse_conv_lrt(x, crow, col, values, bias, rng_state, num_samples: int, shared_input: bool, kernel_size, stride,
-                    padding, dilation, groups: int):
+                    padding, dilation, groups: int, validate: bool = True):
     """LRT samples of the CSR convolution (``values [nnz, 2]``: W, V): ``mean = Conv(x, W, bias)``,
     ``var = Conv(x^2, V)``, output ``(mean + sqrt(var + 1e-8) * eps, sqrt(var + 1e-8))`` folded."""
     _conv_rank(x, "sparse_conv_lrt")

@@ -226,8 +226,7 @@ for op in ("concrete_dropout", "concrete_dropout_backward"):
         case(op, "temperature", t, "temperature must be a finite number > 0")
     case(op, "p_logit", torch.zeros(2, 2), r"p_logit must be a scalar .* or have shape \[4\]", "[2, 2]")
     case(op, "p_logit", lambda a: torch.zeros(4, dtype=a["x"].dtype).int(), "p_logit must have the dtype of x", "int32")
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        case(op, "p_logit", torch.tensor([0.0, 1.0, bad, 0.0]), "p_logit must be finite", f"[.., {bad}, ..]")
+    # (the non-finite rates: test_non_finite_p_logit_is_an_error_on_the_cpu_and_propagates_on_devices)
     case(op, "p_logit", lambda a: torch.zeros(4).to(META), "p_logit must be on x's device", "meta")
     case(op, "rng_state", torch.tensor([1, 2], dtype=torch.int32), "rng_state must be an int64", "int32")
     case(op, "rng_state", torch.tensor([1, 2, 3]), r"rng_state must have shape \[2\]", "[3]")
@@ -390,6 +389,28 @@ def test_raw_op_rejects(ns, op, arg, value, match, exc):
     overrides = value if arg == "*" else {arg: value}
     with pytest.raises(exc, match=match):
         call(ns, op, **overrides)
+
+
+@pytest.mark.parametrize("op", ["concrete_dropout", "concrete_dropout_backward"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_p_logit_is_an_error_on_the_cpu_and_propagates_on_devices(op, bad):
+    """The CPU kernels reject a non-finite rate by name. The CUDA sources (run here by the SIMT
+    emulator) cannot without waiting for the device on every call (issue 18): there a NaN rate's
+    outputs are NaN, never a silently finite result, and an infinite one is its limit."""
+    p_logit = torch.tensor([0.0, 1.0, bad, 0.0])
+    with pytest.raises(RuntimeError, match="p_logit must be finite"):
+        call("bdlkern", op, p_logit=p_logit)
+    args = {**valid_args(op), "p_logit": p_logit}
+    out = getattr(torch.ops.bdlkern_simt, op)(**args)
+    y = out[0] if isinstance(out, tuple) else out
+    if bad != bad:  # NaN: the feature's outputs (and its rate's gradient) are NaN
+        assert y[:, 2].isnan().all() and not y[:, [0, 1, 3]].isnan().any()
+        if isinstance(out, tuple):
+            assert out[1][2].isnan()
+    else:  # +-inf: the limits p = 1 (all dropped) and p = 0 (all kept, unscaled)
+        kept = args["x"] if op == "concrete_dropout" else args["grad_out"]
+        want = torch.zeros_like(kept[:, 2]) if bad > 0 else kept[:, 2]
+        torch.testing.assert_close(y[:, 2], want)
 
 
 @pytest.mark.parametrize("op", ["mc_dropout_linear", "mc_dropout_linear_grad_input", "mc_dropout_linear_grad_weight"])

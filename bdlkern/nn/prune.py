@@ -192,13 +192,15 @@ class CompactSparseLinear(SparseLinear):
             return super().forward(x)
         _check_width(self, x, self.in_features)
         _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
+        self._ensure_valid()
         rng_state, num_samples, x_op, folded = state.layer_call(self, x, self.in_features, per_row=self.full_out)
         # A folded input is used as it comes, [S * N, ..., in] (not the [S, N, ...] view): its rows
         # are the kernel's rows in the same order, and no tensor here has N as its leading size.
         src = x if folded else x_op
-        mean = ops.sparse_linear(src, self.crow, self.col, self.values, self.bias, row_order=self.row_order)
+        mean = ops.sparse_linear(src, self.crow, self.col, self.values, self.bias, row_order=self.row_order,
+                                 validate=False)
         var = ops.sparse_linear(src * src, self.crow, self.col, self.values[:, 1].contiguous(), None,
-                                row_order=self.row_order)
+                                row_order=self.row_order, validate=False)
         if self.var_bias is not None:
             var = var + self.var_bias
         std = torch.sqrt(var + _LRT_EPS)
@@ -255,6 +257,7 @@ class _CompactSparseConvNd(_SparseConvNd):
         if state is None or not self.has_variance:
             return super().forward(x)
         _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
+        self._ensure_valid()
         per_image = _image_out_numel(self, x, self._dims, self.kernel_size, self.full_out)
         rng_state, has_samples, x_op, stacked = state.conv_call(self, x, per_image=per_image)
         self._check_channels(x_op, "an input (samples folded into the batch)" if has_samples else "a batched input")
@@ -263,7 +266,7 @@ class _CompactSparseConvNd(_SparseConvNd):
         var_values = self.values[:, 1].contiguous()
         var = ops.sparse_conv(
             x_op * x_op, self.crow, self.col, var_values, None, kernel_size=self.kernel_size, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, groups=self.groups,
+            padding=self.padding, dilation=self.dilation, groups=self.groups, validate=False,
         )
         if self.var_bias is not None:
             var = var + self.var_bias.view(-1, *([1] * self._dims))

@@ -334,7 +334,44 @@ class SparseVDConv3d(_SparseVDConvNd):
     _conv_type = nn.Conv3d
 
 
-class SparseLinear(_NotScriptable, nn.Module):
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (-1 for an inference tensor, which keeps none: it cannot be changed in
+    place outside inference mode)."""
+    return -1 if t.is_inference() else t._version
+
+
+class _CheckedCsr:
+    """What :class:`SparseLinear` and the sparse convolutions share: their CSR structure is validated
+    once, at construction, at ``load_state_dict`` and again after any in-place change of a buffer
+    (seen by its version counter) or a replaced buffer (``.to()``), and their forward calls the ops
+    with ``validate=False``. Validating on every call would copy the structure to the host and wait
+    for the device each time on CUDA (and cost ~10 us per call on the CPU). Under ``torch.compile``
+    / ``torch.export`` the version check is skipped (the structure was validated eagerly). A write
+    that bypasses the version counter (through ``.data`` or shared numpy memory) is not seen: call
+    :meth:`validate` after one."""
+
+    _csr_buffers = ("crow", "col", "values", "row_order")
+    _csr_checked: tuple | None = None
+
+    def _csr_state(self) -> tuple:
+        return tuple((id(t), _version(t)) for t in (getattr(self, n, None) for n in self._csr_buffers) if t is not None)
+
+    def validate(self) -> None:
+        """Check the CSR structure now (raises on a malformed one, naming the buffer)."""
+        self._validate_structure()
+        self._csr_checked = self._csr_state()
+
+    def _ensure_valid(self) -> None:
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return
+        if self._csr_state() != self._csr_checked:
+            self.validate()
+
+    def _validate_structure(self) -> None:  # the ops with validate=True on an empty batch
+        raise NotImplementedError
+
+
+class SparseLinear(_CheckedCsr, _NotScriptable, nn.Module):
     """A linear layer with a CSR weight, for pruned networks (``SparseVDLinear.to_sparse()``).
 
     * deterministic: ``y = x W^T + bias`` through ``bdlkern.ops.sparse_linear``; above the
@@ -345,7 +382,9 @@ class SparseLinear(_NotScriptable, nn.Module):
 
     Buffers (all in the state dict; ``load_state_dict`` takes any nnz): ``crow`` int64 ``[N + 1]``,
     ``col`` int64 ``[nnz]``, ``values`` ``[nnz]`` or ``[nnz, 2]`` (theta, alpha theta^2), ``bias``
-    ``[N]`` (optional) and ``row_order`` (rows longest first, for the CUDA kernel's warps).
+    ``[N]`` (optional) and ``row_order`` (rows longest first, for the CUDA kernel's warps). The
+    structure is validated at construction and load (and after an in-place change of a buffer),
+    not on every call: a forward never waits for the device.
     ``values`` is float32 or float64 (the sparse kernels' dtypes, on both paths, so that what runs
     does not depend on the batch size); the input must have its dtype and ``in_features`` features
     in its last dimension.
@@ -383,9 +422,15 @@ class SparseLinear(_NotScriptable, nn.Module):
                 "take torch.float32, torch.float64); build the layer in torch.float32 and use torch.autocast "
                 "for lower precision around it"
             )
-        # A malformed structure fails here, at construction (the op checks it on every call too).
-        probe = torch.zeros(1, self.in_features, dtype=values.dtype, device=values.device)
-        torch.ops.bdlkern.sparse_linear(probe, crow, col, values, bias, None)
+        self.validate()  # a malformed structure fails here, at construction
+
+    def _validate_structure(self) -> None:
+        probe = self.values.new_zeros(0, self.in_features)
+        torch.ops.bdlkern.sparse_linear(probe, self.crow, self.col, self.values, self.bias, self.row_order, True)
+        if self.has_variance:  # the variances too (>= 0)
+            state = torch.zeros(2, dtype=torch.long, device=self.values.device)
+            torch.ops.bdlkern.sparse_linear_lrt(probe, self.crow, self.col, self.values, self.bias, self.row_order,
+                                                state, 1, True)
 
     @staticmethod
     def _row_order(crow: torch.Tensor) -> torch.Tensor:
@@ -458,12 +503,13 @@ class SparseLinear(_NotScriptable, nn.Module):
         ``[S, *, in]`` -> ``[S, *, out]``."""
         _check_width(self, x, self.in_features)
         _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
+        self._ensure_valid()
         state = current_sampling()
         if state is not None and self.has_variance:
             rng_state, num_samples, x, folded = state.layer_call(self, x, self.in_features, per_row=self.out_features)
             y = ops.sparse_linear(
                 x, self.crow, self.col, self.values, self.bias, num_samples=num_samples, stochastic=True,
-                rng_state=rng_state, row_order=self.row_order,
+                rng_state=rng_state, row_order=self.row_order, validate=False,
             )
             return state.output(y.flatten(0, 1) if folded else y, "folded" if folded else "stacked")
         rows = x.numel() // max(self.in_features, 1)
@@ -473,7 +519,8 @@ class SparseLinear(_NotScriptable, nn.Module):
             if self._dense is None or self._dense.dtype != self.values.dtype:
                 self._dense = self.to_dense()
             return F.linear(x, self._dense, self.bias)
-        return ops.sparse_linear(x, self.crow, self.col, self.values, self.bias, row_order=self.row_order)
+        return ops.sparse_linear(x, self.crow, self.col, self.values, self.bias, row_order=self.row_order,
+                                 validate=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The number of stored weights differs from layer to layer: take the incoming shapes.
@@ -485,6 +532,7 @@ class SparseLinear(_NotScriptable, nn.Module):
                     setattr(self, name, torch.empty_like(state_dict[key], device=self.col.device))
         self._dense = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.validate()  # what was loaded, checked once
 
     def extra_repr(self) -> str:
         return (
@@ -494,7 +542,7 @@ class SparseLinear(_NotScriptable, nn.Module):
 
 
 
-class _SparseConvNd(_NotScriptable, nn.Module):
+class _SparseConvNd(_CheckedCsr, _NotScriptable, nn.Module):
     """A convolution with a CSR weight, for pruned networks (``SparseVDConv2d.to_sparse()``): the
     conv counterpart of :class:`SparseLinear`, computed by ``bdlkern.ops.sparse_conv`` without
     im2col.
@@ -508,6 +556,7 @@ class _SparseConvNd(_NotScriptable, nn.Module):
     Buffers (all in the state dict; ``load_state_dict`` takes any nnz): ``crow`` int64
     ``[C_out + 1]``, ``col`` int64 ``[nnz]`` (columns of ``[C_out, C_in / groups * prod(kernel)]``),
     ``values`` ``[nnz]`` or ``[nnz, 2]`` (theta, alpha theta^2), ``bias`` ``[C_out]`` (optional).
+    The structure is validated at construction and load, not on every call (as :class:`SparseLinear`).
     """
 
     _dims: int
@@ -546,10 +595,15 @@ class _SparseConvNd(_NotScriptable, nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("bias", bias)
         self.register_buffer("_dense", None, persistent=False)  # the dense weight, made on demand
-        # A malformed structure fails here, at construction (the op checks it on every call too).
-        probe = torch.zeros(1, self.in_channels, *[d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)],
-                            dtype=values.dtype, device=values.device)
-        self._sparse(probe)
+        self.validate()  # a malformed structure fails here, at construction
+
+    def _validate_structure(self) -> None:
+        probe = self.values.new_zeros(0, self.in_channels, *[d * (k - 1) + 1 for k, d in zip(self.kernel_size,
+                                                                                             self.dilation)])
+        self._sparse(probe, validate=True)
+        if self.has_variance:  # the variances too (>= 0)
+            self._sparse(probe, stochastic=True, rng_state=torch.zeros(2, dtype=torch.long, device=probe.device),
+                         validate=True)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, variance: torch.Tensor | None = None,
@@ -598,6 +652,7 @@ class _SparseConvNd(_NotScriptable, nn.Module):
         return w.reshape(self._weight_shape())
 
     def _sparse(self, x, **kwargs):
+        kwargs.setdefault("validate", False)  # validated once (_CheckedCsr)
         return ops.sparse_conv(
             x, self.crow, self.col, self.values, self.bias, kernel_size=self.kernel_size, stride=self.stride,
             padding=self.padding, dilation=self.dilation, groups=self.groups, **kwargs,
@@ -609,6 +664,7 @@ class _SparseConvNd(_NotScriptable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C, *] -> [N, C_out, *]``; inside ``sampling(S)`` with variances see the class docstring."""
         _check_dtype(self, x, self.values.dtype, _F32_F64, "sparse")
+        self._ensure_valid()
         state = current_sampling()
         if state is not None and self.has_variance:
             per_image = _image_out_numel(self, x, self._dims, self.kernel_size, self.out_channels)
@@ -644,6 +700,7 @@ class _SparseConvNd(_NotScriptable, nn.Module):
         self._dense = None
         nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                         error_msgs)
+        self.validate()  # what was loaded, checked once
 
     def extra_repr(self) -> str:
         return (

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "autocast.h"
 #include "backend_traits.h"
@@ -56,9 +57,14 @@ struct ConcreteOps {
     TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
                 ": temperature must be a finite number > 0, got ", temperature);
     check_rng_state(rng_state, Traits::device_type, x, "x", op);
-    // One reduction (a sync on CUDA) so a NaN / inf rate is an error, not a NaN network.
-    TORCH_CHECK(p_logit.numel() == 0 || at::isfinite(p_logit).all().item<bool>(), op,
-                ": p_logit must be finite (no NaN or inf)");
+    // On the CPU a NaN / inf rate is an error, not a NaN network (one reduction over the rates). On
+    // a device (CUDA, and the SIMT emulator that stands for it) reading that answer would stall
+    // the stream on every call and break CUDA-graph capture: there a non-finite rate propagates
+    // into NaN outputs and gradients instead.
+    if constexpr (std::is_same_v<Tag, CpuTag>) {
+      TORCH_CHECK(p_logit.numel() == 0 || at::isfinite(p_logit).all().item<bool>(), op,
+                  ": p_logit must be finite (no NaN or inf)");
+    }
 
     ConcreteDropoutParams prm;
     prm.channels = C;

@@ -83,34 +83,40 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
   m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
   m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
   m.def("sparse_vd_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");
+  // validate: check the CSR structure (and row_order, and that the variances are >= 0) on the
+  // host, which on CUDA copies it and waits. False skips those data checks (the metadata checks
+  // stay): for callers that validated the structure once, as SparseLinear / SparseConv do at
+  // construction and load, so that a forward never stalls the stream.
   m.def(
       "sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
-      "Tensor? row_order) -> Tensor");
+      "Tensor? row_order, bool validate=True) -> Tensor");
   m.def(
       "sparse_linear_backward(Tensor grad_out, Tensor crow, Tensor col, Tensor values, "
-      "int in_features) -> Tensor");
+      "int in_features, bool validate=True) -> Tensor");
   m.def(
       "sparse_linear_lrt(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
-      "Tensor? row_order, Tensor rng_state, int num_samples) -> (Tensor, Tensor)");
+      "Tensor? row_order, Tensor rng_state, int num_samples, bool validate=True) -> (Tensor, Tensor)");
   m.def(
       "sparse_linear_lrt_backward(Tensor grad_out, Tensor x, Tensor crow, Tensor col, "
-      "Tensor values, Tensor std, Tensor rng_state) -> Tensor");
+      "Tensor values, Tensor std, Tensor rng_state, bool validate=True) -> Tensor");
   // The sparse convolution: CSR over [C_out, C_in / groups * prod(kernel_size)] (bdlkern/sparse_conv).
   m.def(
       "sparse_conv(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
-      "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+      "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, "
+      "bool validate=True) -> Tensor");
   m.def(
       "sparse_conv_backward(Tensor grad_out, Tensor crow, Tensor col, Tensor values, "
       "int[] input_size, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-      "int groups) -> Tensor");
+      "int groups, bool validate=True) -> Tensor");
   m.def(
       "sparse_conv_lrt(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
       "Tensor rng_state, int num_samples, bool shared_input, int[] kernel_size, int[] stride, "
-      "int[] padding, int[] dilation, int groups) -> (Tensor, Tensor)");
+      "int[] padding, int[] dilation, int groups, bool validate=True) -> (Tensor, Tensor)");
   m.def(
       "sparse_conv_lrt_backward(Tensor grad_out, Tensor x, Tensor crow, Tensor col, "
       "Tensor values, Tensor std, Tensor rng_state, int num_samples, bool shared_input, "
-      "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+      "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, "
+      "bool validate=True) -> Tensor");
 }
 
 }  // namespace ops

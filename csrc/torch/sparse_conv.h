@@ -49,7 +49,7 @@ struct SparseConvOps {
                          int64_t in_channels, Ints in_sizes, const Tensor& crow,
                          const Tensor& col, const Tensor& values, Ints kernel_size, Ints stride,
                          Ints padding, Ints dilation, int64_t groups, bool need_variance,
-                         const char* op) {
+                         bool validate, const char* op) {
     TORCH_CHECK(like.device().type() == Traits::device_type, op, ": ", like_name, " must be on ",
                 c10::DeviceTypeName(Traits::device_type, true), ", got ", like.device());
     TORCH_CHECK(like.scalar_type() == at::kFloat || like.scalar_type() == at::kDouble, op, ": ",
@@ -71,7 +71,7 @@ struct SparseConvOps {
     for (const int64_t k : kernel_size) taps *= k;
     const int64_t K = in_channels / groups * taps;
     Problem pr;
-    pr.csr = Csr_::check_csr(crow, col, values, K, like, need_variance, op, like_name);
+    pr.csr = Csr_::check_csr(crow, col, values, K, like, need_variance, validate, op, like_name);
     SparseConvParams& p = pr.prm;
     p.batch = batch;
     p.in_channels = in_channels;
@@ -122,13 +122,13 @@ struct SparseConvOps {
 
   static Tensor forward(const Tensor& x, const Tensor& crow, const Tensor& col,
                         const Tensor& values, const OptTensor& bias, Ints kernel_size, Ints stride,
-                        Ints padding, Ints dilation, int64_t groups) {
+                        Ints padding, Ints dilation, int64_t groups, bool validate) {
     const char* op = "sparse_conv";
     const NoAutocast no_ac = no_autocast();
     check_x(x, op);
     at::OptionalDeviceGuard guard(x.device());
     Problem pr = problem(x, "x", x.size(0), x.size(1), x.sizes().slice(2), crow, col, values,
-                         kernel_size, stride, padding, dilation, groups, false, op);
+                         kernel_size, stride, padding, dilation, groups, false, validate, op);
     const OptTensor b = check_bias(bias, x, pr.prm.out_channels, op);
     const Tensor xc = x.contiguous();
     Tensor y = at::empty(pr.out_sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -140,7 +140,7 @@ struct SparseConvOps {
   // grad_x [batch, C_in, *input_size]
   static Tensor backward(const Tensor& grad_out, const Tensor& crow, const Tensor& col,
                          const Tensor& values, Ints input_size, Ints kernel_size, Ints stride,
-                         Ints padding, Ints dilation, int64_t groups) {
+                         Ints padding, Ints dilation, int64_t groups, bool validate) {
     const char* op = "sparse_conv_backward";
     const NoAutocast no_ac = no_autocast();
     TORCH_CHECK(input_size.size() >= 3 && input_size.size() <= 5, op,
@@ -148,7 +148,7 @@ struct SparseConvOps {
     at::OptionalDeviceGuard guard(grad_out.device());
     Problem pr = problem(grad_out, "grad_out", input_size[0], input_size[1], input_size.slice(2),
                          crow, col, values, kernel_size, stride, padding, dilation, groups, false,
-                         op);
+                         validate, op);
     TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(pr.out_sizes), op,
                 ": grad_out must have the output's shape ", c10::IntArrayRef(pr.out_sizes),
                 ", got ", grad_out.sizes());
@@ -181,14 +181,14 @@ struct SparseConvOps {
                                                 const OptTensor& bias, const Tensor& rng_state,
                                                 int64_t num_samples, bool shared_input,
                                                 Ints kernel_size, Ints stride, Ints padding,
-                                                Ints dilation, int64_t groups) {
+                                                Ints dilation, int64_t groups, bool validate) {
     const char* op = "sparse_conv_lrt";
     const NoAutocast no_ac = no_autocast();
     check_x(x, op);
     at::OptionalDeviceGuard guard(x.device());
     Problem pr = problem(x, "x", x.size(0), x.size(1), x.sizes().slice(2), crow, col, values,
-                         kernel_size, stride, padding, dilation, groups, true, op);
-    Csr_::check_variances(pr.csr.values, op);
+                         kernel_size, stride, padding, dilation, groups, true, validate, op);
+    if (validate) Csr_::check_variances(pr.csr.values, op);
     TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
     TORCH_CHECK(shared_input || x.size(0) % num_samples == 0, op, ": x has ", x.size(0),
                 " rows, not a multiple of num_samples = ", num_samples,
@@ -226,13 +226,13 @@ struct SparseConvOps {
                              const Tensor& col, const Tensor& values, const Tensor& std,
                              const Tensor& rng_state, int64_t num_samples, bool shared_input,
                              Ints kernel_size, Ints stride, Ints padding, Ints dilation,
-                             int64_t groups) {
+                             int64_t groups, bool validate) {
     const char* op = "sparse_conv_lrt_backward";
     const NoAutocast no_ac = no_autocast();
     check_x(x, op);
     at::OptionalDeviceGuard guard(x.device());
     Problem pr = problem(x, "x", x.size(0), x.size(1), x.sizes().slice(2), crow, col, values,
-                         kernel_size, stride, padding, dilation, groups, true, op);
+                         kernel_size, stride, padding, dilation, groups, true, validate, op);
     TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
     check_rng_state(rng_state, Traits::device_type, x, "x", op);
     check_like(grad_out, "grad_out", x, "x", op);

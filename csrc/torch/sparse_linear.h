@@ -8,10 +8,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
-#include <ATen/ops/bincount.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/repeat_interleave.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -68,10 +68,11 @@ struct SparseLinearOps {
   // Checks the CSR structure of W [N, K] on the host (a copy for device tensors): every malformed
   // input is an exception that names the argument, before a kernel could read out of bounds.
   // `like` (named like_name in messages) fixes the device and dtype: x, or grad_out in the
-  // backward of the deterministic op.
+  // backward of the deterministic op. validate = false keeps the metadata checks (dtypes, shapes,
+  // devices) and skips the data ones, the only part that reads the structure on the host.
   static Csr check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                       int64_t K, const at::Tensor& like, bool need_variance, const char* op,
-                       const char* like_name = "x") {
+                       int64_t K, const at::Tensor& like, bool need_variance, bool validate,
+                       const char* op, const char* like_name = "x") {
     for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{crow, "crow"},
                                   std::pair<const at::Tensor&, const char*>{col, "col"}}) {
       TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name,
@@ -94,6 +95,10 @@ struct SparseLinearOps {
     const int64_t N = crow.numel() - 1, nnz = col.numel();
     TORCH_CHECK(values.size(0) == nnz, op, ": values has ", values.size(0),
                 " entries but col has nnz = ", nnz);
+    if (!validate) {
+      return Csr{crow.contiguous(), col.contiguous(), values.contiguous(), N,
+                 values.dim() == 2 ? 2 : 1};
+    }
     const at::Tensor crow_h = crow.cpu().contiguous();
     const at::Tensor col_h = col.cpu().contiguous();
     const int64_t* cr = crow_h.const_data_ptr<int64_t>();
@@ -134,15 +139,17 @@ struct SparseLinearOps {
   }
 
   // row_order must be a permutation of [0, rows): a repeated or out-of-range row would leave
-  // output rows unwritten or read outside crow. Checked on the host like the CSR structure.
+  // output rows unwritten or read outside crow. Checked on the host like the CSR structure (the
+  // metadata only without validate).
   static at::Tensor check_row_order(const at::Tensor& order, int64_t rows, const at::Tensor& like,
-                                    const char* op) {
+                                    bool validate, const char* op) {
     TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.numel() == rows &&
                     order.device() == like.device(),
                 op, ": row_order must be an int64 [", rows, "] permutation on x's device (",
                 like.device(), "), got ", order.scalar_type(), " ", order.sizes(), " on ",
                 order.device());
     const at::Tensor order_c = order.contiguous();
+    if (!validate) return order_c;
     const at::Tensor host = order_c.cpu();
     const int64_t* o = host.const_data_ptr<int64_t>();
     std::vector<char> seen(static_cast<size_t>(rows), 0);
@@ -157,7 +164,7 @@ struct SparseLinearOps {
   }
 
   static CsrParams params(Csr& w, int64_t batch, const std::optional<at::Tensor>& order,
-                          const at::Tensor& like, const char* op) {
+                          const at::Tensor& like, bool validate, const char* op) {
     CsrParams p;
     p.rows = w.rows;
     p.batch = batch;
@@ -168,7 +175,7 @@ struct SparseLinearOps {
     p.row_order = nullptr;
     p.bias = nullptr;
     if (order.has_value()) {
-      w.order = check_row_order(*order, w.rows, like, op);
+      w.order = check_row_order(*order, w.rows, like, validate, op);
       p.row_order = w.order.const_data_ptr<int64_t>();
     }
     p.dtype = like.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
@@ -196,12 +203,18 @@ struct SparseLinearOps {
 
   // The CSR of W^T [K, N] (rows = input features), values permuted alike: the gradient of x is
   // then the same row-parallel kernel, with no scattered (racing) updates. Made per backward call
-  // (a sort of nnz indices): the op is functional and the gradient of x is the rare path.
+  // (a sort of nnz indices): the op is functional and the gradient of x is the rare path. Every
+  // size here comes from metadata (nnz, K), none from the data, so nothing waits for the device:
+  // the row of entry j is the number of row ends at or before it (searchsorted on crow[1:]), and
+  // the column counts are a scatter-add (repeat_interleave and bincount would size their outputs
+  // from the data, a sync on CUDA).
   static Csr transpose(const Csr& w, int64_t K) {
-    const at::Tensor lengths = w.crow.slice(0, 1).sub(w.crow.slice(0, 0, w.rows));
-    const at::Tensor rows = at::repeat_interleave(at::arange(w.rows, w.crow.options()), lengths);
+    const int64_t nnz = w.col.numel();
+    const at::Tensor rows = at::searchsorted(w.crow.slice(0, 1), at::arange(nnz, w.crow.options()),
+                                             /*out_int32=*/false, /*right=*/true);
     const at::Tensor perm = at::argsort(w.col.mul(w.rows).add(rows), /*stable=*/true);
-    const at::Tensor counts = at::bincount(w.col, /*weights=*/{}, K);
+    const at::Tensor counts =
+        at::zeros({K}, w.col.options()).index_add_(0, w.col, at::ones({nnz}, w.col.options()));
     const at::Tensor crow_t = at::cat({at::zeros({1}, w.crow.options()), counts.cumsum(0)});
     return Csr{crow_t, rows.index_select(0, perm).contiguous(),
                w.values.index_select(0, perm).contiguous(), K, w.stride};
@@ -210,16 +223,16 @@ struct SparseLinearOps {
   // y [R, N] = x [R, K] W^T + bias
   static at::Tensor forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                             const at::Tensor& values, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& row_order) {
+                            const std::optional<at::Tensor>& row_order, bool validate) {
     const char* op = "sparse_linear";
     const NoAutocast no_ac = no_autocast();
     check_x(x, op);
     TORCH_CHECK(x.dim() == 2, op, ": x must be [B, in_features], got shape ", x.sizes());
     at::OptionalDeviceGuard guard(x.device());
-    Csr w = check_csr(crow, col, values, x.size(1), x, false, op);
+    Csr w = check_csr(crow, col, values, x.size(1), x, false, validate, op);
     const std::optional<at::Tensor> b = check_bias(bias, w.rows, x, op);
     at::Tensor y = at::empty({x.size(0), w.rows}, x.options());
-    CsrParams prm = params(w, x.size(0), row_order, x, op);
+    CsrParams prm = params(w, x.size(0), row_order, x, validate, op);
     prm.bias = b.has_value() ? b->const_data_ptr() : nullptr;  // added as the outputs are written
     spmm(prm, x.size(1), x.contiguous(), std::nullopt, y, std::nullopt);
     return y;
@@ -228,7 +241,7 @@ struct SparseLinearOps {
   // grad_x [R, K] = grad_y [R, N] W
   static at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& crow,
                              const at::Tensor& col, const at::Tensor& values,
-                             int64_t in_features) {
+                             int64_t in_features, bool validate) {
     const char* op = "sparse_linear_backward";
     const NoAutocast no_ac = no_autocast();
     TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
@@ -236,12 +249,12 @@ struct SparseLinearOps {
     TORCH_CHECK(grad_y.dim() == 2, op, ": grad_out must be [B, out_features], got shape ",
                 grad_y.sizes());
     at::OptionalDeviceGuard guard(grad_y.device());
-    const Csr w = check_csr(crow, col, values, in_features, grad_y, false, op, "grad_out");
+    const Csr w = check_csr(crow, col, values, in_features, grad_y, false, validate, op, "grad_out");
     TORCH_CHECK(grad_y.size(1) == w.rows, op, ": grad_out has ", grad_y.size(1),
                 " features but W has ", w.rows, " rows");
     Csr wt = transpose(w, in_features);
     at::Tensor grad_x = at::empty({grad_y.size(0), in_features}, grad_y.options());
-    spmm(params(wt, grad_y.size(0), std::nullopt, grad_y, op), w.rows, grad_y.contiguous(),
+    spmm(params(wt, grad_y.size(0), std::nullopt, grad_y, false, op), w.rows, grad_y.contiguous(),
          std::nullopt, grad_x, std::nullopt);
     return grad_x;
   }
@@ -278,13 +291,13 @@ struct SparseLinearOps {
       const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
       const at::Tensor& values, const std::optional<at::Tensor>& bias,
       const std::optional<at::Tensor>& row_order, const at::Tensor& rng_state,
-      int64_t num_samples) {
+      int64_t num_samples, bool validate) {
     const char* op = "sparse_linear_lrt";
     const NoAutocast no_ac = no_autocast();
     check_lrt(x, rng_state, num_samples, op);
     at::OptionalDeviceGuard guard(x.device());
-    Csr w = check_csr(crow, col, values, x.size(-1), x, true, op);
-    check_variances(w.values, op);
+    Csr w = check_csr(crow, col, values, x.size(-1), x, true, validate, op);
+    if (validate) check_variances(w.values, op);
     const std::optional<at::Tensor> b = check_bias(bias, w.rows, x, op);
     const bool shared = x.dim() == 2;
     // Explicit row count: reshape(-1, K) is ambiguous when K == 0.
@@ -292,7 +305,8 @@ struct SparseLinearOps {
     const at::Tensor x2 = x.reshape({rows, x.size(-1)});
     at::Tensor mu = at::empty({rows, w.rows}, x.options());
     std::optional<at::Tensor> var = at::empty({rows, w.rows}, x.options());
-    spmm(params(w, rows, row_order, x, op), x.size(-1), x2.contiguous(), std::nullopt, mu, var);
+    spmm(params(w, rows, row_order, x, validate, op), x.size(-1), x2.contiguous(), std::nullopt, mu,
+         var);
     at::Tensor y = at::empty({num_samples, R, w.rows}, x.options());
     at::Tensor std = at::empty_like(mu);
     const at::Tensor state = rng_state.contiguous();
@@ -306,7 +320,7 @@ struct SparseLinearOps {
   static at::Tensor lrt_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& crow, const at::Tensor& col,
                                  const at::Tensor& values, const at::Tensor& std,
-                                 const at::Tensor& rng_state) {
+                                 const at::Tensor& rng_state, bool validate) {
     const char* op = "sparse_linear_lrt_backward";
     const NoAutocast no_ac = no_autocast();
     TORCH_CHECK(grad_y.dim() == 3, op, ": grad_out must be [S, B, out_features], got shape ",
@@ -317,7 +331,7 @@ struct SparseLinearOps {
     check_lrt(x, rng_state, S, op);
     at::OptionalDeviceGuard guard(x.device());
     const int64_t K = x.size(-1);
-    const Csr w = check_csr(crow, col, values, K, x, true, op);
+    const Csr w = check_csr(crow, col, values, K, x, true, validate, op);
     const bool shared = x.dim() == 2;
     const int64_t rows = shared ? x.size(0) : x.size(0) * x.size(1), R = x.size(-2);
     const at::Tensor x2 = x.reshape({rows, K}).contiguous();
@@ -336,7 +350,7 @@ struct SparseLinearOps {
     Csr wt = transpose(w, K);
     at::Tensor grad_x = at::empty({rows, K}, x.options());
     std::optional<at::Tensor> out_b = at::empty({rows, K}, x.options());
-    spmm(params(wt, rows, std::nullopt, x, op), w.rows, grad_mu, grad_var, grad_x, out_b);
+    spmm(params(wt, rows, std::nullopt, x, false, op), w.rows, grad_mu, grad_var, grad_x, out_b);
     grad_x.addcmul_(x2, *out_b, 2);
     return shared ? grad_x : grad_x.view(x.sizes());
   }

@@ -19,25 +19,26 @@ struct SparseLinearAutograd {
   // ---- sparse_linear -----------------------------------------------------------------------
   static Tensor sparse_linear_below(const Tensor& x, const Tensor& crow, const Tensor& col,
                                     const Tensor& values, const OptTensor& bias,
-                                    const OptTensor& row_order) {
+                                    const OptTensor& row_order, bool validate) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op_handle<Ns, "sparse_linear",
                      Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                            const OptTensor&, const OptTensor&)>()
-        .call(x, crow, col, values, bias, row_order);
+                            const OptTensor&, const OptTensor&, bool)>()
+        .call(x, crow, col, values, bias, row_order, validate);
   }
 
   // sparse_linear_backward's own gradient: the forward product without bias (it is linear in
   // grad_out), so gradients of every order stay on the CSR kernels.
   struct SparseLinearBackward : torch::autograd::Function<SparseLinearBackward> {
     static Tensor forward(Ctx* ctx, const Tensor& grad_out, const Tensor& crow, const Tensor& col,
-                          const Tensor& values, int64_t in_features) {
+                          const Tensor& values, int64_t in_features, bool validate) {
       Tensor grad_x;
       {
         at::AutoDispatchBelowADInplaceOrView below;
         grad_x = op_handle<Ns, "sparse_linear_backward",
-                           Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>()
-                     .call(grad_out, crow, col, values, in_features);
+                           Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                  bool)>()
+                     .call(grad_out, crow, col, values, in_features, validate);
       }
       ctx->save_for_backward({crow, col, values});
       return grad_x;
@@ -45,24 +46,26 @@ struct SparseLinearAutograd {
 
     static Grads backward(Ctx* ctx, Grads grads) {
       const auto saved = ctx->get_saved_variables();
-      Grads out(5);
-      if (ctx->needs_input_grad(0)) {
-        out[0] = sparse_linear(grads[0], saved[0], saved[1], saved[2], std::nullopt, std::nullopt);
+      Grads out(6);
+      if (ctx->needs_input_grad(0)) {  // the structure was checked (or vouched for) on the way here
+        out[0] = sparse_linear(grads[0], saved[0], saved[1], saved[2], std::nullopt, std::nullopt,
+                               false);
       }
       return out;
     }
   };
 
   static Tensor sparse_linear_backward(const Tensor& grad_out, const Tensor& crow, const Tensor& col,
-                                       const Tensor& values, int64_t in_features) {
-    return SparseLinearBackward::apply(grad_out, crow, col, values, in_features);
+                                       const Tensor& values, int64_t in_features, bool validate) {
+    return SparseLinearBackward::apply(grad_out, crow, col, values, in_features, validate);
   }
 
   // Differentiable in x only (the values are the pruned model's constants).
   struct SparseLinear : torch::autograd::Function<SparseLinear> {
     static Tensor forward(Ctx* ctx, const Tensor& x, const Tensor& crow, const Tensor& col,
-                          const Tensor& values, const OptTensor& bias, const OptTensor& row_order) {
-      const Tensor y = sparse_linear_below(x, crow, col, values, bias, row_order);
+                          const Tensor& values, const OptTensor& bias, const OptTensor& row_order,
+                          bool validate) {
+      const Tensor y = sparse_linear_below(x, crow, col, values, bias, row_order, validate);
       ctx->save_for_backward({crow, col, values});
       ctx->saved_data["in_features"] = x.size(-1);
       return y;
@@ -70,11 +73,12 @@ struct SparseLinearAutograd {
 
     static Grads backward(Ctx* ctx, Grads grads) {
       const auto saved = ctx->get_saved_variables();
-      Grads out(6);
+      Grads out(7);
       if (ctx->needs_input_grad(0)) {
-        // Through the dispatcher's autograd: under create_graph the result keeps a graph.
+        // Through the dispatcher's autograd: under create_graph the result keeps a graph. The
+        // forward checked the structure (or its caller vouched for it): no second host check.
         out[0] = sparse_linear_backward(grads[0], saved[0], saved[1], saved[2],
-                                        ctx->saved_data["in_features"].toInt());
+                                        ctx->saved_data["in_features"].toInt(), false);
       }
       return out;
     }
@@ -82,9 +86,11 @@ struct SparseLinearAutograd {
 
   static Tensor sparse_linear(const Tensor& x, const Tensor& crow, const Tensor& col,
                               const Tensor& values, const OptTensor& bias,
-                              const OptTensor& row_order) {
-    if (!C::needs_graph(x, values, bias)) return sparse_linear_below(x, crow, col, values, bias, row_order);
-    return SparseLinear::apply(x, crow, col, values, bias, row_order);
+                              const OptTensor& row_order, bool validate) {
+    if (!C::needs_graph(x, values, bias)) {
+      return sparse_linear_below(x, crow, col, values, bias, row_order, validate);
+    }
+    return SparseLinear::apply(x, crow, col, values, bias, row_order, validate);
   }
 
   // (W, V) of a CSR weight with values [nnz, 2] as dense [N, K] matrices, in ATen ops.
@@ -101,20 +107,20 @@ struct SparseLinearAutograd {
   static std::tuple<Tensor, Tensor> lrt_below(const Tensor& x, const Tensor& crow, const Tensor& col,
                                               const Tensor& values, const OptTensor& bias,
                                               const OptTensor& row_order, const Tensor& rng_state,
-                                              int64_t S) {
+                                              int64_t S, bool validate) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op_handle<Ns, "sparse_linear_lrt",
                      std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                 const Tensor&, const OptTensor&, const OptTensor&,
-                                                const Tensor&, int64_t)>()
-        .call(x, crow, col, values, bias, row_order, rng_state, S);
+                                                const Tensor&, int64_t, bool)>()
+        .call(x, crow, col, values, bias, row_order, rng_state, S, validate);
   }
 
   struct SparseLinearLrt : torch::autograd::Function<SparseLinearLrt> {
     static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& crow, const Tensor& col,
                          const Tensor& values, const OptTensor& bias, const OptTensor& row_order,
-                         const Tensor& rng_state, int64_t S) {
-      auto [y, std] = lrt_below(x, crow, col, values, bias, row_order, rng_state, S);
+                         const Tensor& rng_state, int64_t S, bool validate) {
+      auto [y, std] = lrt_below(x, crow, col, values, bias, row_order, rng_state, S, validate);
       ctx->mark_non_differentiable({std});
       ctx->set_materialize_grads(false);  // std takes no gradient
       ctx->save_for_backward({x, crow, col, values, std, rng_state});
@@ -122,7 +128,7 @@ struct SparseLinearAutograd {
     }
 
     static Grads backward(Ctx* ctx, Grads grads) {
-      Grads out(8);
+      Grads out(9);
       const Tensor& grad = grads[0];
       if (!grad.defined() || !ctx->needs_input_grad(0)) return out;
       const auto saved = ctx->get_saved_variables();
@@ -136,8 +142,8 @@ struct SparseLinearAutograd {
       }
       out[0] = op_handle<Ns, "sparse_linear_lrt_backward",
                          Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, const Tensor&)>()
-                   .call(grad, x, crow, col, values, std, state);
+                                const Tensor&, const Tensor&, const Tensor&, bool)>()
+                   .call(grad, x, crow, col, values, std, state, false);
       return out;
     }
   };
@@ -146,24 +152,29 @@ struct SparseLinearAutograd {
                                                       const Tensor& col, const Tensor& values,
                                                       const OptTensor& bias,
                                                       const OptTensor& row_order,
-                                                      const Tensor& rng_state, int64_t S) {
-    if (!C::needs_graph(x, values, bias)) return lrt_below(x, crow, col, values, bias, row_order, rng_state, S);
-    const Grads out = SparseLinearLrt::apply(x, crow, col, values, bias, row_order, rng_state, S);
+                                                      const Tensor& rng_state, int64_t S,
+                                                      bool validate) {
+    if (!C::needs_graph(x, values, bias)) {
+      return lrt_below(x, crow, col, values, bias, row_order, rng_state, S, validate);
+    }
+    const Grads out =
+        SparseLinearLrt::apply(x, crow, col, values, bias, row_order, rng_state, S, validate);
     return {out[0], out[1]};
   }
 
   // ---- sparse_conv -------------------------------------------------------------------------
   using Ints = c10::IntArrayRef;
   using ConvSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                         const OptTensor&, Ints, Ints, Ints, Ints, int64_t);
+                         const OptTensor&, Ints, Ints, Ints, Ints, int64_t, bool);
   using ConvBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Ints,
-                                 Ints, Ints, Ints, Ints, int64_t);
+                                 Ints, Ints, Ints, Ints, int64_t, bool);
   using ConvLrtSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                 const Tensor&, const OptTensor&, const Tensor&,
-                                                int64_t, bool, Ints, Ints, Ints, Ints, int64_t);
+                                                int64_t, bool, Ints, Ints, Ints, Ints, int64_t,
+                                                bool);
   using ConvLrtBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                     const Tensor&, const Tensor&, const Tensor&, int64_t, bool,
-                                    Ints, Ints, Ints, Ints, int64_t);
+                                    Ints, Ints, Ints, Ints, int64_t, bool);
 
   // The geometry of a conv op call, kept for its backward.
   static void save_geometry(Ctx* ctx, Ints kernel_size, Ints stride, Ints padding, Ints dilation,
@@ -187,23 +198,25 @@ struct SparseLinearAutograd {
 
   static Tensor sparse_conv_below(const Tensor& x, const Tensor& crow, const Tensor& col,
                                   const Tensor& values, const OptTensor& bias, Ints kernel_size,
-                                  Ints stride, Ints padding, Ints dilation, int64_t groups) {
+                                  Ints stride, Ints padding, Ints dilation, int64_t groups,
+                                  bool validate) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op_handle<Ns, "sparse_conv", ConvSig>().call(x, crow, col, values, bias, kernel_size,
-                                                        stride, padding, dilation, groups);
+                                                        stride, padding, dilation, groups,
+                                                        validate);
   }
 
   // sparse_conv_backward's own gradient is the forward without bias (it is linear in grad_out).
   struct SparseConvBackward : torch::autograd::Function<SparseConvBackward> {
     static Tensor forward(Ctx* ctx, const Tensor& grad_out, const Tensor& crow, const Tensor& col,
                           const Tensor& values, Ints input_size, Ints kernel_size, Ints stride,
-                          Ints padding, Ints dilation, int64_t groups) {
+                          Ints padding, Ints dilation, int64_t groups, bool validate) {
       Tensor grad_x;
       {
         at::AutoDispatchBelowADInplaceOrView below;
         grad_x = op_handle<Ns, "sparse_conv_backward", ConvBackwardSig>().call(
             grad_out, crow, col, values, input_size, kernel_size, stride, padding, dilation,
-            groups);
+            groups, validate);
       }
       ctx->save_for_backward({crow, col, values});
       save_geometry(ctx, kernel_size, stride, padding, dilation, groups);
@@ -213,10 +226,10 @@ struct SparseLinearAutograd {
     static Grads backward(Ctx* ctx, Grads grads) {
       const auto saved = ctx->get_saved_variables();
       const Geometry g = geometry(ctx);
-      Grads out(10);
+      Grads out(11);
       if (ctx->needs_input_grad(0)) {
         out[0] = sparse_conv(grads[0], saved[0], saved[1], saved[2], std::nullopt, g.kernel_size,
-                             g.stride, g.padding, g.dilation, g.groups);
+                             g.stride, g.padding, g.dilation, g.groups, false);
       }
       return out;
     }
@@ -226,9 +239,9 @@ struct SparseLinearAutograd {
   struct SparseConv : torch::autograd::Function<SparseConv> {
     static Tensor forward(Ctx* ctx, const Tensor& x, const Tensor& crow, const Tensor& col,
                           const Tensor& values, const OptTensor& bias, Ints kernel_size,
-                          Ints stride, Ints padding, Ints dilation, int64_t groups) {
+                          Ints stride, Ints padding, Ints dilation, int64_t groups, bool validate) {
       const Tensor y = sparse_conv_below(x, crow, col, values, bias, kernel_size, stride, padding,
-                                         dilation, groups);
+                                         dilation, groups, validate);
       ctx->save_for_backward({crow, col, values});
       ctx->saved_data["input_size"] = x.sizes().vec();
       save_geometry(ctx, kernel_size, stride, padding, dilation, groups);
@@ -238,12 +251,12 @@ struct SparseLinearAutograd {
     static Grads backward(Ctx* ctx, Grads grads) {
       const auto saved = ctx->get_saved_variables();
       const Geometry g = geometry(ctx);
-      Grads out(10);
+      Grads out(11);
       if (ctx->needs_input_grad(0)) {
         out[0] = SparseConvBackward::apply(grads[0], saved[0], saved[1], saved[2],
                                            ctx->saved_data["input_size"].toIntVector(),
                                            g.kernel_size, g.stride, g.padding, g.dilation,
-                                           g.groups);
+                                           g.groups, false);
       }
       return out;
     }
@@ -252,20 +265,22 @@ struct SparseLinearAutograd {
   static Tensor sparse_conv_backward_entry(const Tensor& grad_out, const Tensor& crow,
                                            const Tensor& col, const Tensor& values,
                                            Ints input_size, Ints kernel_size, Ints stride,
-                                           Ints padding, Ints dilation, int64_t groups) {
+                                           Ints padding, Ints dilation, int64_t groups,
+                                           bool validate) {
     return SparseConvBackward::apply(grad_out, crow, col, values, input_size, kernel_size, stride,
-                                     padding, dilation, groups);
+                                     padding, dilation, groups, validate);
   }
 
   static Tensor sparse_conv(const Tensor& x, const Tensor& crow, const Tensor& col,
                             const Tensor& values, const OptTensor& bias, Ints kernel_size,
-                            Ints stride, Ints padding, Ints dilation, int64_t groups) {
+                            Ints stride, Ints padding, Ints dilation, int64_t groups,
+                            bool validate) {
     if (!C::needs_graph(x, values, bias)) {
       return sparse_conv_below(x, crow, col, values, bias, kernel_size, stride, padding, dilation,
-                               groups);
+                               groups, validate);
     }
     return SparseConv::apply(x, crow, col, values, bias, kernel_size, stride, padding, dilation,
-                             groups);
+                             groups, validate);
   }
 
   static std::tuple<Tensor, Tensor> conv_lrt_below(const Tensor& x, const Tensor& crow,
@@ -273,20 +288,20 @@ struct SparseLinearAutograd {
                                                    const OptTensor& bias, const Tensor& rng_state,
                                                    int64_t S, bool shared_input, Ints kernel_size,
                                                    Ints stride, Ints padding, Ints dilation,
-                                                   int64_t groups) {
+                                                   int64_t groups, bool validate) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op_handle<Ns, "sparse_conv_lrt", ConvLrtSig>().call(
         x, crow, col, values, bias, rng_state, S, shared_input, kernel_size, stride, padding,
-        dilation, groups);
+        dilation, groups, validate);
   }
 
   struct SparseConvLrt : torch::autograd::Function<SparseConvLrt> {
     static Grads forward(Ctx* ctx, const Tensor& x, const Tensor& crow, const Tensor& col,
                          const Tensor& values, const OptTensor& bias, const Tensor& rng_state,
                          int64_t S, bool shared_input, Ints kernel_size, Ints stride, Ints padding,
-                         Ints dilation, int64_t groups) {
+                         Ints dilation, int64_t groups, bool validate) {
       auto [y, std] = conv_lrt_below(x, crow, col, values, bias, rng_state, S, shared_input,
-                                     kernel_size, stride, padding, dilation, groups);
+                                     kernel_size, stride, padding, dilation, groups, validate);
       ctx->mark_non_differentiable({std});
       ctx->set_materialize_grads(false);  // std takes no gradient
       ctx->save_for_backward({x, crow, col, values, std, rng_state});
@@ -297,7 +312,7 @@ struct SparseLinearAutograd {
     }
 
     static Grads backward(Ctx* ctx, Grads grads) {
-      Grads out(13);
+      Grads out(14);
       const Tensor& grad = grads[0];
       if (!grad.defined() || !ctx->needs_input_grad(0)) return out;
       const auto saved = ctx->get_saved_variables();
@@ -332,7 +347,7 @@ struct SparseLinearAutograd {
       }
       out[0] = op_handle<Ns, "sparse_conv_lrt_backward", ConvLrtBackwardSig>().call(
           grad, x, crow, col, values, std, state, S, shared_input, g.kernel_size, g.stride,
-          g.padding, g.dilation, g.groups);
+          g.padding, g.dilation, g.groups, false);
       return out;
     }
   };
@@ -342,13 +357,13 @@ struct SparseLinearAutograd {
                                                     const OptTensor& bias, const Tensor& rng_state,
                                                     int64_t S, bool shared_input,
                                                     Ints kernel_size, Ints stride, Ints padding,
-                                                    Ints dilation, int64_t groups) {
+                                                    Ints dilation, int64_t groups, bool validate) {
     if (!C::needs_graph(x, values, bias)) {
       return conv_lrt_below(x, crow, col, values, bias, rng_state, S, shared_input, kernel_size,
-                            stride, padding, dilation, groups);
+                            stride, padding, dilation, groups, validate);
     }
     const Grads out = SparseConvLrt::apply(x, crow, col, values, bias, rng_state, S, shared_input,
-                                           kernel_size, stride, padding, dilation, groups);
+                                           kernel_size, stride, padding, dilation, groups, validate);
     return {out[0], out[1]};
   }
 

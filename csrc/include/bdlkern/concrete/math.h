@@ -68,16 +68,17 @@ BDL_HDI void concrete_keep(T s, T* keep, T* z) {
 }
 
 // Output factor keep / q; 0 where keep underflowed to 0 (so an infinite 1 / q at an extreme
-// logit never turns a dropped input into NaN).
+// logit never turns a dropped input into NaN). A NaN keep (from a NaN rate, which only the device
+// kernels let through) stays NaN instead of reading as dropped.
 template <typename T>
 BDL_HDI T concrete_factor(T keep, const ConcreteRate<T>& r) {
-  return keep > T(0) ? keep * r.inv_q : T(0);
+  return keep == T(0) ? T(0) : keep * r.inv_q;
 }
 
 // d factor / d p_logit (multiply by x and the incoming gradient for the p_logit gradient).
 template <typename T>
 BDL_HDI T concrete_dfactor(T keep, T z, const ConcreteRate<T>& r) {
-  return keep > T(0) ? keep * (r.p_over_q - r.p_dadp_t * z) : T(0);
+  return keep == T(0) ? T(0) : keep * (r.p_over_q - r.p_dadp_t * z);
 }
 
 }  // namespace bdlkern
