@@ -23,6 +23,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <bdlkern/sparse_vd/math.h>  // KlPrior
+
 #include <algorithm>
 #include <cstddef>
 #include <optional>
@@ -124,9 +126,12 @@ struct AutocastRegistrar {
     impl<"lrt_linear_backward", kAsGiven>(&VD::backward);
     impl<"lrt_conv", kFloat32>(&LrtConv::forward);
     impl<"lrt_conv_backward", kAsGiven>(&LrtConv::backward);
-    impl<"sparse_vd_kl", kFloat32>(&VD::kl);
-    impl<"sparse_vd_kl_backward", kAsGiven>(&VD::kl_backward);
-    impl<"sparse_vd_kl_with_grad", kFloat32>(&VD::kl_with_grad);
+    impl<"sparse_vd_kl", kFloat32>(&VD::template kl<KlPrior::kLogUniform>);
+    impl<"sparse_vd_kl_backward", kAsGiven>(&VD::template kl_backward<KlPrior::kLogUniform>);
+    impl<"sparse_vd_kl_with_grad", kFloat32>(&VD::template kl_with_grad<KlPrior::kLogUniform>);
+    impl<"ard_kl", kFloat32>(&VD::template kl<KlPrior::kArd>);
+    impl<"ard_kl_backward", kAsGiven>(&VD::template kl_backward<KlPrior::kArd>);
+    impl<"ard_kl_with_grad", kFloat32>(&VD::template kl_with_grad<KlPrior::kArd>);
     impl<"sparse_linear", kFloat32>(&Csr::forward);
     impl<"sparse_linear_backward", kAsGiven>(&Csr::backward);
     impl<"sparse_linear_lrt", kFloat32>(&Csr::lrt_forward);

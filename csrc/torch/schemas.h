@@ -67,6 +67,10 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
   m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
   m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
   m.def("sparse_vd_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");
+  // The exact KL under the ARD prior with its optimal variance (Kharitonov et al. 2018).
+  m.def("ard_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
+  m.def("ard_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
+  m.def("ard_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");
   m.def(
       "sparse_linear(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias, "
       "Tensor? row_order) -> Tensor");
