@@ -5,6 +5,8 @@
 
 #include <bdlkern/sparse_vd/math.h>  // KlPrior
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace bdlkern {
@@ -233,8 +235,10 @@ struct SparseVDAutograd {
                               C::needs(ctx, {0, 1}), grad);
   }
 
-  template <KlPrior P>
-  struct KL : torch::autograd::Function<KL<P>> {
+  // One body per Function, the prior a parameter; Self names the node (grad_fn names
+  // SparseVDKL / ArdKL, SparseVDKLWithGrad / ArdKLWithGrad).
+  template <class Self, KlPrior P>
+  struct KLFunction : torch::autograd::Function<Self> {
     static Tensor forward(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2) {
       Tensor kl;
       {
@@ -257,15 +261,19 @@ struct SparseVDAutograd {
     }
   };
 
+  struct SparseVDKL : KLFunction<SparseVDKL, KlPrior::kLogUniform> {};
+  struct ArdKL : KLFunction<ArdKL, KlPrior::kArd> {};
+
   template <KlPrior P>
   static Tensor kl(const Tensor& theta, const Tensor& log_sigma2) {
-    return KL<P>::apply(theta, log_sigma2);
+    using Fn = std::conditional_t<P == KlPrior::kArd, ArdKL, SparseVDKL>;
+    return Fn::apply(theta, log_sigma2);
   }
 
   // The KL and its gradient at grad 1 from one pass (what the public sparse_vd_kl / ard_kl call
   // when a gradient will be needed): backward only scales the saved gradient.
-  template <KlPrior P>
-  struct KLWithGrad : torch::autograd::Function<KLWithGrad<P>> {
+  template <class Self, KlPrior P>
+  struct KLWithGradFunction : torch::autograd::Function<Self> {
     static Grads forward(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2) {
       Tensor kl, gt, gs;
       {
@@ -310,10 +318,14 @@ struct SparseVDAutograd {
     }
   };
 
+  struct SparseVDKLWithGrad : KLWithGradFunction<SparseVDKLWithGrad, KlPrior::kLogUniform> {};
+  struct ArdKLWithGrad : KLWithGradFunction<ArdKLWithGrad, KlPrior::kArd> {};
+
   template <KlPrior P>
   static std::tuple<Tensor, Tensor, Tensor> kl_with_grad(const Tensor& theta,
                                                          const Tensor& log_sigma2) {
-    const Grads out = KLWithGrad<P>::apply(theta, log_sigma2);
+    using Fn = std::conditional_t<P == KlPrior::kArd, ArdKLWithGrad, SparseVDKLWithGrad>;
+    const Grads out = Fn::apply(theta, log_sigma2);
     return {out[0], out[1], out[2]};
   }
 
