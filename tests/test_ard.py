@@ -433,6 +433,23 @@ def test_prune_an_ard_model():
     assert not any(isinstance(m, bdlkern.nn.SparseVDLinear) for m in report.model.modules())
 
 
+def test_onnx_export_names_ard_kl_as_not_exportable():
+    """ard_kl is a training objective: a forward that reaches it fails in bdlkern.onnx.export with
+    the op named and the reason (as sparse_vd_kl)."""
+    assert {"ard_kl", "ard_kl_with_grad", "ard_kl_backward"} <= set(bdlkern.onnx.NOT_EXPORTABLE)
+
+    class WithKL(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = bdlkern.nn.SparseVDLinear(6, 3, prior="ard")
+
+        def forward(self, x):
+            return self.layer(x).sum() + self.layer.kl()
+
+    with pytest.raises(bdlkern.onnx.UnsupportedOpError, match=r"torch\.ops\.bdlkern\.ard_kl\w*: the KL term"):
+        bdlkern.onnx.export(WithKL().eval(), (torch.randn(2, 6),), verbose=False)
+
+
 # ---- the paper's claim on the bundled digits ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_digits_ard_matches_log_uniform(threads):
