@@ -232,8 +232,12 @@ void dispatch_prior(KlPrior prior, F f) {
   return f.template operator()<KlPrior::kLogUniform>();
 }
 
+// The op names for error messages.
 inline const char* kl_op_name(KlPrior prior) {
   return prior == KlPrior::kArd ? "ard_kl" : "sparse_vd_kl";
+}
+inline const char* kl_backward_op_name(KlPrior prior) {
+  return prior == KlPrior::kArd ? "ard_kl_backward" : "sparse_vd_kl_backward";
 }
 
 // sd[i] = sqrt(v[i] + eps), i < n: vsqrtps on the AVX paths, std::sqrt on the baseline (the same
@@ -489,8 +493,7 @@ void sparse_vd_kl_with_grad(CpuTag, KlPrior prior, int64_t n, const void* theta,
 void sparse_vd_kl_backward(CpuTag, KlPrior prior, int64_t n, const void* grad, const void* theta,
                            const void* log_sigma2, void* grad_theta, void* grad_log_sigma2,
                            DType dtype, void*) {
-  const std::string op = std::string(kl_op_name(prior)) + "_backward";
-  dispatch(dtype, op.c_str(), [&]<typename T>() {
+  dispatch(dtype, kl_backward_op_name(prior), [&]<typename T>() {
     dispatch_prior(prior, [&]<KlPrior P>() {
       const T g = *static_cast<const T*>(grad);
       const T* th = static_cast<const T*>(theta);

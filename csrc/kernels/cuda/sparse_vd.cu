@@ -163,8 +163,12 @@ void dispatch_prior(KlPrior prior, F f) {
   return f.template operator()<KlPrior::kLogUniform>();
 }
 
-inline std::string kl_op_name(KlPrior prior) {
+// The op names for error messages.
+inline const char* kl_op_name(KlPrior prior) {
   return prior == KlPrior::kArd ? "ard_kl" : "sparse_vd_kl";
+}
+inline const char* kl_backward_op_name(KlPrior prior) {
+  return prior == KlPrior::kArd ? "ard_kl_backward" : "sparse_vd_kl_backward";
 }
 
 }  // namespace
@@ -229,10 +233,10 @@ void sparse_vd_kl(DeviceTag, KlPrior prior, int64_t n, const void* theta, const 
                   void* out, void* workspace, DType dtype, void* stream) {
   using namespace BDLKERN_DEVICE_NS;
   const int64_t chunks = (n + kKlChunk - 1) / kKlChunk;
-  const std::string op = kl_op_name(prior);
-  if (chunks > 0x7fffffffLL) throw std::invalid_argument(op + ": too many weights");
+  const char* op = kl_op_name(prior);
+  if (chunks > 0x7fffffffLL) throw std::invalid_argument(std::string(op) + ": too many weights");
   double* partial = static_cast<double*>(workspace);
-  dispatch(dtype, op.c_str(), [&]<typename T>() {
+  dispatch(dtype, op, [&]<typename T>() {
     dispatch_prior(prior, [&]<KlPrior P>() {
       if (chunks > 0) {
         launch(kl_partial_kernel<P, T>, dim3(static_cast<unsigned>(chunks)), dim3(kThreads), 0,
@@ -250,8 +254,7 @@ void sparse_vd_kl_backward(DeviceTag, KlPrior prior, int64_t n, const void* grad
                            void* grad_log_sigma2, DType dtype, void* stream) {
   using namespace BDLKERN_DEVICE_NS;
   if (n == 0) return;
-  const std::string op = kl_op_name(prior) + "_backward";
-  dispatch(dtype, op.c_str(), [&]<typename T>() {
+  dispatch(dtype, kl_backward_op_name(prior), [&]<typename T>() {
     dispatch_prior(prior, [&]<KlPrior P>() {
       launch(kl_backward_kernel<P, T>, dim3(grid_for(n)), dim3(kThreads), 0, stream, n,
              static_cast<const T*>(grad), static_cast<const T*>(theta),
