@@ -205,8 +205,8 @@ inline __attribute__((always_inline)) void kl_backward_loop(int64_t n, float g, 
     const float raw = ls[i] - cpu::vec::log(t2e);
     const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
     const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
-    const float d = clamped ? 0.0f
-                            : g * kl_dlog_alpha_f32<P>(kl_sigmoid_f32<P>(la), cpu::vec::exp(-la));
+    const float sg = kl_sigmoid_f32<P>(la);
+    const float d = clamped ? 0.0f : g * kl_dlog_alpha_f32<P>(sg, cpu::vec::exp(-la));
     gt[i] = d * (-2.0f * t / t2e);
     gs[i] = d;
   }
