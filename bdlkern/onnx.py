@@ -96,8 +96,8 @@ Opset: the translations use ONNX opset 18 operators (``ScatterElements``/``Scatt
 (``opset_version``, torch's default is 20; at least 18).
 
 Not exportable (:data:`NOT_EXPORTABLE`): the backward ops (ONNX export covers the forward
-pass), the KL term of sparse variational dropout (``sparse_vd_kl``: a training objective; compute
-it in PyTorch), the raw Philox stream (``philox_bits``, ``philox4x32``) and the SIMT emulator's
+pass), the KL term of sparse variational dropout (``sparse_vd_kl``, ``ard_kl``: a training objective;
+compute it in PyTorch), the raw Philox stream (``philox_bits``, ``philox4x32``) and the SIMT emulator's
 test ops (``torch.ops.bdlkern_simt``). A model that reaches one fails in :func:`export` with an
 :class:`UnsupportedOpError` naming the op and the reason (through ``torch.onnx.export`` directly:
 torch's ``ConversionError``, "No ONNX function found for <OpOverload(op='bdlkern....')>").
@@ -135,6 +135,16 @@ NOT_EXPORTABLE: dict[str, str] = {
         "of inference: compute it in PyTorch (export a forward that does not call kl() / regularization())"
     ),
     "sparse_vd_kl_backward": _BACKWARD,
+    "ard_kl": (
+        "the KL term of sparse variational dropout under the ARD prior is a training objective, not part of "
+        "inference: compute it in PyTorch (export a forward that does not call kl() / regularization())"
+    ),
+    "ard_kl_with_grad": (
+        "the KL term of sparse variational dropout under the ARD prior (with its gradient) is a training "
+        "objective, not part of inference: compute it in PyTorch (export a forward that does not call kl() / "
+        "regularization())"
+    ),
+    "ard_kl_backward": _BACKWARD,
     "mc_dropout_linear_grad_input": _BACKWARD,
     "mc_dropout_linear_grad_weight": _BACKWARD,
     "concrete_dropout_backward": _BACKWARD,

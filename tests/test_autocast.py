@@ -187,6 +187,22 @@ def test_sparse_vd_kl(backend):
     )
 
 
+def test_ard_kl(backend):
+    theta, log_sigma2 = problem((13, 9), (13, 9))
+    compare(backend, lambda t, s: backend.ops.ard_kl(t, s), ref.ard_kl, [theta, log_sigma2], torch.float32)
+    compare(backend, lambda t, s: backend.ops.ard_kl_with_grad(t, s)[0], ref.ard_kl, [theta, log_sigma2], torch.float32)
+
+
+def test_ard_kl_of_16bit_parameters_is_computed_in_float32(backend):
+    theta, log_sigma2 = (t.to(backend.device, torch.bfloat16) for t in problem((13, 9), (13, 9)))
+    with autocast(backend):
+        kl = backend.ops.ard_kl(theta, log_sigma2)
+        kl_with_grad = backend.ops.ard_kl_with_grad(theta, log_sigma2)[0]
+    assert kl.dtype == torch.float32 and kl_with_grad.dtype == torch.float32
+    torch.testing.assert_close(kl, backend.ops.ard_kl(theta.float(), log_sigma2.float()))
+    torch.testing.assert_close(kl_with_grad, kl)
+
+
 def test_sparse_vd_kl_of_16bit_parameters_is_computed_in_float32(backend):
     theta, log_sigma2 = (t.to(backend.device, torch.bfloat16) for t in problem((13, 9), (13, 9)))
     with autocast(backend):

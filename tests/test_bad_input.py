@@ -73,6 +73,9 @@ def valid_args(op: str) -> dict:
         "sparse_vd_kl": dict(theta=w, log_sigma2=torch.randn(5, 4)),
         "sparse_vd_kl_backward": dict(grad=torch.tensor(1.0), theta=w, log_sigma2=torch.randn(5, 4)),
         "sparse_vd_kl_with_grad": dict(theta=w, log_sigma2=torch.randn(5, 4)),
+        "ard_kl": dict(theta=w, log_sigma2=torch.randn(5, 4)),
+        "ard_kl_backward": dict(grad=torch.tensor(1.0), theta=w, log_sigma2=torch.randn(5, 4)),
+        "ard_kl_with_grad": dict(theta=w, log_sigma2=torch.randn(5, 4)),
         "sparse_linear": dict(x=xs, crow=crow, col=col, values=values[:, 0], bias=torch.randn(4), row_order=torch.tensor([2, 0, 3, 1])),
         "sparse_linear_backward": dict(grad_out=torch.randn(3, 4), crow=crow, col=col, values=values[:, 0], in_features=6),
         "sparse_linear_lrt": dict(x=xs, crow=crow, col=col, values=values, bias=torch.randn(4), row_order=None, rng_state=st, num_samples=2),
@@ -86,6 +89,7 @@ RAW_OPS = [
     "concrete_dropout", "concrete_dropout_backward",
     "lrt_linear", "lrt_linear_backward", "sparse_vd_kl", "sparse_vd_kl_backward", "sparse_vd_kl_with_grad",
     "variance_linear", "variance_linear_backward",
+    "ard_kl", "ard_kl_backward", "ard_kl_with_grad",
     "sparse_linear", "sparse_linear_backward", "sparse_linear_lrt", "sparse_linear_lrt_backward",
 ]  # fmt: skip
 
@@ -289,20 +293,20 @@ case(op, "std", torch.ones(2, 5), r"std must be \[3, 5\] \(saved by variance_lin
 case(op, "std", torch.ones(3, 5, dtype=F64), "std must have the dtype of log_sigma2", "float64")
 case(op, "rng_state", torch.tensor([1.0, 2.0]), "rng_state must be an int64", "float")
 
-for op in ("sparse_vd_kl", "sparse_vd_kl_with_grad"):
+for op in ("sparse_vd_kl", "sparse_vd_kl_with_grad", "ard_kl", "ard_kl_with_grad"):
     case(op, "theta", lambda a: a["theta"].int(), "theta must be float32 or float64", "int32")
     case(op, "theta", lambda a: a["theta"].half(), "theta must be float32 or float64", "float16")
     case(op, "theta", _meta("theta"), "log_sigma2 must be on theta's device", "meta")
     case(op, "log_sigma2", torch.randn(5, 4, 1), "log_sigma2 must have theta's shape", "[5, 4, 1]")
     case(op, "log_sigma2", lambda a: a["log_sigma2"].double(), "log_sigma2 must have the dtype of theta", "float64")
 
-op = "sparse_vd_kl_backward"
-case(op, "grad", torch.tensor(1.0, dtype=F64), "grad must have the dtype of theta", "float64")
-case(op, "grad", torch.ones(0), "grad must hold one value", "empty")
-case(op, "grad", lambda a: a["grad"].to(META), "grad must be on", "meta")
-case(op, "theta", lambda a: a["theta"].int(), "theta must be float32 or float64", "int32")
-case(op, "log_sigma2", torch.randn(4, 5), "log_sigma2 must have theta's shape", "transposed")
-case(op, "log_sigma2", _meta("log_sigma2"), "log_sigma2 must be on", "meta")
+for op in ("sparse_vd_kl_backward", "ard_kl_backward"):
+    case(op, "grad", torch.tensor(1.0, dtype=F64), "grad must have the dtype of theta", "float64")
+    case(op, "grad", torch.ones(0), "grad must hold one value", "empty")
+    case(op, "grad", lambda a: a["grad"].to(META), "grad must be on", "meta")
+    case(op, "theta", lambda a: a["theta"].int(), "theta must be float32 or float64", "int32")
+    case(op, "log_sigma2", torch.randn(4, 5), "log_sigma2 must have theta's shape", "transposed")
+    case(op, "log_sigma2", _meta("log_sigma2"), "log_sigma2 must be on", "meta")
 
 # Sparse (CSR) linear: the structure checks, on every op that takes a CSR
 CSR_CASES = [  # (arg, value, message, label)
@@ -536,6 +540,8 @@ def _public_cases():
             lambda: o.lrt_linear(x, w, w, [0.0] * 5, num_samples=2, rng_state=st),
         ),
         ("kl theta list", TypeError, "theta and log_sigma2 must be tensors", lambda: o.sparse_vd_kl([1.0], torch.tensor([1.0]))),
+        ("ard_kl theta list", TypeError, "ard_kl: theta and log_sigma2 must be tensors", lambda: o.ard_kl([1.0], torch.tensor([1.0]))),
+        ("ard_kl log_sigma2 float", TypeError, "ard_kl: theta and log_sigma2 must be tensors", lambda: o.ard_kl(w, 0.0)),
         ("sparse crow list", TypeError, "crow must be a tensor", lambda: o.sparse_linear(xs, CROW, col, values[:, 0])),
         ("sparse values float", TypeError, "values must be a tensor", lambda: o.sparse_linear(xs, crow, col, 1.0)),
         ("sparse x 0-dim", ValueError, "x must have a feature dimension", lambda: o.sparse_linear(z, crow, col, values[:, 0])),

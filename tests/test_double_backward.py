@@ -59,6 +59,14 @@ def test_sparse_vd_kl(backend):
         assert gradgradcheck(bdlkern.ops.sparse_vd_kl, (theta, log_sigma2))
 
 
+def test_ard_kl(backend):
+    theta, log_sigma2 = f64(3, 4, device=backend.device), f64(3, 4, device=backend.device, seed=1, scale=3.0)
+    assert gradgradcheck(lambda t, s: backend.ops.ard_kl(t, s), (theta, log_sigma2))
+    assert gradgradcheck(lambda t, s: backend.ops.ard_kl_with_grad(t, s)[0], (theta, log_sigma2))
+    if backend.name != "simt":  # the public function (which picks ard_kl_with_grad)
+        assert gradgradcheck(bdlkern.ops.ard_kl, (theta, log_sigma2))
+
+
 def csr(N, K, device, density=0.3, seed=4):
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(N, K, generator=g) < density

@@ -64,6 +64,7 @@ def test_one_openmp_runtime_torchs_own():
         ops.mc_dropout_linear(x, w, None, 0.5, 4, shared_mask=True).sum()
         ops.concrete_dropout(torch.randn(512, 1024), torch.tensor(0.0))
         ops.sparse_vd_kl(torch.randn(512, 512), torch.randn(512, 512))
+        ops.ard_kl(torch.randn(512, 512), torch.randn(512, 512))
         ops.lrt_linear(x, w, torch.randn(128, 256), num_samples=4)
         m = bdlkern.nn.SparseLinear.from_dense(w * (torch.rand_like(w) < 0.03))
         m(torch.randn(256, 256))

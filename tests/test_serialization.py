@@ -26,8 +26,11 @@ def _mlp_with(kind: str) -> nn.Module:
         return nn.Sequential(bdlkern.nn.ConcreteDropoutLinear(6, 16, init_p=0.2, per_feature=True), nn.ReLU(), nn.Linear(16, 3))
     if kind == "concrete_wrapper":
         return nn.Sequential(bdlkern.nn.ConcreteDropout(nn.Linear(6, 16), init_p=0.25), nn.ReLU(), nn.Linear(16, 3))
-    if kind == "sparse_vd":
-        model = nn.Sequential(bdlkern.nn.SparseVDLinear(6, 16), nn.ReLU(), bdlkern.nn.SparseVDLinear(16, 3))
+    if kind in ("sparse_vd", "sparse_vd_ard"):
+        prior = "ard" if kind == "sparse_vd_ard" else "log_uniform"
+        model = nn.Sequential(
+            bdlkern.nn.SparseVDLinear(6, 16, prior=prior), nn.ReLU(), bdlkern.nn.SparseVDLinear(16, 3, prior=prior)
+        )
         with torch.no_grad():
             for m in model:
                 if isinstance(m, bdlkern.nn.SparseVDLinear):
@@ -61,12 +64,13 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     torch.manual_seed(3)
     out.append(model(x))
     model.eval()
+    out.append(bdlkern.nn.kl_divergence(model))  # the sparse-VD layers' prior decides it
     return [o.detach() for o in out]
 
 
 KINDS = [
-    "mc_dropout", "concrete_linear", "concrete_wrapper", "sparse_vd", "sparse_linear", "mc_dropout_conv",
-    "sparse_vd_conv", "sparse_conv",
+    "mc_dropout", "concrete_linear", "concrete_wrapper", "sparse_vd", "sparse_vd_ard", "sparse_linear",
+    "mc_dropout_conv", "sparse_vd_conv", "sparse_conv",
 ]
 
 
@@ -343,8 +347,8 @@ def test_cuda_saved_models_load_on_a_cpu_only_machine(tmp_path):
             assert len(case["locations"]) == case["storages"], (kind, what)
             assert case["error"] is not None and "torch.cuda.is_available() is False" in case["error"], case["error"]
             assert case["devices"] == ["cpu"]
-            assert len(case["outputs"]) == len(saved["expected"][kind]) == 3
-            for regime, got, exp in zip(("eval", "sampling(4, seed=7)", "train, seed 3"), case["outputs"], saved["expected"][kind]):
+            assert len(case["outputs"]) == len(saved["expected"][kind]) == 4
+            for regime, got, exp in zip(("eval", "sampling(4, seed=7)", "train, seed 3", "kl"), case["outputs"], saved["expected"][kind]):
                 if other_build:  # another build may round differently; masks and noise are still the same
                     torch.testing.assert_close(got, exp, msg=f"{kind}.{what}, {regime}")
                 else:

@@ -16,6 +16,7 @@ from torch.library import opcheck
 
 import bdlkern
 from bdlkern.testing import reference as ref
+from _digits import train_sparse_vd_mlp
 from _properties import assert_design_rule
 
 
@@ -350,35 +351,7 @@ def test_training_on_digits_prunes_and_stays_accurate(threads):
     Measured on the fixed seed: 98.4-98.5% pruned, 96.2-96.7% accuracy across 1 and 2 threads and
     the AVX2 and scalar kernels."""
     torch.set_num_threads(1)  # batches of 128 x 300: one thread beats the fork/join overhead
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        bdlkern.nn.SparseVDLinear(64, 300), nn.ReLU(), bdlkern.nn.SparseVDLinear(300, 100), nn.ReLU(), bdlkern.nn.SparseVDLinear(100, 10)
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    n = len(x_tr)
-    epochs = 100
-    for epoch in range(epochs):
-        kl_weight = min(1.0, epoch / 20)  # warm-up of the KL term, as in the paper's experiments
-        perm = torch.randperm(n)
-        for i in range(0, n, 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]) + kl_weight * bdlkern.nn.kl_divergence(model) / n
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_te).argmax(-1) == y_te).double().mean().item()
-    layers = [m for m in model if isinstance(m, bdlkern.nn.SparseVDLinear)]
-    total = sum(m.theta.numel() for m in layers)
-    pruned = sum(m.sparsity() * m.theta.numel() for m in layers) / total
+    acc, pruned = train_sparse_vd_mlp()
     assert pruned >= 0.98, f"pruned {pruned:.4f}"
     assert acc >= 0.95, f"accuracy {acc:.4f}"
 

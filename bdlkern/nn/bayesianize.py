@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from .concrete import ConcreteDropout, ConcreteDropoutLinear
 from .mc_dropout import MCDropoutConv1d, MCDropoutConv2d, MCDropoutConv3d, MCDropoutLinear
-from .sparse_vd import SparseVDConv1d, SparseVDConv2d, SparseVDConv3d, SparseVDLinear
+from .sparse_vd import SparseVDConv1d, SparseVDConv2d, SparseVDConv3d, SparseVDLinear, _check_prior
 
 _METHODS = ("mc_dropout", "concrete", "sparse_vd")
 #: The exact types that are converted (subclasses are not: their forward may differ).
@@ -118,7 +118,8 @@ def _real(value, name: str) -> float:
     return float(value)
 
 
-def _check_options(method, p, init_p, log_sigma2_init, threshold, mask, shared_mask, concrete_kwargs) -> dict:
+def _check_options(method, p, init_p, log_sigma2_init, threshold, mask, shared_mask, concrete_kwargs,
+                   prior="log_uniform") -> dict:
     """The checked options of ``method``; an option of another method raises."""
     owner = {
         "p": ("mc_dropout", p is not None),
@@ -127,6 +128,7 @@ def _check_options(method, p, init_p, log_sigma2_init, threshold, mask, shared_m
         "init_p": ("concrete", init_p is not None),
         "threshold": ("sparse_vd", not (isinstance(threshold, numbers.Real) and threshold == 3.0)),
         "log_sigma2_init": ("sparse_vd", not (isinstance(log_sigma2_init, numbers.Real) and log_sigma2_init == -10.0)),
+        "prior": ("sparse_vd", not (isinstance(prior, str) and prior == "log_uniform")),
     }
     for name, (method_of, given) in owner.items():
         if given and method_of != method:
@@ -165,7 +167,7 @@ def _check_options(method, p, init_p, log_sigma2_init, threshold, mask, shared_m
         raise ValueError(f"bayesianize: threshold must be finite, got {threshold}")
     if not math.isfinite(log_sigma2_init):
         raise ValueError(f"bayesianize: log_sigma2_init must be finite, got {log_sigma2_init}")
-    return {"threshold": threshold, "log_sigma2_init": log_sigma2_init}
+    return {"threshold": threshold, "log_sigma2_init": log_sigma2_init, "prior": _check_prior("bayesianize", prior)}
 
 
 def _skip_reason_for_method(module: nn.Module, method: str) -> str | None:
@@ -204,11 +206,10 @@ def _convert(module: nn.Module, method: str, options: dict) -> tuple[nn.Module, 
         if module.bias is not None:
             moved["bias"] = "layer.bias"
         return wrapper, moved, ["p_logit"]
-    threshold, log_sigma2_init = options["threshold"], options["log_sigma2_init"]
     if kind is nn.Linear:
-        new = SparseVDLinear.from_linear(module, threshold=threshold, log_sigma2_init=log_sigma2_init)
+        new = SparseVDLinear.from_linear(module, **options)
     else:
-        new = _SPARSE_VD_CONV[kind].from_conv(module, threshold=threshold, log_sigma2_init=log_sigma2_init)
+        new = _SPARSE_VD_CONV[kind].from_conv(module, **options)
     return new, {"weight": "theta"}, ["log_sigma2"]
 
 
@@ -271,6 +272,7 @@ def bayesianize(
     threshold: float = 3.0,
     mask: str = "element",
     shared_mask: bool = False,
+    prior: str = "log_uniform",
     **concrete_kwargs,
 ) -> BayesianizeReport:
     """Turn the ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers of a trained dense model into bdlkern
@@ -329,6 +331,8 @@ def bayesianize(
         init_p: initial learnt drop probability in (0, 1) (``"concrete"`` only; default 0.1).
         log_sigma2_init, threshold: the sparse-VD layers' initial ``log sigma^2`` and pruning
             threshold on ``log_alpha`` (``"sparse_vd"`` only).
+        prior: the sparse-VD layers' KL prior, ``"log_uniform"`` or ``"ard"`` (``"sparse_vd"`` only;
+            see :class:`SparseVDLinear`).
         mask: ``"element"`` or ``"channel"`` masks for MC-dropout convolutions (``"mc_dropout"`` only).
         shared_mask: the MC-dropout layers' ``shared_mask`` (``"mc_dropout"`` only).
         **concrete_kwargs: Concrete-dropout options (``"concrete"`` only).
@@ -348,7 +352,7 @@ def bayesianize(
         raise TypeError(f"bayesianize: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"bayesianize: method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
-    options = _check_options(method, p, init_p, log_sigma2_init, threshold, mask, shared_mask, concrete_kwargs)
+    options = _check_options(method, p, init_p, log_sigma2_init, threshold, mask, shared_mask, concrete_kwargs, prior)
     if type(model) in _CONVERTIBLE:
         how = "from_linear" if type(model) is nn.Linear else "from_conv (ConcreteDropout(conv) for method='concrete')"
         raise ValueError(

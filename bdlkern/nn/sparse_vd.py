@@ -2,7 +2,11 @@
 :class:`SparseVDConv1d` / :class:`SparseVDConv2d` / :class:`SparseVDConv3d`, trained with the
 local reparameterisation trick and pruned by their learnt ``log_alpha``, and the pruned layers
 with a CSR weight that their ``to_sparse()`` returns: :class:`SparseLinear` and
-:class:`SparseConv1d` / :class:`SparseConv2d` / :class:`SparseConv3d`."""
+:class:`SparseConv1d` / :class:`SparseConv2d` / :class:`SparseConv3d`.
+
+The KL term has two priors (``prior=``): ``"log_uniform"`` (Molchanov et al.'s approximation,
+``bdlkern.ops.sparse_vd_kl``) and ``"ard"`` (the exact KL under the Gaussian ARD prior with its
+empirical-Bayes variance, Kharitonov, Molchanov & Vetrov 2018, ``bdlkern.ops.ard_kl``)."""
 
 from __future__ import annotations
 
@@ -23,6 +27,16 @@ from ._base import (
     _image_out_numel,
     _NotScriptable,
 )
+
+
+#: The priors of the sparse-VD layers' KL term.
+PRIORS = ("log_uniform", "ard")
+
+
+def _check_prior(owner: str, prior) -> str:
+    if not isinstance(prior, str) or prior not in PRIORS:
+        raise ValueError(f"{owner}: prior must be one of {', '.join(map(repr, PRIORS))}, got {prior!r}")
+    return prior
 
 
 def _conv_template(layer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device,
@@ -69,11 +83,17 @@ class SparseVDLinear(_NotScriptable, nn.Module):
         threshold: prune weights with ``log_alpha >= threshold`` (3.0: alpha ~ 20, a dropout rate
             above 0.95). Must be finite.
         log_sigma2_init: initial ``log sigma^2`` of every weight (-10: almost deterministic).
+        prior: the prior of :meth:`kl` (keyword only): ``"log_uniform"`` (the default, Molchanov et
+            al.'s approximation, :func:`bdlkern.ops.sparse_vd_kl`) or ``"ard"`` (the Gaussian ARD
+            prior with its optimal variance, Kharitonov et al. 2018: the exact KL
+            ``0.5 log1p(1 / alpha)``, :func:`bdlkern.ops.ard_kl`).
 
     Parameters: ``theta [out, in]``, ``log_sigma2 [out, in]``, ``bias [out]``.
     """
 
     _bdlkern_kl = True  # picked up by bdlkern.nn.regularization / kl_divergence
+    #: The prior of :meth:`kl`; a class default too, so layers pickled before it existed load.
+    prior: str = "log_uniform"
 
     def __init__(
         self,
@@ -84,8 +104,11 @@ class SparseVDLinear(_NotScriptable, nn.Module):
         log_sigma2_init: float = -10.0,
         device=None,
         dtype=None,
+        *,
+        prior: str = "log_uniform",
     ):
         super().__init__()
+        self.prior = _check_prior(type(self).__name__, prior)
         if not math.isfinite(float(threshold)):
             raise ValueError(f"SparseVDLinear: threshold must be finite, got {threshold}")
         if not math.isfinite(float(log_sigma2_init)):
@@ -103,15 +126,17 @@ class SparseVDLinear(_NotScriptable, nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 3.0, log_sigma2_init: float = -10.0) -> "SparseVDLinear":
+    def from_linear(
+        cls, linear: nn.Linear, threshold: float = 3.0, log_sigma2_init: float = -10.0, *, prior: str = "log_uniform"
+    ) -> "SparseVDLinear":
         """A sparse-VD layer whose ``theta [out, in]`` and bias are copies of ``linear``'s weight and
         bias (to fine-tune a trained network, as Molchanov et al. do), with every ``log_sigma2`` at
-        ``log_sigma2_init``; same device, dtype and training mode as ``linear``."""
+        ``log_sigma2_init`` and the KL ``prior``; same device, dtype and training mode as ``linear``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
-            log_sigma2_init=log_sigma2_init, device=linear.weight.device, dtype=linear.weight.dtype,
+            log_sigma2_init=log_sigma2_init, device=linear.weight.device, dtype=linear.weight.dtype, prior=prior,
         )
         return _copied_from(layer, linear, "theta")
 
@@ -133,7 +158,8 @@ class SparseVDLinear(_NotScriptable, nn.Module):
         return 1.0 - self.mask().double().mean().item()
 
     def kl(self) -> torch.Tensor:
-        """The layer's KL term (``bdlkern.ops.sparse_vd_kl``), a 0-dim tensor."""
+        """The layer's KL term under its ``prior``, a 0-dim tensor: ``bdlkern.ops.sparse_vd_kl``
+        (log-uniform) or ``bdlkern.ops.ard_kl`` (ARD)."""
         dtype = self.theta.dtype
         if dtype not in _F32_F64 and not torch.is_autocast_enabled(self.theta.device.type):
             raise TypeError(
@@ -141,7 +167,8 @@ class SparseVDLinear(_NotScriptable, nn.Module):
                 "torch.float32, torch.float64); keep the parameters in torch.float32 and use torch.autocast "
                 "for lower precision"
             )
-        return ops.sparse_vd_kl(self.theta, self.log_sigma2)
+        kl = ops.ard_kl if self.prior == "ard" else ops.sparse_vd_kl
+        return kl(self.theta, self.log_sigma2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, in] -> [*, out]``; inside ``sampling(S)`` ``[*, in]`` or ``[S, *, in]`` -> ``[S, *, out]``."""
@@ -181,8 +208,11 @@ class SparseVDLinear(_NotScriptable, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"threshold={self.threshold}"
+            f"threshold={self.threshold}{self._prior_repr()}"
         )
+
+    def _prior_repr(self) -> str:
+        return "" if self.prior == "log_uniform" else f", prior={self.prior!r}"
 
 
 class _SparseVDConvNd(_NotScriptable, nn.Module):
@@ -198,13 +228,14 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as the
             torch convolution (theta initialised like its weight; ``padding_mode`` is zeros).
-        threshold, log_sigma2_init: as :class:`SparseVDLinear`.
+        threshold, log_sigma2_init, prior: as :class:`SparseVDLinear` (``prior`` keyword only).
 
     Parameters: ``theta [C_out, C_in / groups, *kernel]``, ``log_sigma2`` (same shape),
     ``bias [C_out]``.
     """
 
     _bdlkern_kl = True  # picked up by bdlkern.nn.regularization / kl_divergence
+    prior: str = "log_uniform"  # as SparseVDLinear.prior
     _dims: int
     _conv_type: type
 
@@ -222,9 +253,12 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
         log_sigma2_init: float = -10.0,
         device=None,
         dtype=None,
+        *,
+        prior: str = "log_uniform",
     ):
         super().__init__()
         name = type(self).__name__
+        self.prior = _check_prior(name, prior)
         if not math.isfinite(float(threshold)):
             raise ValueError(f"{name}: threshold must be finite, got {threshold}")
         if not math.isfinite(float(log_sigma2_init)):
@@ -237,9 +271,11 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
         self.bias = bias_param
 
     @classmethod
-    def from_conv(cls, conv: nn.Module, threshold: float = 3.0, log_sigma2_init: float = -10.0):
+    def from_conv(cls, conv: nn.Module, threshold: float = 3.0, log_sigma2_init: float = -10.0, *,
+                  prior: str = "log_uniform"):
         """A sparse-VD layer whose ``theta`` and bias are ``conv``'s weight and bias (to fine-tune a
-        trained network, as Molchanov et al. do); ``padding_mode`` must be zeros."""
+        trained network, as Molchanov et al. do), with the KL ``prior``; ``padding_mode`` must be
+        zeros."""
         if not isinstance(conv, cls._conv_type):
             raise TypeError(f"{cls.__name__}.from_conv: expected an nn.{cls._conv_type.__name__}, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
@@ -247,7 +283,7 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, threshold=threshold,
-            log_sigma2_init=log_sigma2_init, device=conv.weight.device, dtype=conv.weight.dtype,
+            log_sigma2_init=log_sigma2_init, device=conv.weight.device, dtype=conv.weight.dtype, prior=prior,
         )
         return _copied_from(layer, conv, "theta")
 
@@ -256,6 +292,7 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
     pruned_weight = SparseVDLinear.pruned_weight
     sparsity = SparseVDLinear.sparsity
     kl = SparseVDLinear.kl
+    _prior_repr = SparseVDLinear._prior_repr
 
     def _error_label(self) -> str:
         return f"{type(self).__name__}(in_channels={self.in_channels}, out_channels={self.out_channels})"
@@ -309,7 +346,7 @@ class _SparseVDConvNd(_NotScriptable, nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-            f"threshold={self.threshold}"
+            f"threshold={self.threshold}{self._prior_repr()}"
         )
 
 

@@ -40,7 +40,7 @@ from ._common import (  # noqa: F401  (the private helpers stay reachable as bdl
 from .rng import dropout_mask, normal, philox_bits, uniform
 from .mc_dropout import mc_dropout_conv, mc_dropout_linear
 from .concrete import _channel_dim, concrete_dropout, concrete_dropout_regularizer  # noqa: F401
-from .sparse_vd import lrt_conv, lrt_linear, sparse_vd_kl
+from .sparse_vd import ard_kl, lrt_conv, lrt_linear, sparse_vd_kl
 from .variance import variance_conv, variance_linear
 # Importing the submodule binds bdlkern.ops.sparse_linear to it; this import then rebinds the name to
 # the function, which is what the public name has always been.
@@ -73,6 +73,7 @@ __all__ = [
     "lrt_linear",
     "lrt_conv",
     "sparse_vd_kl",
+    "ard_kl",
     "sparse_linear",
     "sparse_conv",
     "variance_linear",

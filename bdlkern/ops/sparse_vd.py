@@ -1,6 +1,7 @@
 """Sparse variational dropout in training: the local-reparameterisation linear layer
-(:func:`lrt_linear`) and convolution (:func:`lrt_conv`), and the KL term (:func:`sparse_vd_kl`),
-with the fake kernels of their forward, backward and fused KL-with-gradient ops."""
+(:func:`lrt_linear`) and convolution (:func:`lrt_conv`), and the KL term under the log-uniform prior
+(:func:`sparse_vd_kl`) or the ARD prior (:func:`ard_kl`), with the fake kernels of their forward,
+backward and fused KL-with-gradient ops."""
 
 from __future__ import annotations
 
@@ -134,6 +135,33 @@ def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     return torch.ops.bdlkern.sparse_vd_kl(theta, log_sigma2)
 
 
+def ard_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """The KL term of sparse variational dropout under the ARD prior, summed over the weights (a
+    0-dim tensor).
+
+    Kharitonov, Molchanov & Vetrov (2018), "Variational Dropout via Empirical Bayes"
+    (arXiv:1811.00596): each weight gets a Gaussian prior ``N(0, lambda^2)`` whose variance is set
+    to its optimum ``lambda^2 = theta^2 + sigma^2`` for the posterior ``N(theta, sigma^2)``. The KL
+    is then exact, no approximation::
+
+        KL = 0.5 log(1 + theta^2 / sigma^2) = 0.5 log1p(1 / alpha) = 0.5 log1p(exp(-log_alpha))
+
+    with the clamped ``log_alpha = clamp(log_sigma2 - log(theta^2 + 1e-8), -8, 8)`` of
+    :func:`lrt_linear` (no gradient through the clamp). It is one of the two terms of
+    :func:`sparse_vd_kl`'s approximation, and it too drives ``alpha`` up, so the layers prune the
+    same way. The same fused kernels: one reduction (chunk sums in double, added in a fixed order),
+    and with a gradient needed the same pass writes it (``ard_kl_with_grad``), held until backward.
+
+    Args:
+        theta, log_sigma2: any shape (the same), float32 or float64.
+    """
+    if not isinstance(theta, torch.Tensor) or not isinstance(log_sigma2, torch.Tensor):
+        raise TypeError("ard_kl: theta and log_sigma2 must be tensors")
+    if torch.is_grad_enabled() and (theta.requires_grad or log_sigma2.requires_grad):
+        return torch.ops.bdlkern.ard_kl_with_grad(theta, log_sigma2)[0]
+    return torch.ops.bdlkern.ard_kl(theta, log_sigma2)
+
+
 # ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
 def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::lrt_linear")
@@ -177,19 +205,24 @@ def _register_fakes(ns: str) -> None:
             theta.new_empty((theta.shape[0],)),
         )
 
-    @torch.library.register_fake(f"{ns}::sparse_vd_kl")
+    for kl in ("sparse_vd_kl", "ard_kl"):  # the same shapes under either prior
+        _register_kl_fakes(ns, kl)
+
+
+def _register_kl_fakes(ns: str, kl: str) -> None:
+    @torch.library.register_fake(f"{ns}::{kl}")
     def _kl_fake(theta, log_sigma2):
-        _check_devices("sparse_vd_kl", "theta", theta, log_sigma2=log_sigma2)
+        _check_devices(kl, "theta", theta, log_sigma2=log_sigma2)
         return theta.new_empty(())
 
-    @torch.library.register_fake(f"{ns}::sparse_vd_kl_backward")
+    @torch.library.register_fake(f"{ns}::{kl}_backward")
     def _kl_backward_fake(grad, theta, log_sigma2):
-        _check_devices("sparse_vd_kl_backward", "theta", theta, grad=grad, log_sigma2=log_sigma2)
+        _check_devices(f"{kl}_backward", "theta", theta, grad=grad, log_sigma2=log_sigma2)
         return torch.empty_like(theta), torch.empty_like(log_sigma2)
 
-    @torch.library.register_fake(f"{ns}::sparse_vd_kl_with_grad")
+    @torch.library.register_fake(f"{ns}::{kl}_with_grad")
     def _kl_with_grad_fake(theta, log_sigma2):
-        _check_devices("sparse_vd_kl_with_grad", "theta", theta, log_sigma2=log_sigma2)
+        _check_devices(f"{kl}_with_grad", "theta", theta, log_sigma2=log_sigma2)
         return theta.new_empty(()), theta.new_empty(theta.shape), log_sigma2.new_empty(log_sigma2.shape)
 
 

@@ -275,6 +275,13 @@ def sparse_vd_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     return -neg_kl.sum()
 
 
+def ard_kl(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """The exact KL under the ARD prior N(0, theta^2 + sigma^2) (Kharitonov et al. 2018), summed
+    over the weights: ``sum(0.5 log1p(exp(-la)))``."""
+    la = log_alpha(theta, log_sigma2)
+    return (0.5 * torch.log1p(torch.exp(-la))).sum()
+
+
 def csr_to_dense(crow, col, values, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W, V or None): the dense [N, K] matrices of a CSR weight, rebuilt entry by entry."""
     n = crow.numel() - 1

@@ -23,6 +23,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <bdlkern/sparse_vd/math.h>  // KlPrior
+
 #include <algorithm>
 #include <cstddef>
 #include <optional>
@@ -128,9 +130,12 @@ struct AutocastRegistrar {
     impl<"variance_linear_backward", kAsGiven>(&VD::variance_backward);
     impl<"variance_conv", kFloat32>(&LrtConv::variance_forward);
     impl<"variance_conv_backward", kAsGiven>(&LrtConv::variance_backward);
-    impl<"sparse_vd_kl", kFloat32>(&VD::kl);
-    impl<"sparse_vd_kl_backward", kAsGiven>(&VD::kl_backward);
-    impl<"sparse_vd_kl_with_grad", kFloat32>(&VD::kl_with_grad);
+    impl<"sparse_vd_kl", kFloat32>(&VD::template kl<KlPrior::kLogUniform>);
+    impl<"sparse_vd_kl_backward", kAsGiven>(&VD::template kl_backward<KlPrior::kLogUniform>);
+    impl<"sparse_vd_kl_with_grad", kFloat32>(&VD::template kl_with_grad<KlPrior::kLogUniform>);
+    impl<"ard_kl", kFloat32>(&VD::template kl<KlPrior::kArd>);
+    impl<"ard_kl_backward", kAsGiven>(&VD::template kl_backward<KlPrior::kArd>);
+    impl<"ard_kl_with_grad", kFloat32>(&VD::template kl_with_grad<KlPrior::kArd>);
     impl<"sparse_linear", kFloat32>(&Csr::forward);
     impl<"sparse_linear_backward", kAsGiven>(&Csr::backward);
     impl<"sparse_linear_lrt", kFloat32>(&Csr::lrt_forward);

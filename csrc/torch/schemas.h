@@ -83,6 +83,10 @@ inline void define_sparse_vd_schemas(torch::Library& m) {
   m.def("sparse_vd_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
   m.def("sparse_vd_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
   m.def("sparse_vd_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");
+  // The exact KL under the ARD prior with its optimal variance (Kharitonov et al. 2018).
+  m.def("ard_kl(Tensor theta, Tensor log_sigma2) -> Tensor");
+  m.def("ard_kl_backward(Tensor grad, Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor)");
+  m.def("ard_kl_with_grad(Tensor theta, Tensor log_sigma2) -> (Tensor, Tensor, Tensor)");
   // validate: check the CSR structure (and row_order, and that the variances are >= 0) on the
   // host, which on CUDA copies it and waits. False skips those data checks (the metadata checks
   // stay): for callers that validated the structure once, as SparseLinear / SparseConv do at

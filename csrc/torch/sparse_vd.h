@@ -263,8 +263,20 @@ struct SparseVDOps {
     return {grad_x, grad_ls2, grad_bias};
   }
 
+  // ---- the KL term, one binding per op for both priors (sparse_vd_kl*: log-uniform, ard_kl*) --
+  static constexpr const char* kl_name(KlPrior prior) {
+    return prior == KlPrior::kArd ? "ard_kl" : "sparse_vd_kl";
+  }
+  static constexpr const char* kl_backward_name(KlPrior prior) {
+    return prior == KlPrior::kArd ? "ard_kl_backward" : "sparse_vd_kl_backward";
+  }
+  static constexpr const char* kl_with_grad_name(KlPrior prior) {
+    return prior == KlPrior::kArd ? "ard_kl_with_grad" : "sparse_vd_kl_with_grad";
+  }
+
+  template <KlPrior P>
   static at::Tensor kl(const at::Tensor& theta, const at::Tensor& log_sigma2) {
-    const char* op = "sparse_vd_kl";
+    const char* op = kl_name(P);
     const DType dt = check_weights(theta, log_sigma2, op);
     at::OptionalDeviceGuard guard(theta.device());
     const at::Tensor th = theta.contiguous();
@@ -273,15 +285,16 @@ struct SparseVDOps {
     const int64_t ws = sparse_vd_kl_workspace(Tag{}, th.numel(), dt);
     at::Tensor workspace;
     if (ws > 0) workspace = at::empty({ws}, theta.options().dtype(at::kByte));
-    sparse_vd_kl(Tag{}, th.numel(), th.const_data_ptr(), ls.const_data_ptr(), out.data_ptr(),
+    sparse_vd_kl(Tag{}, P, th.numel(), th.const_data_ptr(), ls.const_data_ptr(), out.data_ptr(),
                  ws > 0 ? workspace.data_ptr() : nullptr, dt, Traits::stream(theta));
     return out;
   }
 
+  template <KlPrior P>
   static std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad,
                                                         const at::Tensor& theta,
                                                         const at::Tensor& log_sigma2) {
-    const char* op = "sparse_vd_kl_backward";
+    const char* op = kl_backward_name(P);
     const DType dt = check_weights(theta, log_sigma2, op);
     check_like(grad, "grad", theta, "theta", op);
     TORCH_CHECK(grad.numel() == 1, op, ": grad must hold one value (the KL is a scalar), got shape ",
@@ -292,21 +305,23 @@ struct SparseVDOps {
     const at::Tensor g = grad.contiguous();
     at::Tensor grad_theta = at::empty_like(th);
     at::Tensor grad_ls2 = at::empty_like(ls);
-    sparse_vd_kl_backward(Tag{}, th.numel(), g.const_data_ptr(), th.const_data_ptr(),
+    sparse_vd_kl_backward(Tag{}, P, th.numel(), g.const_data_ptr(), th.const_data_ptr(),
                           ls.const_data_ptr(), grad_theta.data_ptr(), grad_ls2.data_ptr(), dt,
                           Traits::stream(theta));
     return {grad_theta, grad_ls2};
   }
 
-  // The KL and its gradient at grad 1 (what the autograd of the public sparse_vd_kl saves, so its
-  // backward is a scaling): one fused pass on the CPU, the two kernels elsewhere.
+  // The KL and its gradient at grad 1 (what the autograd of the public sparse_vd_kl / ard_kl saves,
+  // so its backward is a scaling): one fused pass on the CPU, the two kernels elsewhere.
+  template <KlPrior P>
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_grad(const at::Tensor& theta,
                                                                      const at::Tensor& log_sigma2) {
-    const char* op = "sparse_vd_kl_with_grad";
+    const char* op = kl_with_grad_name(P);
     const DType dt = check_weights(theta, log_sigma2, op);
     if constexpr (!std::is_same_v<Tag, CpuTag>) {
-      at::Tensor out = kl(theta, log_sigma2);
-      auto [grad_theta, grad_ls2] = kl_backward(at::ones({}, theta.options()), theta, log_sigma2);
+      at::Tensor out = kl<P>(theta, log_sigma2);
+      auto [grad_theta, grad_ls2] =
+          kl_backward<P>(at::ones({}, theta.options()), theta, log_sigma2);
       return {out, grad_theta, grad_ls2};
     } else {
       const at::Tensor th = theta.contiguous();
@@ -314,7 +329,7 @@ struct SparseVDOps {
       at::Tensor out = at::empty({}, theta.options());
       at::Tensor grad_theta = at::empty_like(th);
       at::Tensor grad_ls2 = at::empty_like(ls);
-      sparse_vd_kl_with_grad(CpuTag{}, th.numel(), th.const_data_ptr(), ls.const_data_ptr(),
+      sparse_vd_kl_with_grad(CpuTag{}, P, th.numel(), th.const_data_ptr(), ls.const_data_ptr(),
                              out.data_ptr(), grad_theta.data_ptr(), grad_ls2.data_ptr(), dt);
       return {out, grad_theta, grad_ls2};
     }
@@ -328,6 +343,12 @@ struct SparseVDOps {
     m.impl("sparse_vd_kl", &kl);
     m.impl("sparse_vd_kl_backward", &kl_backward);
     m.impl("sparse_vd_kl_with_grad", &kl_with_grad);
+    m.impl("sparse_vd_kl", &kl<KlPrior::kLogUniform>);
+    m.impl("sparse_vd_kl_backward", &kl_backward<KlPrior::kLogUniform>);
+    m.impl("sparse_vd_kl_with_grad", &kl_with_grad<KlPrior::kLogUniform>);
+    m.impl("ard_kl", &kl<KlPrior::kArd>);
+    m.impl("ard_kl_backward", &kl_backward<KlPrior::kArd>);
+    m.impl("ard_kl_with_grad", &kl_with_grad<KlPrior::kArd>);
   }
 };
 

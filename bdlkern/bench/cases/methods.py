@@ -1,5 +1,8 @@
 """Family ``methods`` (issue 19): training steps of the methods built on the fused kernels.
 
+* ``methods.ard_kl``: forward + backward of :func:`bdlkern.ops.ard_kl` (the KL under the ARD
+  prior, one fused pass that also writes the gradient) on a 1024x1024 float32 weight, against the
+  eager formula ``0.5 softplus(-clamp(log_alpha))`` with autograd and its ``torch.compile``.
 * ``methods.alpha_div_train_k10``: one alpha-divergence training step of MC dropout (Li & Gal 2017,
   :func:`bdlkern.losses.alpha_divergence`, alpha = 0.5) with K = 10 samples per input: forward,
   loss, backward (the gradients of every parameter; no optimizer step in any variant). The digits
@@ -333,4 +336,66 @@ def _variance_network_train(device: torch.device, quick: bool) -> Workload:
     dims = VD_QUICK if quick else VD_FULL
     return _lrt_train_workload(
         _variance_nets(dims["sizes"], device), _variance_eager_layer, dims, device, "bdlkern VarianceLinear", {}
+    )
+
+
+# ---- the KL under the ARD prior, Kharitonov, Molchanov & Vetrov 2018 -----------------------------------
+ARD_FULL = {"shape": (1024, 1024)}
+ARD_QUICK = {"shape": (64, 64)}
+
+
+def _ard_kl_eager(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """The ARD KL as users write it: the clamped log alpha, ``0.5 softplus(-log_alpha)``, summed."""
+    log_alpha = torch.clamp(log_sigma2 - torch.log(theta**2 + 1e-8), -8.0, 8.0)
+    return (0.5 * F.softplus(-log_alpha)).sum()
+
+
+@case(
+    "methods.ard_kl",
+    family="methods",
+    description="KL of sparse variational dropout under the ARD prior (Kharitonov et al. 2018, "
+    "0.5 log1p(exp(-log_alpha))) of a 1024x1024 float32 weight: forward + backward of theta and log_sigma2 "
+    "(no target in the issue)",
+    subject="bdlkern ard_kl",
+    baselines={
+        "reference (eager)": "reference",
+        "reference (torch.compile)": "compiled",
+    },
+)
+def _ard_kl(device: torch.device, quick: bool) -> Workload:
+    shape = (ARD_QUICK if quick else ARD_FULL)["shape"]
+    g = torch.Generator().manual_seed(2)
+    theta = (torch.randn(shape, generator=g) / 32).to(device).requires_grad_()
+    # log alpha spread over (-10, 6): most weights inside the clamp, some below it
+    log_sigma2 = (torch.rand(shape, generator=g) * 16 - 10).to(device) + torch.log(theta.detach() ** 2 + 1e-8)
+    log_sigma2.requires_grad_()
+    params = [theta, log_sigma2]
+    ours_step = _grad_step(bdlkern.ops.ard_kl, params, params)
+    eager_step = _grad_step(_ard_kl_eager, params, params)
+    compiled_step = _grad_step(torch.compile(_ard_kl_eager), params, params)
+    compiled_step()  # compile in setup
+
+    def check() -> None:
+        kl, grads = ours_step()
+        leaves = [t.detach().cpu().double().requires_grad_() for t in params]
+        want = _ard_kl_eager(*leaves)
+        want_grads = torch.autograd.grad(want, leaves)
+        torch.testing.assert_close(kl.cpu().double(), want.detach(), rtol=1e-5, atol=0, msg="ard_kl")
+        for name, a, b in zip(("theta", "log_sigma2"), grads, want_grads):
+            torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=f"grad {name}")
+        for name, fn in (("eager", eager_step), ("compiled", compiled_step)):
+            b_kl, _ = fn()
+            torch.testing.assert_close(b_kl.cpu().double(), want.detach(), rtol=1e-4, atol=0, msg=f"{name} KL")
+
+    n = theta.numel()
+    return Workload(
+        variants={
+            "bdlkern ard_kl": ours_step,
+            "reference (eager)": eager_step,
+            "reference (torch.compile)": compiled_step,
+        },
+        params={"shape": "x".join(map(str, shape)), "dtype": "float32"},
+        elements=n,
+        bytes=4 * 4 * n,  # reads theta and log_sigma2, writes their two gradients
+        check=check,
     )

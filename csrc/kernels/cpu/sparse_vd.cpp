@@ -99,16 +99,55 @@ BDLKERN_SIMD_FUNCTION(void, weight_variance_backward_f32,
 constexpr float kK1 = static_cast<float>(kKlK1), kK2 = static_cast<float>(kKlK2),
                 kK3 = static_cast<float>(kKlK3);
 
-// d KL / d log alpha from sg = sigmoid(k2 + k3 la) and e = exp(-la) (sigmoid(-la) = e / (1 + e)):
-// the one float32 definition behind both the fused KL + gradient pass and the backward kernel.
-inline __attribute__((always_inline)) float kl_dlog_alpha(float sg, float e) {
-  return -(kK1 * kK3 * sg * (1.0f - sg) + 0.5f * e / (1.0f + e));
+// The float32 KL of one weight under prior P from e = exp(-la) (and, for the log-uniform prior,
+// sg = sigmoid(k2 + k3 la)), and its derivative in la: the one float32 definition behind the fused
+// KL + gradient pass and the backward kernel. The ARD prior needs no sigmoid: its KL is the
+// shared term 0.5 log1p(e), its derivative -0.5 sigmoid(-la) = -0.5 e / (1 + e).
+//
+// 0.5 log1p(e). kExact: as log(u) e / (u - 1) with u = 1 + e (Goldberg's trick: the rounding of
+// u cancels), so a small e (large la) keeps its relative accuracy; u > 1 always, as la <= 8 gives
+// e >= exp(-8). The ARD KL is this term alone, small at large la, so it needs it. The log-uniform
+// KL adds it to k1 (1 - sg), whose cancellation costs more than log(1 + e)'s rounding: it keeps
+// the plain log, one division less per weight (and its bits from before the ARD prior).
+template <bool kExact>
+inline __attribute__((always_inline)) float half_log1p(float e) {
+  const float u = 1.0f + e;
+  if constexpr (kExact) {
+    return 0.5f * cpu::vec::log(u) * (e / (u - 1.0f));
+  } else {
+    return 0.5f * cpu::vec::log(u);
+  }
+}
+template <KlPrior P>
+inline __attribute__((always_inline)) float kl_term_f32(float sg, float e) {
+  if constexpr (P == KlPrior::kArd) {
+    return half_log1p<true>(e);
+  } else {
+    return -(kK1 * sg - half_log1p<false>(e) - kK1);
+  }
+}
+template <KlPrior P>
+inline __attribute__((always_inline)) float kl_dlog_alpha_f32(float sg, float e) {
+  const float half_sig_neg = 0.5f * e / (1.0f + e);
+  if constexpr (P == KlPrior::kArd) {
+    return -half_sig_neg;
+  } else {
+    return -(kK1 * kK3 * sg * (1.0f - sg) + half_sig_neg);
+  }
+}
+template <KlPrior P>
+inline __attribute__((always_inline)) float kl_sigmoid_f32(float la) {
+  if constexpr (P == KlPrior::kArd) {
+    return 0.0f;  // unused
+  } else {
+    return cpu::vec::sigmoid(kK2 + kK3 * la);
+  }
 }
 
 // KL of a chunk of at most kKlChunk weights, summed in 8 double lanes combined in a fixed order;
 // with kGrad also its gradient at grad 1 (gt, gs: d/dtheta, d/dlog_sigma2), from the same
 // exponentials: sigmoid(-la) = e / (1 + e) with e = exp(-la), which the term needs anyway.
-template <bool kGrad>
+template <bool kGrad, KlPrior P>
 inline __attribute__((always_inline)) double kl_chunk_body(int64_t n, const float* th,
                                                            const float* ls, float* gt, float* gs) {
   alignas(64) float term[4096];
@@ -117,12 +156,12 @@ inline __attribute__((always_inline)) double kl_chunk_body(int64_t n, const floa
     const float t2e = t * t + kThEps;
     const float raw = ls[i] - cpu::vec::log(t2e);
     const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
-    const float sg = cpu::vec::sigmoid(kK2 + kK3 * la);
+    const float sg = kl_sigmoid_f32<P>(la);
     const float e = cpu::vec::exp(-la);
-    term[i] = -(kK1 * sg - 0.5f * cpu::vec::log(1.0f + e) - kK1);
+    term[i] = kl_term_f32<P>(sg, e);
     if constexpr (kGrad) {
       const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
-      const float d = clamped ? 0.0f : kl_dlog_alpha(sg, e);
+      const float d = clamped ? 0.0f : kl_dlog_alpha_f32<P>(sg, e);
       gt[i] = d * (-2.0f * t / t2e);
       gs[i] = d;
     }
@@ -136,17 +175,28 @@ inline __attribute__((always_inline)) double kl_chunk_body(int64_t n, const floa
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
+// The prior picked once per chunk, outside the loop: each SIMD path holds both loops.
 inline __attribute__((always_inline)) double kl_only_body(int64_t n, const float* th,
-                                                          const float* ls) {
-  return kl_chunk_body<false>(n, th, ls, nullptr, nullptr);
+                                                          const float* ls, KlPrior prior) {
+  return prior == KlPrior::kArd ? kl_chunk_body<false, KlPrior::kArd>(n, th, ls, nullptr, nullptr)
+                                : kl_chunk_body<false, KlPrior::kLogUniform>(n, th, ls, nullptr, nullptr);
 }
-BDLKERN_SIMD_FUNCTION(double, kl_chunk_f32, (int64_t n, const float* th, const float* ls),
-                      kl_only_body, (n, th, ls))
+inline __attribute__((always_inline)) double kl_grad_body(int64_t n, const float* th,
+                                                          const float* ls, float* gt, float* gs,
+                                                          KlPrior prior) {
+  return prior == KlPrior::kArd ? kl_chunk_body<true, KlPrior::kArd>(n, th, ls, gt, gs)
+                                : kl_chunk_body<true, KlPrior::kLogUniform>(n, th, ls, gt, gs);
+}
+BDLKERN_SIMD_FUNCTION(double, kl_chunk_f32,
+                      (int64_t n, const float* th, const float* ls, KlPrior prior), kl_only_body,
+                      (n, th, ls, prior))
 BDLKERN_SIMD_FUNCTION(double, kl_grad_chunk_f32,
-                      (int64_t n, const float* th, const float* ls, float* gt, float* gs),
-                      kl_chunk_body<true>, (n, th, ls, gt, gs))
+                      (int64_t n, const float* th, const float* ls, float* gt, float* gs,
+                       KlPrior prior),
+                      kl_grad_body, (n, th, ls, gt, gs, prior))
 
-inline __attribute__((always_inline)) void kl_backward_body(int64_t n, float g, const float* th,
+template <KlPrior P>
+inline __attribute__((always_inline)) void kl_backward_loop(int64_t n, float g, const float* th,
                                                             const float* ls, float* gt,
                                                             float* gs) {
   for (int64_t i = 0; i < n; ++i) {
@@ -155,15 +205,40 @@ inline __attribute__((always_inline)) void kl_backward_body(int64_t n, float g, 
     const float raw = ls[i] - cpu::vec::log(t2e);
     const bool clamped = !(raw >= kLaMin && raw <= kLaMax);  // NaN too, as torch.clamp
     const float la = raw < kLaMin ? kLaMin : (raw > kLaMax ? kLaMax : raw);
-    const float sg = cpu::vec::sigmoid(kK2 + kK3 * la);
-    const float d = clamped ? 0.0f : g * kl_dlog_alpha(sg, cpu::vec::exp(-la));
+    const float sg = kl_sigmoid_f32<P>(la);
+    const float d = clamped ? 0.0f : g * kl_dlog_alpha_f32<P>(sg, cpu::vec::exp(-la));
     gt[i] = d * (-2.0f * t / t2e);
     gs[i] = d;
   }
 }
+inline __attribute__((always_inline)) void kl_backward_body(int64_t n, float g, const float* th,
+                                                            const float* ls, float* gt, float* gs,
+                                                            KlPrior prior) {
+  if (prior == KlPrior::kArd) {
+    kl_backward_loop<KlPrior::kArd>(n, g, th, ls, gt, gs);
+  } else {
+    kl_backward_loop<KlPrior::kLogUniform>(n, g, th, ls, gt, gs);
+  }
+}
 BDLKERN_SIMD_FUNCTION(void, kl_backward_f32,
-                      (int64_t n, float g, const float* th, const float* ls, float* gt, float* gs),
-                      kl_backward_body, (n, g, th, ls, gt, gs))
+                      (int64_t n, float g, const float* th, const float* ls, float* gt, float* gs,
+                       KlPrior prior),
+                      kl_backward_body, (n, g, th, ls, gt, gs, prior))
+
+// Calls f.template operator()<P>() with P the compile-time prior.
+template <typename F>
+void dispatch_prior(KlPrior prior, F f) {
+  if (prior == KlPrior::kArd) return f.template operator()<KlPrior::kArd>();
+  return f.template operator()<KlPrior::kLogUniform>();
+}
+
+// The op names for error messages.
+inline const char* kl_op_name(KlPrior prior) {
+  return prior == KlPrior::kArd ? "ard_kl" : "sparse_vd_kl";
+}
+inline const char* kl_backward_op_name(KlPrior prior) {
+  return prior == KlPrior::kArd ? "ard_kl_backward" : "sparse_vd_kl_backward";
+}
 
 // sd[i] = sqrt(v[i] + eps), i < n: vsqrtps on the AVX paths, std::sqrt on the baseline (the same
 // correctly rounded bits either way).
@@ -370,63 +445,68 @@ int64_t sparse_vd_kl_workspace(CpuTag, int64_t, DType) { return 0; }
 
 // The KL (and with grads, its gradient at grad 1): parallel over fixed chunks, each summed in
 // double, the chunk sums added in order (the bits do not depend on the thread count).
-static void kl_sum(int64_t n, const void* theta, const void* log_sigma2, void* out,
+static void kl_sum(KlPrior prior, int64_t n, const void* theta, const void* log_sigma2, void* out,
                    void* grad_theta, void* grad_log_sigma2, DType dtype) {
-  dispatch(dtype, "sparse_vd_kl", [&]<typename T>() {
-    const T* th = static_cast<const T*>(theta);
-    const T* ls = static_cast<const T*>(log_sigma2);
-    T* gt = static_cast<T*>(grad_theta);
-    T* gs = static_cast<T*>(grad_log_sigma2);
-    const int64_t chunks = (n + kKlChunk - 1) / kKlChunk;
-    std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t b = c * kKlChunk, end = std::min(n, b + kKlChunk);
-        if constexpr (std::is_same_v<T, float>) {
-          partial[static_cast<size_t>(c)] = gt != nullptr
-              ? kl_grad_chunk_f32(end - b, th + b, ls + b, gt + b, gs + b)
-              : kl_chunk_f32(end - b, th + b, ls + b);
-          continue;
+  dispatch(dtype, kl_op_name(prior), [&]<typename T>() {
+    dispatch_prior(prior, [&]<KlPrior P>() {
+      const T* th = static_cast<const T*>(theta);
+      const T* ls = static_cast<const T*>(log_sigma2);
+      T* gt = static_cast<T*>(grad_theta);
+      T* gs = static_cast<T*>(grad_log_sigma2);
+      const int64_t chunks = (n + kKlChunk - 1) / kKlChunk;
+      std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t b = c * kKlChunk, end = std::min(n, b + kKlChunk);
+          if constexpr (std::is_same_v<T, float>) {
+            partial[static_cast<size_t>(c)] = gt != nullptr
+                ? kl_grad_chunk_f32(end - b, th + b, ls + b, gt + b, gs + b, P)
+                : kl_chunk_f32(end - b, th + b, ls + b, P);
+            continue;
+          }
+          double sum = 0.0;
+          for (int64_t i = b; i < end; ++i) {
+            sum += static_cast<double>(kl_term<P, T>(log_alpha_of<T>(th[i], ls[i]).value));
+            if (gt != nullptr) kl_grads<P, T>(th[i], ls[i], T(1), &gt[i], &gs[i]);
+          }
+          partial[static_cast<size_t>(c)] = sum;
         }
-        double sum = 0.0;
-        for (int64_t i = b; i < end; ++i) {
-          sum += static_cast<double>(sparse_vd_kl_term<T>(log_alpha_of<T>(th[i], ls[i]).value));
-          if (gt != nullptr) sparse_vd_kl_grads<T>(th[i], ls[i], T(1), &gt[i], &gs[i]);
-        }
-        partial[static_cast<size_t>(c)] = sum;
-      }
+      });
+      double total = 0.0;
+      for (const double v : partial) total += v;
+      *static_cast<T*>(out) = static_cast<T>(total);
     });
-    double total = 0.0;
-    for (const double v : partial) total += v;
-    *static_cast<T*>(out) = static_cast<T>(total);
   });
 }
 
-void sparse_vd_kl(CpuTag, int64_t n, const void* theta, const void* log_sigma2, void* out, void*,
-                  DType dtype, void*) {
-  kl_sum(n, theta, log_sigma2, out, nullptr, nullptr, dtype);
+void sparse_vd_kl(CpuTag, KlPrior prior, int64_t n, const void* theta, const void* log_sigma2,
+                  void* out, void*, DType dtype, void*) {
+  kl_sum(prior, n, theta, log_sigma2, out, nullptr, nullptr, dtype);
 }
 
-void sparse_vd_kl_with_grad(CpuTag, int64_t n, const void* theta, const void* log_sigma2,
-                            void* out, void* grad_theta, void* grad_log_sigma2, DType dtype) {
-  kl_sum(n, theta, log_sigma2, out, grad_theta, grad_log_sigma2, dtype);
+void sparse_vd_kl_with_grad(CpuTag, KlPrior prior, int64_t n, const void* theta,
+                            const void* log_sigma2, void* out, void* grad_theta,
+                            void* grad_log_sigma2, DType dtype) {
+  kl_sum(prior, n, theta, log_sigma2, out, grad_theta, grad_log_sigma2, dtype);
 }
 
-void sparse_vd_kl_backward(CpuTag, int64_t n, const void* grad, const void* theta,
+void sparse_vd_kl_backward(CpuTag, KlPrior prior, int64_t n, const void* grad, const void* theta,
                            const void* log_sigma2, void* grad_theta, void* grad_log_sigma2,
                            DType dtype, void*) {
-  dispatch(dtype, "sparse_vd_kl_backward", [&]<typename T>() {
-    const T g = *static_cast<const T*>(grad);
-    const T* th = static_cast<const T*>(theta);
-    const T* ls = static_cast<const T*>(log_sigma2);
-    T* gt = static_cast<T*>(grad_theta);
-    T* gs = static_cast<T*>(grad_log_sigma2);
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      if constexpr (std::is_same_v<T, float>) {
-        kl_backward_f32(e - b, g, th + b, ls + b, gt + b, gs + b);
-      } else {
-        for (int64_t i = b; i < e; ++i) sparse_vd_kl_grads<T>(th[i], ls[i], g, &gt[i], &gs[i]);
-      }
+  dispatch(dtype, kl_backward_op_name(prior), [&]<typename T>() {
+    dispatch_prior(prior, [&]<KlPrior P>() {
+      const T g = *static_cast<const T*>(grad);
+      const T* th = static_cast<const T*>(theta);
+      const T* ls = static_cast<const T*>(log_sigma2);
+      T* gt = static_cast<T*>(grad_theta);
+      T* gs = static_cast<T*>(grad_log_sigma2);
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+        if constexpr (std::is_same_v<T, float>) {
+          kl_backward_f32(e - b, g, th + b, ls + b, gt + b, gs + b, P);
+        } else {
+          for (int64_t i = b; i < e; ++i) kl_grads<P, T>(th[i], ls[i], g, &gt[i], &gs[i]);
+        }
+      });
     });
   });
 }

@@ -5,7 +5,7 @@
 // Elementwise passes are grid-stride loops. The LRT noise is read by logical output index, so the
 // launch shape never changes it. The KL sum is reduced without atomics: each block reduces a fixed
 // chunk of weights in a fixed tree, and one block adds the chunk sums in order (the same bits every
-// run).
+// run). The KL kernels are templated on the prior (KlPrior: log-uniform or ARD), one body each.
 #include <bdlkern/common/device.h>
 #include <bdlkern/rng/philox.h>
 #include <bdlkern/rng/random.h>
@@ -100,8 +100,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block b reduces weights [b kKlChunk, (b + 1) kKlChunk) into partial[b] (double).
-template <typename T>
+// Block b reduces the KL (prior P) of weights [b kKlChunk, (b + 1) kKlChunk) into partial[b]
+// (double).
+template <KlPrior P, typename T>
 __global__ void __launch_bounds__(kThreads)
     kl_partial_kernel(int64_t n, const T* __restrict__ theta, const T* __restrict__ ls2,
                       double* __restrict__ partial) {
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t end = begin + kKlChunk < n ? begin + kKlChunk : n;
   double sum = 0.0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    sum += static_cast<double>(sparse_vd_kl_term<T>(log_alpha_of<T>(theta[i], ls2[i]).value));
+    sum += static_cast<double>(kl_term<P, T>(log_alpha_of<T>(theta[i], ls2[i]).value));
   }
   tree[threadIdx.x] = sum;
   __syncthreads();
@@ -136,14 +137,14 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) out[0] = static_cast<T>(tree[0]);
 }
 
-template <typename T>
+template <KlPrior P, typename T>
 __global__ void __launch_bounds__(kThreads)
     kl_backward_kernel(int64_t n, const T* __restrict__ grad, const T* __restrict__ theta,
                        const T* __restrict__ ls2, T* __restrict__ grad_theta,
                        T* __restrict__ grad_ls2) {
   const T g = grad[0];
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    sparse_vd_kl_grads<T>(theta[i], ls2[i], g, &grad_theta[i], &grad_ls2[i]);
+    kl_grads<P, T>(theta[i], ls2[i], g, &grad_theta[i], &grad_ls2[i]);
   }
 }
 
@@ -153,6 +154,21 @@ void dispatch(DType dtype, const char* op, F f) {
   if (dtype == DType::kFloat64) return f.template operator()<double>();
   if (dtype == DType::kFloat32) return f.template operator()<float>();
   throw std::invalid_argument(std::string(op) + ": float32 or float64 only");
+}
+
+// Calls f.template operator()<P>() with P the compile-time prior.
+template <typename F>
+void dispatch_prior(KlPrior prior, F f) {
+  if (prior == KlPrior::kArd) return f.template operator()<KlPrior::kArd>();
+  return f.template operator()<KlPrior::kLogUniform>();
+}
+
+// The op names for error messages.
+inline const char* kl_op_name(KlPrior prior) {
+  return prior == KlPrior::kArd ? "ard_kl" : "sparse_vd_kl";
+}
+inline const char* kl_backward_op_name(KlPrior prior) {
+  return prior == KlPrior::kArd ? "ard_kl_backward" : "sparse_vd_kl_backward";
 }
 
 }  // namespace
@@ -213,32 +229,38 @@ int64_t sparse_vd_kl_workspace(DeviceTag, int64_t n, DType) {
   return (chunks > 0 ? chunks : 1) * static_cast<int64_t>(sizeof(double));
 }
 
-void sparse_vd_kl(DeviceTag, int64_t n, const void* theta, const void* log_sigma2, void* out,
-                  void* workspace, DType dtype, void* stream) {
+void sparse_vd_kl(DeviceTag, KlPrior prior, int64_t n, const void* theta, const void* log_sigma2,
+                  void* out, void* workspace, DType dtype, void* stream) {
   using namespace BDLKERN_DEVICE_NS;
   const int64_t chunks = (n + kKlChunk - 1) / kKlChunk;
-  if (chunks > 0x7fffffffLL) throw std::invalid_argument("sparse_vd_kl: too many weights");
+  const char* op = kl_op_name(prior);
+  if (chunks > 0x7fffffffLL) throw std::invalid_argument(std::string(op) + ": too many weights");
   double* partial = static_cast<double*>(workspace);
-  dispatch(dtype, "sparse_vd_kl", [&]<typename T>() {
-    if (chunks > 0) {
-      launch(kl_partial_kernel<T>, dim3(static_cast<unsigned>(chunks)), dim3(kThreads), 0, stream,
-             n, static_cast<const T*>(theta), static_cast<const T*>(log_sigma2), partial);
-    }
+  dispatch(dtype, op, [&]<typename T>() {
+    dispatch_prior(prior, [&]<KlPrior P>() {
+      if (chunks > 0) {
+        launch(kl_partial_kernel<P, T>, dim3(static_cast<unsigned>(chunks)), dim3(kThreads), 0,
+               stream, n, static_cast<const T*>(theta), static_cast<const T*>(log_sigma2),
+               partial);
+      }
+    });
     launch(kl_total_kernel<T>, dim3(1), dim3(kThreads), 0, stream, chunks,
            static_cast<const double*>(partial), static_cast<T*>(out));
   });
 }
 
-void sparse_vd_kl_backward(DeviceTag, int64_t n, const void* grad, const void* theta,
-                           const void* log_sigma2, void* grad_theta, void* grad_log_sigma2,
-                           DType dtype, void* stream) {
+void sparse_vd_kl_backward(DeviceTag, KlPrior prior, int64_t n, const void* grad,
+                           const void* theta, const void* log_sigma2, void* grad_theta,
+                           void* grad_log_sigma2, DType dtype, void* stream) {
   using namespace BDLKERN_DEVICE_NS;
   if (n == 0) return;
-  dispatch(dtype, "sparse_vd_kl_backward", [&]<typename T>() {
-    launch(kl_backward_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream, n,
-           static_cast<const T*>(grad), static_cast<const T*>(theta),
-           static_cast<const T*>(log_sigma2), static_cast<T*>(grad_theta),
-           static_cast<T*>(grad_log_sigma2));
+  dispatch(dtype, kl_backward_op_name(prior), [&]<typename T>() {
+    dispatch_prior(prior, [&]<KlPrior P>() {
+      launch(kl_backward_kernel<P, T>, dim3(grid_for(n)), dim3(kThreads), 0, stream, n,
+             static_cast<const T*>(grad), static_cast<const T*>(theta),
+             static_cast<const T*>(log_sigma2), static_cast<T*>(grad_theta),
+             static_cast<T*>(grad_log_sigma2));
+    });
   });
 }
 

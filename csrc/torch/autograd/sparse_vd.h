@@ -1,11 +1,32 @@
-// C++ autograd of lrt_linear, lrt_conv and the sparse-VD KL (plain and with its gradient) (see
+// C++ autograd of lrt_linear, lrt_conv and the KL terms (sparse_vd_kl: log-uniform prior, ard_kl:
+// ARD prior; plain and with its gradient) (see
 // csrc/torch/autograd.h for the scheme, double backward included). Templated on the op namespace.
 #pragma once
+
+#include <bdlkern/sparse_vd/math.h>  // KlPrior
+
+#include <type_traits>
 
 #include "common.h"
 
 namespace bdlkern {
 namespace ops {
+
+// The op names of each prior's KL ops.
+template <KlPrior P>
+struct KlOpNames;
+template <>
+struct KlOpNames<KlPrior::kLogUniform> {
+  static constexpr Name kl = "sparse_vd_kl";
+  static constexpr Name backward = "sparse_vd_kl_backward";
+  static constexpr Name with_grad = "sparse_vd_kl_with_grad";
+};
+template <>
+struct KlOpNames<KlPrior::kArd> {
+  static constexpr Name kl = "ard_kl";
+  static constexpr Name backward = "ard_kl_backward";
+  static constexpr Name with_grad = "ard_kl_with_grad";
+};
 
 template <Name Ns>
 struct SparseVDAutograd {
@@ -346,26 +367,39 @@ struct SparseVDAutograd {
     return {out[0], out[1]};
   }
 
-  // ---- the KL ------------------------------------------------------------------------------
+  // ---- the KL, one autograd per prior (sparse_vd_kl*: log-uniform, ard_kl*: ARD) -------------
+  // 0.5 log1p(exp(-la)): the ARD KL and a term of the log-uniform one (math.h), as ATen ops.
+  static Tensor half_softplus_neg(const Tensor& la) { return 0.5 * at::log1p(at::exp(-la)); }
+
+  // The summed KL as ATen ops: the double-backward graph.
+  template <KlPrior P>
   static Tensor kl_composite(const Tensor& theta, const Tensor& log_sigma2) {
     const Tensor la = C::log_alpha(theta, log_sigma2);
-    constexpr double k1 = 0.63576, k2 = 1.87320, k3 = 1.48695;
-    return -(k1 * at::sigmoid(k2 + k3 * la) - 0.5 * at::log1p(at::exp(-la)) - k1).sum();
+    if constexpr (P == KlPrior::kArd) {
+      return half_softplus_neg(la).sum();
+    } else {
+      constexpr double k1 = 0.63576, k2 = 1.87320, k3 = 1.48695;
+      return -(k1 * at::sigmoid(k2 + k3 * la) - half_softplus_neg(la) - k1).sum();
+    }
   }
 
+  template <KlPrior P>
   static Grads kl_composite_grads(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2,
                                   const Tensor& grad) {
-    return C::composite_grads(kl_composite(theta, log_sigma2), {theta, log_sigma2}, C::needs(ctx, {0, 1}),
-                           grad);
+    return C::composite_grads(kl_composite<P>(theta, log_sigma2), {theta, log_sigma2},
+                              C::needs(ctx, {0, 1}), grad);
   }
 
-  struct SparseVDKL : torch::autograd::Function<SparseVDKL> {
+  // One body per Function, the prior a parameter; Self names the node (grad_fn names
+  // SparseVDKL / ArdKL, SparseVDKLWithGrad / ArdKLWithGrad).
+  template <class Self, KlPrior P>
+  struct KLFunction : torch::autograd::Function<Self> {
     static Tensor forward(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2) {
       Tensor kl;
       {
         at::AutoDispatchBelowADInplaceOrView below;
-        kl = op_handle<Ns, "sparse_vd_kl", Tensor(const Tensor&, const Tensor&)>().call(theta,
-                                                                                        log_sigma2);
+        kl = op_handle<Ns, KlOpNames<P>::kl, Tensor(const Tensor&, const Tensor&)>().call(theta,
+                                                                                      log_sigma2);
       }
       ctx->save_for_backward({theta, log_sigma2});
       return kl;
@@ -373,28 +407,34 @@ struct SparseVDAutograd {
 
     static Grads backward(Ctx* ctx, Grads grads) {
       const auto saved = ctx->get_saved_variables();
-      if (at::GradMode::is_enabled()) return kl_composite_grads(ctx, saved[0], saved[1], grads[0]);
+      if (at::GradMode::is_enabled()) return kl_composite_grads<P>(ctx, saved[0], saved[1], grads[0]);
       auto [gt, gs] =
-          op_handle<Ns, "sparse_vd_kl_backward",
+          op_handle<Ns, KlOpNames<P>::backward,
                     std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>()
               .call(grads[0], saved[0], saved[1]);
       return {ctx->needs_input_grad(0) ? gt : Tensor(), ctx->needs_input_grad(1) ? gs : Tensor()};
     }
   };
 
-  static Tensor sparse_vd_kl(const Tensor& theta, const Tensor& log_sigma2) {
-    return SparseVDKL::apply(theta, log_sigma2);
+  struct SparseVDKL : KLFunction<SparseVDKL, KlPrior::kLogUniform> {};
+  struct ArdKL : KLFunction<ArdKL, KlPrior::kArd> {};
+
+  template <KlPrior P>
+  static Tensor kl(const Tensor& theta, const Tensor& log_sigma2) {
+    using Fn = std::conditional_t<P == KlPrior::kArd, ArdKL, SparseVDKL>;
+    return Fn::apply(theta, log_sigma2);
   }
 
-  // The KL and its gradient at grad 1 from one pass (what the public sparse_vd_kl calls when a
-  // gradient will be needed): backward only scales the saved gradient.
-  struct SparseVDKLWithGrad : torch::autograd::Function<SparseVDKLWithGrad> {
+  // The KL and its gradient at grad 1 from one pass (what the public sparse_vd_kl / ard_kl call
+  // when a gradient will be needed): backward only scales the saved gradient.
+  template <class Self, KlPrior P>
+  struct KLWithGradFunction : torch::autograd::Function<Self> {
     static Grads forward(Ctx* ctx, const Tensor& theta, const Tensor& log_sigma2) {
       Tensor kl, gt, gs;
       {
         at::AutoDispatchBelowADInplaceOrView below;
         std::tie(kl, gt, gs) =
-            op_handle<Ns, "sparse_vd_kl_with_grad",
+            op_handle<Ns, KlOpNames<P>::with_grad,
                       std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&)>()
                 .call(theta, log_sigma2);
       }
@@ -422,7 +462,7 @@ struct SparseVDAutograd {
       const Tensor& grad = grads[0];
       if (!grad.defined()) return {Tensor(), Tensor()};
       const auto saved = ctx->get_saved_variables();
-      if (at::GradMode::is_enabled()) return kl_composite_grads(ctx, saved[2], saved[3], grad);
+      if (at::GradMode::is_enabled()) return kl_composite_grads<P>(ctx, saved[2], saved[3], grad);
       const bool need_t = ctx->needs_input_grad(0), need_s = ctx->needs_input_grad(1);
       if (is_plain_cpu_one(grad)) {
         // The saved gradient as it is, with no pass over it. Saved tensors are version-checked:
@@ -433,9 +473,14 @@ struct SparseVDAutograd {
     }
   };
 
-  static std::tuple<Tensor, Tensor, Tensor> sparse_vd_kl_with_grad(const Tensor& theta,
-                                                                   const Tensor& log_sigma2) {
-    const Grads out = SparseVDKLWithGrad::apply(theta, log_sigma2);
+  struct SparseVDKLWithGrad : KLWithGradFunction<SparseVDKLWithGrad, KlPrior::kLogUniform> {};
+  struct ArdKLWithGrad : KLWithGradFunction<ArdKLWithGrad, KlPrior::kArd> {};
+
+  template <KlPrior P>
+  static std::tuple<Tensor, Tensor, Tensor> kl_with_grad(const Tensor& theta,
+                                                         const Tensor& log_sigma2) {
+    using Fn = std::conditional_t<P == KlPrior::kArd, ArdKLWithGrad, SparseVDKLWithGrad>;
+    const Grads out = Fn::apply(theta, log_sigma2);
     return {out[0], out[1], out[2]};
   }
 
@@ -444,8 +489,10 @@ struct SparseVDAutograd {
     m.impl("lrt_conv", &lrt_conv);
     m.impl("variance_linear", &variance_linear);
     m.impl("variance_conv", &variance_conv);
-    m.impl("sparse_vd_kl", &sparse_vd_kl);
-    m.impl("sparse_vd_kl_with_grad", &sparse_vd_kl_with_grad);
+    m.impl("sparse_vd_kl", &kl<KlPrior::kLogUniform>);
+    m.impl("sparse_vd_kl_with_grad", &kl_with_grad<KlPrior::kLogUniform>);
+    m.impl("ard_kl", &kl<KlPrior::kArd>);
+    m.impl("ard_kl_with_grad", &kl_with_grad<KlPrior::kArd>);
   }
 };
 

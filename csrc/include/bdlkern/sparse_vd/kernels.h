@@ -25,6 +25,7 @@
 
 #include <bdlkern/common/backend.h>
 #include <bdlkern/common/dtype.h>
+#include <bdlkern/sparse_vd/math.h>  // KlPrior
 
 namespace bdlkern {
 
@@ -54,21 +55,23 @@ struct LrtParams {
   /* grad_mu, grad_var like std: sums over the samples (ascending s) when the input is shared */ \
   void lrt_noise_backward(Tag, const LrtParams& p, const void* grad_y, const void* std,          \
                           void* grad_mu, void* grad_var);                                        \
-  /* the KL approximation summed over n weights into *out (a 0-dim tensor's storage); fixed-order \
-     reduction. workspace: sparse_vd_kl_workspace(n) bytes (0: none) */                          \
+  /* the KL under `prior` (log-uniform: Molchanov's approximation; ARD: exact) summed over n   \
+     weights into *out (a 0-dim tensor's storage); fixed-order reduction. workspace:             \
+     sparse_vd_kl_workspace(n) bytes (0: none) */                                                \
   int64_t sparse_vd_kl_workspace(Tag, int64_t n, DType dtype);                                   \
-  void sparse_vd_kl(Tag, int64_t n, const void* theta, const void* log_sigma2, void* out,        \
-                    void* workspace, DType dtype, void* stream);                                 \
+  void sparse_vd_kl(Tag, KlPrior prior, int64_t n, const void* theta, const void* log_sigma2,    \
+                    void* out, void* workspace, DType dtype, void* stream);                      \
   /* gradients of that sum scaled by *grad (a 0-dim tensor's storage, read in-kernel) */         \
-  void sparse_vd_kl_backward(Tag, int64_t n, const void* grad, const void* theta,                \
-                             const void* log_sigma2, void* grad_theta, void* grad_log_sigma2,    \
-                             DType dtype, void* stream);
+  void sparse_vd_kl_backward(Tag, KlPrior prior, int64_t n, const void* grad,                    \
+                             const void* theta, const void* log_sigma2, void* grad_theta,        \
+                             void* grad_log_sigma2, DType dtype, void* stream);
 
 BDLKERN_DECLARE_SPARSE_VD_KERNELS(CpuTag)
 // CPU: the summed KL and its gradient at grad 1 in one pass (grad_theta, grad_log_sigma2 [n]);
 // the other backends compose sparse_vd_kl and sparse_vd_kl_backward.
-void sparse_vd_kl_with_grad(CpuTag, int64_t n, const void* theta, const void* log_sigma2,
-                            void* out, void* grad_theta, void* grad_log_sigma2, DType dtype);
+void sparse_vd_kl_with_grad(CpuTag, KlPrior prior, int64_t n, const void* theta,
+                            const void* log_sigma2, void* out, void* grad_theta,
+                            void* grad_log_sigma2, DType dtype);
 BDLKERN_DECLARE_SPARSE_VD_KERNELS(CudaTag)
 BDLKERN_DECLARE_SPARSE_VD_KERNELS(SimtTag)
 

@@ -7,7 +7,11 @@
 // the weight, alpha theta^2 (exp(log_alpha) theta^2). The KL term of the variational objective is
 // approximated by
 //   -KL ~= k1 sigmoid(k2 + k3 log_alpha) - 0.5 log1p(exp(-log_alpha)) - k1
-// with k1 = 0.63576, k2 = 1.87320, k3 = 1.48695. Derivatives follow the clamp as autograd's
+// with k1 = 0.63576, k2 = 1.87320, k3 = 1.48695 (the log-uniform prior). With the Gaussian ARD
+// prior N(0, lambda^2) and lambda^2 = theta^2 + sigma^2 (its closed-form optimum; Kharitonov,
+// Molchanov & Vetrov 2018, "Variational Dropout via Empirical Bayes") the KL is exact:
+//   KL = 0.5 log(1 + theta^2 / sigma^2) = 0.5 log1p(exp(-log_alpha)),
+// the second term of the log-uniform approximation. Derivatives follow the clamp as autograd's
 // torch.clamp does: a log_alpha outside [-8, 8] passes no gradient to log_sigma2, and theta's
 // then reaches the variance only through the theta^2 factor.
 #pragma once
@@ -70,28 +74,50 @@ BDL_HDI WeightVariance<T> weight_variance(T theta, T log_sigma2) {
   return w;
 }
 
-// The KL approximation of one weight (positive: the term added to the loss).
+// The prior of the KL term: the kernels are one body each, templated on it.
+enum class KlPrior { kLogUniform = 0, kArd = 1 };
+
+// 0.5 log1p(exp(-log_alpha)): the whole ARD KL, and one term of the log-uniform approximation.
 template <typename T>
-BDL_HDI T sparse_vd_kl_term(T log_alpha) {
-  const T k1 = static_cast<T>(kKlK1), k2 = static_cast<T>(kKlK2), k3 = static_cast<T>(kKlK3);
-  const T s = T(1) / (T(1) + exp(-(k2 + k3 * log_alpha)));
-  return -(k1 * s - T(0.5) * log1p(exp(-log_alpha)) - k1);
+BDL_HDI T half_softplus_neg(T log_alpha) {
+  return T(0.5) * log1p(exp(-log_alpha));
 }
 
-// d KL / d log_alpha.
+// Its derivative in log_alpha: -0.5 sigmoid(-log_alpha).
 template <typename T>
-BDL_HDI T sparse_vd_kl_dlog_alpha(T log_alpha) {
-  const T k1 = static_cast<T>(kKlK1), k2 = static_cast<T>(kKlK2), k3 = static_cast<T>(kKlK3);
-  const T s = T(1) / (T(1) + exp(-(k2 + k3 * log_alpha)));
-  const T sig_neg = T(1) / (T(1) + exp(log_alpha));  // sigmoid(-log_alpha)
-  return -(k1 * k3 * s * (T(1) - s) + T(0.5) * sig_neg);
+BDL_HDI T half_softplus_neg_dlog_alpha(T log_alpha) {
+  return T(-0.5) / (T(1) + exp(log_alpha));
 }
 
-// KL gradients of one weight, scaled by the upstream gradient `g` of the summed KL.
-template <typename T>
-BDL_HDI void sparse_vd_kl_grads(T theta, T log_sigma2, T g, T* grad_theta, T* grad_log_s2) {
+// The KL of one weight under prior P (positive: the term added to the loss).
+template <KlPrior P, typename T>
+BDL_HDI T kl_term(T log_alpha) {
+  if constexpr (P == KlPrior::kArd) {
+    return half_softplus_neg(log_alpha);
+  } else {
+    const T k1 = static_cast<T>(kKlK1), k2 = static_cast<T>(kKlK2), k3 = static_cast<T>(kKlK3);
+    const T s = T(1) / (T(1) + exp(-(k2 + k3 * log_alpha)));
+    return -(k1 * s - half_softplus_neg(log_alpha) - k1);
+  }
+}
+
+// d KL / d log_alpha under prior P.
+template <KlPrior P, typename T>
+BDL_HDI T kl_dlog_alpha(T log_alpha) {
+  if constexpr (P == KlPrior::kArd) {
+    return half_softplus_neg_dlog_alpha(log_alpha);
+  } else {
+    const T k1 = static_cast<T>(kKlK1), k2 = static_cast<T>(kKlK2), k3 = static_cast<T>(kKlK3);
+    const T s = T(1) / (T(1) + exp(-(k2 + k3 * log_alpha)));
+    return -(k1 * k3 * s * (T(1) - s)) + half_softplus_neg_dlog_alpha(log_alpha);
+  }
+}
+
+// KL gradients of one weight under prior P, scaled by the upstream gradient `g` of the summed KL.
+template <KlPrior P, typename T>
+BDL_HDI void kl_grads(T theta, T log_sigma2, T g, T* grad_theta, T* grad_log_s2) {
   const LogAlpha<T> la = log_alpha_of(theta, log_sigma2);
-  const T d = la.clamped ? T(0) : g * sparse_vd_kl_dlog_alpha(la.value);
+  const T d = la.clamped ? T(0) : g * kl_dlog_alpha<P>(la.value);
   *grad_theta = d * dlog_alpha_dtheta(theta);
   *grad_log_s2 = d;
 }
