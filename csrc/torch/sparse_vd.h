@@ -340,9 +340,6 @@ struct SparseVDOps {
     m.impl("lrt_linear_backward", &backward);
     m.impl("variance_linear", &variance_forward);
     m.impl("variance_linear_backward", &variance_backward);
-    m.impl("sparse_vd_kl", &kl);
-    m.impl("sparse_vd_kl_backward", &kl_backward);
-    m.impl("sparse_vd_kl_with_grad", &kl_with_grad);
     m.impl("sparse_vd_kl", &kl<KlPrior::kLogUniform>);
     m.impl("sparse_vd_kl_backward", &kl_backward<KlPrior::kLogUniform>);
     m.impl("sparse_vd_kl_with_grad", &kl_with_grad<KlPrior::kLogUniform>);

