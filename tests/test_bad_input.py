@@ -146,7 +146,7 @@ for op in RNG_STREAM_OPS:
         case(op, "rng_state", value, match, label)
     if op != "philox_bits":  # philox_bits: test_rng.py
         case(op, "stream", -1, "stream must be a registered stream tag")
-        case(op, "stream", 5, "stream must be a registered stream tag")
+        case(op, "stream", 6, "stream must be a registered stream tag")
     if op in ("uniform", "normal"):
         case(op, "size", [4, -1], "size must be non-negative")
         for dtype in (torch.bfloat16, torch.int64, torch.bool, torch.complex64):
