@@ -24,7 +24,9 @@ Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropout`
 :class:`MCDropoutConv2d` and its 1-d / 3-d siblings), :mod:`~bdlkern.nn.concrete` (the Concrete-dropout
 modules) and :mod:`~bdlkern.nn.sparse_vd` (:class:`SparseVDLinear`, :class:`SparseVDConv2d` and its 1-d /
 3-d siblings, :class:`SparseLinear`, :class:`SparseConv2d`) and :mod:`~bdlkern.nn.variational`
-(:class:`VariationalDropoutLinear`, :class:`VariationalDropoutConv2d`: Kingma et al.'s variational dropout); then what works on a whole model: ``convert``
+(:class:`VariationalDropoutLinear`, :class:`VariationalDropoutConv2d`: Kingma et al.'s variational dropout),
+:mod:`~bdlkern.nn.gaussian` (:class:`GaussianDropout`: multiplicative Gaussian noise on activations, fixed or
+learnt alpha); then what works on a whole model: ``convert``
 (:func:`convert`, :func:`regularization`, :func:`kl_divergence`), ``bayesianize`` (:func:`bayesianize`:
 dense layers to bdlkern layers) and ``prune`` (:func:`prune`: sparse-VD layers to compacted sparse ones);
 ``_base`` holds the input checks every module shares. Every name is importable from ``bdlkern.nn`` itself.
@@ -78,6 +80,7 @@ from .prune import (
     PruneReport,
     prune,
 )
+from .gaussian import GaussianDropout
 
 __all__ = [
     "MCDropout",
@@ -113,4 +116,5 @@ __all__ = [
     "CompactSparseConv2d",
     "CompactSparseConv3d",
     "FeatureGather",
+    "GaussianDropout",
 ]
