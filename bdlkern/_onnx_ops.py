@@ -438,6 +438,23 @@ def randint_low_generator(low, high, size, generator=None, dtype=None, layout=No
     return op.Cast(value, to=to)
 
 
+def gaussian_dropout(x, log_alpha, rng_state, channel_dim: int = -1):
+    """Gaussian dropout: ``y = x (1 + exp(0.5 log_alpha) eps)``, eps standard normal per element of x,
+    or per (n, c) of ``[N, C, *]`` with ``channel_dim=1`` (``RandomNormalLike``: the distribution of
+    the op's noise, not its bits)."""
+    x_rank = _rank(x, "x")
+    rate = log_alpha
+    if channel_dim == 1:
+        shape = op.Concat(op.Shape(x, start=0, end=2), _ints([1] * (x_rank - 2)), axis=0) if x_rank > 2 else op.Shape(x)
+        if _rank(log_alpha, "log_alpha") == 1 and x_rank > 2:
+            rate = op.Unsqueeze(log_alpha, _ints(range(1, x_rank - 1)))  # [C, 1, ...]
+    else:
+        shape = op.Shape(x)
+    eps = op.CastLike(_normal(shape), x)
+    scale = op.Exp(op.Mul(rate, op.CastLike(op.Constant(value_float=0.5), x)))
+    return op.Mul(x, op.Add(op.CastLike(op.Constant(value_float=1.0), x), op.Mul(scale, eps)))
+
+
 def table() -> dict:
     """``{OpOverload: translation}``: the translated ops of ``torch.ops.bdlkern``, and the overload of
     ``aten.randint`` that an unseeded ``sampling`` block calls."""
@@ -458,4 +475,5 @@ def table() -> dict:
         ns.normal.default: normal,
         ns.dropout_mask.default: dropout_mask,
         torch.ops.aten.randint.low_generator: randint_low_generator,
+        ns.gaussian_dropout.default: gaussian_dropout,
     }

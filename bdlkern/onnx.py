@@ -72,6 +72,10 @@ What is translated (the ops every ``bdlkern.nn`` module reaches in eval, in trai
 * ``concrete_dropout`` (Concrete modules in training, or with ``relaxed_eval``) and ``uniform``
   (the hard Bernoulli masks of the Concrete modules inside ``sampling``), ``normal`` and
   ``dropout_mask``;
+* ``gaussian_dropout`` (``GaussianDropout`` in training and inside ``sampling``):
+  ``x * (1 + exp(0.5 log_alpha) * eps)``, eps from ``RandomNormalLike`` per element of x (per
+  (n, c) with ``channel_dim=1``); in eval outside ``sampling`` the module is the identity and
+  exports no node;
 * ``aten.randint.low_generator``, which draws the ``rng_state`` of an unseeded ``sampling`` block
   (``bdlkern.ops.new_rng_state``) and which torch's exporter lacks; the node is dead once the
   bdlkern ops are translated and is dropped from the graph.
@@ -159,6 +163,7 @@ NOT_EXPORTABLE: dict[str, str] = {
     "sparse_conv_lrt_backward": _BACKWARD,
     "philox_bits": _PHILOX,
     "philox4x32": _PHILOX,
+    "gaussian_dropout_backward": _BACKWARD,
 }
 
 

@@ -539,3 +539,26 @@ def test_torch_compile_under_autocast_matches_eager():
     torch.testing.assert_close(y_comp.float(), y_eager.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_gaussian_dropout(backend, channel_dim):
+    """float32 policy (as concrete_dropout): 16-bit inputs run in float32, gradients within 2x
+    PyTorch's own autocast error of the reference with the same noise."""
+    shape = (6, 5) if channel_dim == -1 else (3, 4, 5, 5)
+    (x,) = problem(shape)
+    log_alpha = torch.tensor(-1.0, dtype=torch.float64)
+    state = fixed_state(backend.device)
+
+    def fn(x, la):
+        return backend.ops.gaussian_dropout(x, la, state, channel_dim)
+
+    def ref_fn(x, la):
+        return ref.gaussian_dropout(x, la, channel_dim=channel_dim, rng_state=state.cpu())
+
+    compare(backend, fn, ref_fn, [x, log_alpha], torch.float32)
+    x16 = torch.randn(8, 6, device=backend.device).to(AUTOCAST[backend.name])
+    with autocast(backend):
+        y = backend.ops.gaussian_dropout(x16, torch.tensor(0.0, device=backend.device), state, -1)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, backend.ops.gaussian_dropout(x16.float(), torch.tensor(0.0, device=backend.device), state, -1))

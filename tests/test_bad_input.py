@@ -80,6 +80,8 @@ def valid_args(op: str) -> dict:
         "sparse_linear_backward": dict(grad_out=torch.randn(3, 4), crow=crow, col=col, values=values[:, 0], in_features=6),
         "sparse_linear_lrt": dict(x=xs, crow=crow, col=col, values=values, bias=torch.randn(4), row_order=None, rng_state=st, num_samples=2),
         "sparse_linear_lrt_backward": dict(grad_out=torch.randn(2, 3, 4), x=xs, crow=crow, col=col, values=values, std=torch.ones(3, 4), rng_state=st),
+        "gaussian_dropout": dict(x=x, log_alpha=torch.zeros(4), rng_state=st, channel_dim=-1),
+        "gaussian_dropout_backward": dict(grad_out=torch.randn(3, 4), x=x, log_alpha=torch.tensor(0.0), rng_state=st, channel_dim=-1),
     }[op]
 
 
@@ -91,6 +93,7 @@ RAW_OPS = [
     "variance_linear", "variance_linear_backward",
     "ard_kl", "ard_kl_backward", "ard_kl_with_grad",
     "sparse_linear", "sparse_linear_backward", "sparse_linear_lrt", "sparse_linear_lrt_backward",
+    "gaussian_dropout", "gaussian_dropout_backward",
 ]  # fmt: skip
 
 
@@ -153,7 +156,7 @@ for op in RNG_STREAM_OPS:
         case(op, "rng_state", value, match, label)
     if op != "philox_bits":  # philox_bits: test_rng.py
         case(op, "stream", -1, "stream must be a registered stream tag")
-        case(op, "stream", 5, "stream must be a registered stream tag")
+        case(op, "stream", 6, "stream must be a registered stream tag")
     if op in ("uniform", "normal"):
         case(op, "size", [4, -1], "size must be non-negative")
         for dtype in (torch.bfloat16, torch.int64, torch.bool, torch.complex64):
@@ -386,6 +389,28 @@ case(op, "values", lambda a: a["values"][:, 0], r"stochastic samples need values
 case(op, "*", dict(x=torch.randn(2, 3, 6), std=torch.ones(6, 4), grad_out=torch.randn(3, 3, 4)), "grad_out", "grad_out 3 samples vs x 2")
 case(op, "rng_state", torch.tensor([1, 2], dtype=torch.int32), "rng_state must be an int64", "int32")
 
+# Gaussian dropout (no value checks: a NaN log_alpha propagates, test_gaussian_dropout.py)
+for op in ("gaussian_dropout", "gaussian_dropout_backward"):
+    case(op, "x", lambda a: a["x"].int(), "x must be float32 or float64", "int32")
+    case(op, "x", lambda a: a["x"].half(), "x must be float32 or float64", "float16")
+    for cd in (0, 2, -2, 3):
+        case(op, "channel_dim", cd, "channel_dim must be -1")
+    case(op, "log_alpha", torch.zeros(2, 2), r"log_alpha must be a scalar .* or have shape \[4\]", "[2, 2]")
+    case(op, "log_alpha", torch.zeros(3), r"log_alpha must be a scalar .* or have shape \[4\]", "[3]")
+    case(op, "log_alpha", lambda a: torch.zeros(4, dtype=a["x"].dtype).int(), "log_alpha must have the dtype of x", "int32")
+    case(op, "log_alpha", torch.zeros(4, dtype=F64), "log_alpha must have the dtype of x", "float64")
+    case(op, "log_alpha", lambda a: torch.zeros(4).to(META), "log_alpha must be on x's device", "meta")
+    for label, value, match in STATE_CASES_FULL:
+        case(op, "rng_state", value, match, label)
+    case(op, "rng_state", lambda a: a["rng_state"].to(META), "rng_state must be on x's device", "meta")
+case("gaussian_dropout", "x", torch.tensor(1.0), "x must have at least one dimension", "0-dim")
+case("gaussian_dropout", "*", dict(x=torch.randn(3), channel_dim=1), r"x must have shape \[N, C, \*\]", "1-d channel")
+case("gaussian_dropout", "x", lambda a: a["x"].to(META), "log_alpha must be on x's device", "meta")
+case("gaussian_dropout_backward", "grad_out", torch.randn(3, 5), "grad_out must have x's shape", "[3, 5]")
+case("gaussian_dropout_backward", "grad_out", torch.randn(3, 4, dtype=F64), "grad_out must have x's dtype", "float64")
+case("gaussian_dropout_backward", "grad_out", lambda a: a["grad_out"].to(META), "grad_out must", "meta")
+case("gaussian_dropout_backward", "x", lambda a: a["x"].to(META), "must be on x's device|x must be on", "meta")
+
 
 @pytest.mark.parametrize("ns", NAMESPACES)
 @pytest.mark.parametrize("op,arg,value,match,exc", CASES)
@@ -560,6 +585,19 @@ def _public_cases():
         (
             "sparse row_order duplicates", RuntimeError, "row_order",
             lambda: o.sparse_linear(xs, crow, col, values[:, 0], row_order=torch.tensor([0, 0, 1, 1])),
+        ),
+        ("gaussian log_alpha float", TypeError, "x and log_alpha must be tensors", lambda: o.gaussian_dropout(x, 0.5, rng_state=st)),
+        ("gaussian x list", TypeError, "x and log_alpha must be tensors", lambda: o.gaussian_dropout([1.0], z, rng_state=st)),
+        ("gaussian channel_dim 0", ValueError, "channel_dim must be", lambda: o.gaussian_dropout(x3, z, channel_dim=0, rng_state=st)),
+        ("gaussian channel_dim -2", ValueError, "channel_dim must be", lambda: o.gaussian_dropout(x3, z, channel_dim=-2, rng_state=st)),
+        ("gaussian channel_dim True", TV, "channel_dim", lambda: o.gaussian_dropout(x3, z, channel_dim=True, rng_state=st)),
+        (
+            "gaussian rng_state and generator", ValueError, "rng_state or generator",
+            lambda: o.gaussian_dropout(x, z, rng_state=st, generator=torch.Generator()),
+        ),
+        (
+            "gaussian log_alpha shape", RuntimeError, r"log_alpha must be a scalar .* or have shape \[4\]",
+            lambda: o.gaussian_dropout(x, torch.zeros(3), rng_state=st),
         ),
     ]
 

@@ -176,3 +176,10 @@ def test_double_backward_with_non_contiguous_inputs():
             lambda a, b: bdlkern.ops.lrt_linear(view(a), view(b), view(b) - 3.0, num_samples=2, rng_state=state),
             (xb, wb),
         )
+
+
+@pytest.mark.parametrize("channel_dim, x_shape, la_shape", [(-1, (3, 4), ()), (-1, (3, 4), (4,)), (1, (2, 3, 2, 2), (3,))])
+def test_gaussian_dropout(backend, state, channel_dim, x_shape, la_shape):
+    x = f64(*x_shape, device=backend.device)
+    log_alpha = torch.full(la_shape, -0.5, dtype=torch.float64, device=backend.device, requires_grad=True)
+    assert gradgradcheck(lambda a, q: backend.ops.gaussian_dropout(a, q, state, channel_dim), (x, log_alpha))

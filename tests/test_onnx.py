@@ -480,6 +480,8 @@ def _reachable_ops() -> set[str]:
         (bdlkern.nn.MCDropoutConv2d(2, 3, 3, mask="channel", shared_mask=True), (2, 2, 5, 5)),
         (bdlkern.nn.SparseVDConv2d(2, 3, 3), (2, 2, 5, 5)),
         (_to_sparse(_sparse_vd_conv_net(kept=0.15, log_alpha_kept=-2.0)[0]), (2, 4, 5, 5)),
+        (bdlkern.nn.GaussianDropout(0.3, learn_alpha=True, num_features=8), (3, 8)),
+        (bdlkern.nn.GaussianDropout(0.3, channel=True), (2, 2, 5, 5)),
     ]
     recorder = _OpRecorder()
     with torch.no_grad(), recorder:
@@ -498,6 +500,7 @@ def test_every_reachable_op_has_a_translation():
     reachable = _reachable_ops()
     assert {"mc_dropout_linear", "concrete_dropout", "uniform", "lrt_linear", "sparse_linear", "sparse_linear_lrt"} <= reachable
     assert {"mc_dropout_conv", "lrt_conv", "sparse_conv", "sparse_conv_lrt"} <= reachable
+    assert "gaussian_dropout" in reachable
     assert reachable <= translated, reachable - translated
     # Every op of the library is translated or listed as not exportable, with its reason.
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("bdlkern::")}

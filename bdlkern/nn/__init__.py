@@ -24,9 +24,10 @@ Layout: one module per family, :mod:`~bdlkern.nn.mc_dropout` (:class:`MCDropout`
 :class:`MCDropoutConv2d` and its 1-d / 3-d siblings), :mod:`~bdlkern.nn.concrete` (the Concrete-dropout
 modules) and :mod:`~bdlkern.nn.sparse_vd` (:class:`SparseVDLinear`, :class:`SparseVDConv2d` and its 1-d /
 3-d siblings, :class:`SparseLinear`, :class:`SparseConv2d`) and :mod:`~bdlkern.nn.variational`
-(:class:`VariationalDropoutLinear`, :class:`VariationalDropoutConv2d`: Kingma et al.'s variational dropout) and
-:mod:`~bdlkern.nn.variance` (:class:`VarianceLinear`, :class:`VarianceConv2d` and its 1-d / 3-d siblings: the
-zero-mean layers of variance networks); then what works on a whole model: ``convert``
+(:class:`VariationalDropoutLinear`, :class:`VariationalDropoutConv2d`: Kingma et al.'s variational dropout),
+:mod:`~bdlkern.nn.gaussian` (:class:`GaussianDropout`: multiplicative Gaussian noise on activations, fixed or
+learnt alpha) and :mod:`~bdlkern.nn.variance` (:class:`VarianceLinear`, :class:`VarianceConv2d` and its 1-d /
+3-d siblings: the zero-mean layers of variance networks); then what works on a whole model: ``convert``
 (:func:`convert`, :func:`regularization`, :func:`kl_divergence`), ``bayesianize`` (:func:`bayesianize`:
 dense layers to bdlkern layers) and ``prune`` (:func:`prune`: sparse-VD layers to compacted sparse ones);
 ``_base`` holds the input checks every module shares. Every name is importable from ``bdlkern.nn`` itself.
@@ -81,6 +82,7 @@ from .prune import (
     PruneReport,
     prune,
 )
+from .gaussian import GaussianDropout
 
 __all__ = [
     "MCDropout",
@@ -121,4 +123,5 @@ __all__ = [
     "CompactSparseConv2d",
     "CompactSparseConv3d",
     "FeatureGather",
+    "GaussianDropout",
 ]

@@ -14,7 +14,8 @@ Layout: one module per op family, each holding its user-facing wrappers next to 
 kernels that torch.compile / FakeTensor use for its ops (the autograd formulas are registered in
 C++): :mod:`~bdlkern.ops.rng` (the raw streams), :mod:`~bdlkern.ops.mc_dropout`,
 :mod:`~bdlkern.ops.concrete`, :mod:`~bdlkern.ops.sparse_vd` (LRT and KL),
-:mod:`~bdlkern.ops.variance` (zero-mean LRT layers) and the ``sparse_linear`` module (the CSR layer); what they share is in ``_common``. Importing this
+:mod:`~bdlkern.ops.variance` (zero-mean LRT layers), the ``sparse_linear`` module (the CSR layer) and
+:mod:`~bdlkern.ops.gaussian` (Gaussian dropout); what they share is in ``_common``. Importing this
 package imports every family, which registers the fake kernels.
 """
 
@@ -45,6 +46,7 @@ from .variance import variance_conv, variance_linear
 # Importing the submodule binds bdlkern.ops.sparse_linear to it; this import then rebinds the name to
 # the function, which is what the public name has always been.
 from .sparse_linear import sparse_conv, sparse_linear
+from .gaussian import gaussian_dropout
 
 
 def _register_namespace(ns: str) -> None:
@@ -55,7 +57,7 @@ def _register_namespace(ns: str) -> None:
         return
     import importlib
 
-    for family in ("rng", "mc_dropout", "concrete", "sparse_vd", "sparse_linear", "variance"):
+    for family in ("rng", "mc_dropout", "concrete", "sparse_vd", "sparse_linear", "variance", "gaussian"):
         importlib.import_module(f"{__name__}.{family}")._register_fakes(ns)
     _NAMESPACES.append(ns)
 
@@ -78,4 +80,5 @@ __all__ = [
     "sparse_conv",
     "variance_linear",
     "variance_conv",
+    "gaussian_dropout",
 ]

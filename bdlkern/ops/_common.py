@@ -28,6 +28,7 @@ STREAMS: dict[str, int] = {
     "concrete_dropout": 2,
     "lrt": 3,
     "sparse_lrt": 4,
+    "gaussian_dropout": 5,
 }
 
 # The op namespaces whose fake kernels are registered: `bdlkern` when the families import, a test

@@ -305,3 +305,35 @@ def sparse_linear(x, crow, col, values, bias=None, num_samples=None, *, stochast
     if num_samples is not None:
         x = x.unsqueeze(0).expand(num_samples, *x.shape)
     return _lrt_sample(x, w, v, bias, rng_state, stream=4)
+
+
+def gaussian_dropout(
+    x: torch.Tensor,
+    log_alpha: torch.Tensor,
+    *,
+    channel_dim: int | None = None,
+    rng_state=None,
+    eps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gaussian dropout (Kingma, Salimans & Welling 2015): ``y = x * (1 + exp(0.5 log_alpha) * eps)``.
+
+    ``eps`` is one standard normal per noise element: the elements of ``x``, or ``(n, c)`` of
+    ``[N, C, *]`` with ``channel_dim=1`` (shared by the spatial positions). Given, ``eps`` has that
+    noise shape (``x.shape``, or ``[N, C, 1, ...]``); otherwise with ``rng_state`` it is rebuilt from the
+    bdlkern stream (tag 5, index ``i`` of the flattened noise, by :func:`normal`) -- the test oracle of
+    ``bdlkern.ops.gaussian_dropout``; without either, ``torch.randn``. ``log_alpha`` is 0-dim, ``[F]``
+    (the last dim) or ``[C]`` with ``channel_dim=1``.
+    """
+    if channel_dim == 1:
+        noise_shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+        rate = log_alpha.reshape(-1, *([1] * (x.dim() - 2))) if log_alpha.dim() == 1 else log_alpha
+    else:
+        noise_shape = tuple(x.shape)
+        rate = log_alpha
+    if eps is None:
+        if rng_state is None:
+            eps = torch.randn(noise_shape, dtype=x.dtype, device=x.device)
+        else:
+            eps = normal(rng_state, (math.prod(noise_shape),), stream=5, dtype=x.dtype).reshape(noise_shape)
+    eps = eps.reshape(noise_shape).to(device=x.device, dtype=x.dtype)
+    return x * (1 + torch.exp(0.5 * rate) * eps)

@@ -13,6 +13,7 @@
 #include "../torch/sparse_linear.h"
 #include "../torch/lrt_conv.h"
 #include "../torch/sparse_vd.h"
+#include "../torch/gaussian.h"
 
 TORCH_LIBRARY(bdlkern_simt, m) {
   bdlkern::ops::define_rng_schemas(m);
@@ -20,6 +21,7 @@ TORCH_LIBRARY(bdlkern_simt, m) {
   bdlkern::ops::define_concrete_schemas(m);
   bdlkern::ops::define_sparse_vd_schemas(m);
   bdlkern::ops::define_selftest_schemas(m);
+  bdlkern::ops::define_gaussian_schemas(m);
 }
 
 TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
@@ -32,6 +34,7 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, CPU, m) {
   bdlkern::ops::SparseLinearOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SparseConvOps<bdlkern::SimtTag>::register_impls(m);
   bdlkern::ops::SelftestOps<bdlkern::SimtTag>::register_impls(m);
+  bdlkern::ops::GaussianOps<bdlkern::SimtTag>::register_impls(m);
 }
 
 // Autocast on CPU tensors, with the policies of the `bdlkern` namespace (csrc/torch/autocast.h); the
@@ -41,5 +44,6 @@ TORCH_LIBRARY_IMPL(bdlkern_simt, AutocastCPU, m) {
   using Tag = bdlkern::SimtTag;
   AutocastRegistrar<"bdlkern_simt", c10::DeviceType::CPU, true>{m}
       .register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>,
-                    SparseVDOps<Tag>, LrtConvOps<Tag>, SparseLinearOps<Tag>, SparseConvOps<Tag>>();
+                    SparseVDOps<Tag>, LrtConvOps<Tag>, SparseLinearOps<Tag>, SparseConvOps<Tag>,
+                    GaussianOps<Tag>>();
 }

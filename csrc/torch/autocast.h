@@ -106,7 +106,7 @@ struct AutocastRegistrar {
   // The same kernels for both namespaces and every backend: the bindings of one backend give the
   // signatures (they are the same for every backend).
   template <class Rng, class MC, class MCConv, class Concrete, class VD, class LrtConv, class Csr,
-            class CsrConv>
+            class CsrConv, class Gaussian>
   void register_all() const {
     using enum CastPolicy;
     // No floating inputs: nothing to cast; the guard keeps their ATen calls out of autocast.
@@ -144,6 +144,8 @@ struct AutocastRegistrar {
     impl<"sparse_conv_backward", kAsGiven>(&CsrConv::backward);
     impl<"sparse_conv_lrt", kFloat32>(&CsrConv::lrt_forward);
     impl<"sparse_conv_lrt_backward", kAsGiven>(&CsrConv::lrt_backward);
+    impl<"gaussian_dropout", kFloat32>(&Gaussian::forward);
+    impl<"gaussian_dropout_backward", kAsGiven>(&Gaussian::backward);
   }
 };
 

@@ -24,6 +24,7 @@
 #include "autograd/mc_dropout.h"
 #include "autograd/sparse_linear.h"
 #include "autograd/sparse_vd.h"
+#include "autograd/gaussian.h"
 
 namespace bdlkern {
 namespace ops {
@@ -35,6 +36,7 @@ struct AutogradOps {
     ConcreteAutograd<Ns>::register_impls(m);
     SparseVDAutograd<Ns>::register_impls(m);
     SparseLinearAutograd<Ns>::register_impls(m);
+    GaussianAutograd<Ns>::register_impls(m);
   }
 };
 

@@ -10,6 +10,7 @@
 #include "sparse_linear.h"
 #include "lrt_conv.h"
 #include "sparse_vd.h"
+#include "gaussian.h"
 
 TORCH_LIBRARY_IMPL(bdlkern, CPU, m) {
   bdlkern::ops::RngOps<bdlkern::CpuTag>::register_impls(m);
@@ -20,6 +21,7 @@ TORCH_LIBRARY_IMPL(bdlkern, CPU, m) {
   bdlkern::ops::LrtConvOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::CpuTag>::register_impls(m);
   bdlkern::ops::SparseConvOps<bdlkern::CpuTag>::register_impls(m);
+  bdlkern::ops::GaussianOps<bdlkern::CpuTag>::register_impls(m);
 }
 
 // Autocast kernels (csrc/torch/autocast.h). The CUDA ones are registered in every build: they only
@@ -31,7 +33,8 @@ void register_autocast(torch::Library& m) {
   using Tag = bdlkern::CpuTag;
   AutocastRegistrar<"bdlkern", Dev, HalfOnCpu>{m}
       .template register_all<RngOps<Tag>, MCDropoutOps<Tag>, MCDropoutConvOps<Tag>, ConcreteOps<Tag>,
-                             SparseVDOps<Tag>, LrtConvOps<Tag>, SparseLinearOps<Tag>, SparseConvOps<Tag>>();
+                             SparseVDOps<Tag>, LrtConvOps<Tag>, SparseLinearOps<Tag>, SparseConvOps<Tag>,
+                             GaussianOps<Tag>>();
 }
 }  // namespace
 

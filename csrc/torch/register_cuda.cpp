@@ -9,6 +9,7 @@
 #include "sparse_linear.h"
 #include "lrt_conv.h"
 #include "sparse_vd.h"
+#include "gaussian.h"
 
 #include "cuda_stream.h"
 
@@ -21,5 +22,6 @@ TORCH_LIBRARY_IMPL(bdlkern, CUDA, m) {
   bdlkern::ops::LrtConvOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::SparseLinearOps<bdlkern::CudaTag>::register_impls(m);
   bdlkern::ops::SparseConvOps<bdlkern::CudaTag>::register_impls(m);
+  bdlkern::ops::GaussianOps<bdlkern::CudaTag>::register_impls(m);
 }
 

@@ -48,6 +48,15 @@ inline void define_concrete_schemas(torch::Library& m) {
       "float temperature, int channel_dim) -> (Tensor, Tensor)");
 }
 
+inline void define_gaussian_schemas(torch::Library& m) {
+  m.def(
+      "gaussian_dropout(Tensor x, Tensor log_alpha, Tensor rng_state, int channel_dim=-1) "
+      "-> Tensor");
+  m.def(
+      "gaussian_dropout_backward(Tensor grad_out, Tensor x, Tensor log_alpha, Tensor rng_state, "
+      "int channel_dim) -> (Tensor, Tensor)");
+}
+
 inline void define_sparse_vd_schemas(torch::Library& m) {
   m.def(
       "lrt_linear(Tensor x, Tensor theta, Tensor log_sigma2, Tensor? bias, Tensor rng_state, "

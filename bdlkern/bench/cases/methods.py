@@ -399,3 +399,76 @@ def _ard_kl(device: torch.device, quick: bool) -> Workload:
         bytes=4 * 4 * n,  # reads theta and log_sigma2, writes their two gradients
         check=check,
     )
+
+
+# ---- Gaussian dropout on activations, Kingma et al. 2015 ---------------------------------------------
+GD_FULL = {"B": 256, "F": 1024}
+GD_QUICK = {"B": 16, "F": 64}
+GD_LOG_ALPHA = -1.0
+
+
+def _gaussian_eager(x, log_alpha):
+    """Gaussian dropout as users write it: fresh ``torch.randn_like`` noise, autograd keeps it."""
+    return x * (1 + log_alpha.mul(0.5).exp() * torch.randn_like(x))
+
+
+@case(
+    "methods.gaussian_dropout_fwd_bwd",
+    family="methods",
+    description="Gaussian dropout y = x (1 + sqrt(alpha) eps) (Kingma et al. 2015) on a [256, 1024] float32 "
+    "activation with a learnt 0-d log_alpha: forward + backward (grad of x and log_alpha); the fused op "
+    "re-makes eps in backward (no target in the issue; the row of the README)",
+    subject="bdlkern.gaussian_dropout",
+    baselines={
+        "reference (eager)": "reference",
+        "reference (torch.compile)": "compiled",
+        "x*s and g*s (2 elementwise passes)": "limit",
+    },
+)
+def _gaussian_dropout_fwd_bwd(device: torch.device, quick: bool) -> Workload:
+    dims = GD_QUICK if quick else GD_FULL
+    B, F_ = dims["B"], dims["F"]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, F_, generator=g).to(device).requires_grad_()
+    grad = torch.randn(B, F_, generator=g).to(device)
+    log_alpha = torch.tensor(GD_LOG_ALPHA, device=device, requires_grad=True)
+    state = torch.tensor([5, 0], device=device)
+    compiled = torch.compile(_gaussian_eager)
+    xd, scale = x.detach(), torch.tensor(1.1, device=device)
+
+    def run(f):
+        def call():
+            return torch.autograd.grad(f(), (x, log_alpha), grad)
+
+        return call
+
+    compiled_call = run(lambda: compiled(x, log_alpha))
+    compiled_call()  # compile in setup, not in the first timed call
+
+    def check() -> None:
+        # The fused op against the eager formula with the op's own noise (the normal op on stream
+        # "gaussian_dropout"), forward and both gradients.
+        y = bdlkern.ops.gaussian_dropout(x, log_alpha, rng_state=state)
+        eps = bdlkern.ops.normal((B, F_), rng_state=state, stream="gaussian_dropout")
+        y_ref = x * (1 + log_alpha.mul(0.5).exp() * eps)
+        torch.testing.assert_close(y, y_ref, msg="gaussian_dropout forward")
+        for a, b, name in zip(torch.autograd.grad(y, (x, log_alpha), grad), torch.autograd.grad(y_ref, (x, log_alpha), grad),
+                              ("x", "log_alpha")):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()), msg=f"grad {name}")
+        for name, fn in (("eager", run(lambda: _gaussian_eager(x, log_alpha))), ("compiled", compiled_call)):
+            gx, gl = fn()
+            assert gx.shape == x.shape and torch.isfinite(gl), f"{name} gradients"
+
+    n = B * F_
+    return Workload(
+        variants={
+            "bdlkern.gaussian_dropout": run(lambda: bdlkern.ops.gaussian_dropout(x, log_alpha, rng_state=state)),
+            "reference (eager)": run(lambda: _gaussian_eager(x, log_alpha)),
+            "reference (torch.compile)": compiled_call,
+            "x*s and g*s (2 elementwise passes)": lambda: (xd * scale, grad * scale),
+        },
+        params={**dims, "log_alpha": GD_LOG_ALPHA, "dtype": "float32"},
+        elements=n,
+        bytes=4 * n * 5,  # read x, write y; read g and x, write grad_x
+        check=check,
+    )

@@ -24,7 +24,8 @@ enum StreamTag : uint32_t {
   kStreamConcreteDropout = 2,  // concrete_dropout uniforms
   kStreamLRT = 3,              // lrt_linear output noise
   kStreamSparseLRT = 4,        // sparse_linear stochastic output noise
-  kNumStreams = 5,
+  kStreamGaussianDropout = 5,  // gaussian_dropout multiplicative noise
+  kNumStreams = 6,
 };
 
 // Bernoulli keep rule: element kept iff word < threshold, threshold = round(keep * 2^32) held in
