@@ -92,6 +92,9 @@ def _cases():
             _leaf(2, 3, 5, 5), _leaf(4, 3, 3, 3), _leaf(4), st, 0.3, 2, True, [1, 1], [1, 1], [1, 1], 1, False, False)),
         "concrete_dropout": lambda: _backward(o.concrete_dropout(_leaf(4, 6), _leaf(6), st, 0.1, -1)),
         "concrete_dropout channels": lambda: _backward(o.concrete_dropout(_leaf(2, 3, 4), _leaf(3), st, 0.1, 1)),
+        "gaussian_dropout": lambda: _backward(o.gaussian_dropout(_leaf(4, 6), _leaf(6), st, -1)),
+        "gaussian_dropout channels": lambda: _backward(o.gaussian_dropout(_leaf(2, 3, 4), _leaf(3), st, 1)),
+        "ard_kl_with_grad": lambda: _backward(o.ard_kl_with_grad(_leaf(5, 6), _leaf(5, 6))),
         "lrt_linear": lambda: _backward(o.lrt_linear(_leaf(4, 6), _leaf(5, 6), _leaf(5, 6), _leaf(5), st, 3)),
         "lrt_conv": lambda: _backward(o.lrt_conv(
             _leaf(2, 3, 5, 5), _leaf(4, 3, 3, 3), _leaf(4, 3, 3, 3), _leaf(4), st, 2, True, [1, 1], [1, 1], [1, 1], 1)),
