@@ -71,6 +71,7 @@ QUICK_RESULTS = {
     "mc_dropout": dict(accuracy=0.9481, nll=0.2395, ece=0.0921, brier=0.1007, mi=(0.523, 0.914), h=(0.562, 0.839)),
     "concrete": dict(accuracy=0.9315, nll=0.3043, ece=0.1235, brier=0.1272, mi=(0.454, 0.902), h=(0.554, 0.843)),
     "sparse_vd": dict(accuracy=0.8556, nll=0.5860, ece=0.1909, brier=0.2642, mi=(0.715, 0.959), h=(0.495, 0.743)),
+    "ard": dict(accuracy=0.9093, nll=0.4487, ece=0.1861, brier=0.1964, mi=(0.687, 0.953), h=(0.500, 0.774)),
     "variational_dropout": dict(accuracy=0.9296, nll=0.3165, ece=0.1209, brier=0.1370, mi=(0.525, 0.908), h=(0.586, 0.846)),
 }
 #: Tolerances for other machines (thread counts, BLAS and SIMD paths round differently; training

@@ -16,10 +16,14 @@ What it does:
      turned into :class:`bdlkern.nn.MCDropoutLinear` layers by :func:`bdlkern.nn.convert`;
    * ``concrete``: :class:`bdlkern.nn.ConcreteDropoutLinear` layers that learn their dropout rate;
    * ``sparse_vd``: :class:`bdlkern.nn.SparseVDLinear` layers (KL term / N_train), pruned to CSR;
+   * ``ard``: the sparse-VD MLP with ``prior="ard"`` (the exact KL of an empirical-Bayes Gaussian
+     prior), pruned to CSR;
    * ``variational_dropout``: :class:`bdlkern.nn.VariationalDropoutLinear` layers (Gaussian noise
      with alpha learnt per input unit, Kingma et al.'s KL term);
-   * on request only (``--methods variance``): ``variance``, a variance network
-     (:class:`bdlkern.nn.VarianceLinear` hidden layers with zero-mean weights, a linear read-out).
+   * on request only (``--methods ...``): ``variance``, a variance network
+     (:class:`bdlkern.nn.VarianceLinear` hidden layers with zero-mean weights, a linear read-out),
+     and ``gaussian_dropout``, the plain MLP with :class:`bdlkern.nn.GaussianDropout` (learnt alpha
+     per unit) where the MC-dropout model has ``nn.Dropout``.
 
    ``--methods NAME ...`` runs any subset of :data:`METHODS` (``all``: every one, including those
    left out by default).

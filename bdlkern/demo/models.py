@@ -252,6 +252,16 @@ def _build_sparse_vd(widths: Sequence[int]) -> nn.Module:
     )
 
 
+def _build_ard(widths: Sequence[int]) -> nn.Module:
+    # The sparse-VD MLP with the ARD prior's exact KL (Kharitonov, Molchanov & Vetrov 2018).
+    return mlp(
+        widths,
+        linear=lambda fan_in, fan_out: bdlkern.nn.SparseVDLinear(
+            fan_in, fan_out, threshold=SPARSE_VD_THRESHOLD, log_sigma2_init=SPARSE_VD_LOG_SIGMA2_INIT, prior="ard"
+        ),
+    )
+
+
 def _sparse_vd_groups(model: nn.Module, settings: Settings) -> list[dict[str, Any]]:
     """Sparse VD's learning rates (:data:`SPARSE_VD_LR`): log sigma^2 must travel several units for
     a weight to be pruned, so it gets a larger step than theta."""
@@ -508,9 +518,48 @@ def _variance_groups(model: nn.Module, settings: Settings) -> list[dict[str, Any
     return _scaled_groups(model, "log_sigma2", settings.lr * base, scale)
 
 
+#: Gaussian dropout (Srivastava et al. 2014; learnt rate: Kingma et al. 2015): the initial rate p
+#: (alpha = p / (1 - p)) of the GaussianDropout before the hidden and output layers.
+GAUSSIAN_P = MC_DROPOUT_P
+
+
+def _build_gaussian(widths: Sequence[int]) -> nn.Module:
+    # The plain MLP's nn.Dropout slots hold GaussianDropout layers with a learnt alpha per unit.
+    model = mlp(widths, dropout=GAUSSIAN_P)
+    for name, module in list(model.named_children()):
+        if isinstance(module, nn.Dropout):
+            width = widths[int(name.removeprefix("drop"))]
+            setattr(model, name, bdlkern.nn.GaussianDropout(GAUSSIAN_P, learn_alpha=True, num_features=width))
+    return model
+
+
+def _gaussian_groups(model: nn.Module, settings: Settings) -> list[dict[str, Any]]:
+    return _scaled_groups(model, "log_alpha", settings.lr, VD_ALPHA_LR_SCALE)
+
+
+def gaussian_alpha(model: nn.Module) -> dict[str, float]:
+    """Layer name -> mean learnt alpha of a GaussianDropout layer."""
+    return {
+        name: m.alpha().mean().item() for name, m in model.named_modules() if isinstance(m, bdlkern.nn.GaussianDropout)
+    }
+
+
+class EagerGaussianDropout(nn.Module):
+    """Plain-PyTorch Gaussian dropout with a layer's alpha: ``x * (1 + sqrt(alpha) * randn)`` -- the
+    eager MC baseline of the Gaussian-dropout MLP."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.register_buffer("std", layer.alpha().detach().sqrt().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.std * torch.randn_like(x))
+
+
 def eager_lrt(model: nn.Sequential) -> nn.Sequential:
-    """A variational-dropout or variance MLP in plain PyTorch: every such layer a
-    :class:`DenseLRTLinear` with its weights and variances."""
+    """A variational-dropout, variance or Gaussian-dropout MLP in plain PyTorch: every LRT layer a
+    :class:`DenseLRTLinear` with its weights and variances, every GaussianDropout an
+    :class:`EagerGaussianDropout`."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     with torch.no_grad():
         for name, module in model.named_children():
@@ -519,6 +568,8 @@ def eager_lrt(model: nn.Sequential) -> nn.Sequential:
                 layers[name] = DenseLRTLinear(module.theta, variance, module.bias)
             elif isinstance(module, bdlkern.nn.VarianceLinear):
                 layers[name] = DenseLRTLinear(None, module.weight_variance, module.bias)
+            elif isinstance(module, bdlkern.nn.GaussianDropout):
+                layers[name] = EagerGaussianDropout(module)
             else:
                 layers[name] = copy.deepcopy(module)
     return nn.Sequential(layers).train()
@@ -571,6 +622,21 @@ METHODS: tuple[Method, ...] = (
         eager_reference=eager_sparse_vd,
     ),
     Method(
+        name="ard",
+        summary=(
+            "the sparse-VD MLP with the ARD prior instead of the log-uniform one: the exact KL 0.5 log(1 + 1/alpha) "
+            "of a Gaussian prior whose variance is set by empirical Bayes (Kharitonov, Molchanov & Vetrov 2018), "
+            f"pruned at log alpha >= {SPARSE_VD_THRESHOLD:g} to SparseLinear (CSR)"
+        ),
+        build=_build_ard,
+        extra_loss=bdlkern.nn.kl_divergence,
+        extra_loss_warmup=SPARSE_VD_KL_WARMUP,
+        param_groups=_sparse_vd_groups,
+        post_train=prune_to_sparse,
+        layer_stats=LayerStats("sparsity", "fraction of weights pruned", sparsity, learnt=True),
+        eager_reference=eager_sparse_vd,
+    ),
+    Method(
         name="variational_dropout",
         summary=(
             "VariationalDropoutLinear layers: Gaussian multiplicative noise w (1 + sqrt(alpha) eps) with alpha "
@@ -592,6 +658,19 @@ METHODS: tuple[Method, ...] = (
         ),
         build=_build_variance,
         param_groups=_variance_groups,
+        eager_reference=eager_lrt,
+        default=False,
+    ),
+    Method(
+        name="gaussian_dropout",
+        summary=(
+            f"the plain MLP with GaussianDropout (x (1 + sqrt(alpha) eps), alpha starting at p / (1 - p), p = "
+            f"{GAUSSIAN_P}) before the hidden and output layers, alpha learnt per unit with Kingma et al.'s KL"
+        ),
+        build=_build_gaussian,
+        extra_loss=bdlkern.nn.kl_divergence,
+        param_groups=_gaussian_groups,
+        layer_stats=LayerStats("alpha", "mean learnt alpha", gaussian_alpha, learnt=True),
         eager_reference=eager_lrt,
         default=False,
     ),
