@@ -6,6 +6,8 @@
 #   make bench   - build and run the benchmark harness (python -m bdlkern.bench)
 #   make sanitize - the op tests under AddressSanitizer+UBSan (CPU-only and SIMT extensions) and
 #                  ThreadSanitizer (SIMT extension), each a separate build (tools/sanitize.sh)
+#   make gpu-check - on a CUDA machine: build for its GPU, the CUDA tests, compute-sanitizer, graph
+#                  capture and the CUDA benchmarks, one table (tools/gpu_check.sh; --dry-run without one)
 #   make build   - only set up and build
 #   make clean   - remove build outputs (keeps .venv)
 
@@ -15,7 +17,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: all venv build test pytest ctest demo bench sanitize clean distclean
+.PHONY: all venv build test pytest ctest demo bench sanitize gpu-check clean distclean
 
 all: build
 
@@ -55,6 +57,9 @@ bench: build
 # extension.
 sanitize: build
 	bash tools/sanitize.sh $(PY)
+
+gpu-check: $(STAMP)
+	bash tools/gpu_check.sh $(PY)
 
 clean:
 	rm -rf build bdlkern/*.so *.egg-info .pytest_cache
