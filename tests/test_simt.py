@@ -4,6 +4,8 @@ semantics. The same kernels run on a GPU when one is present (the ``cuda`` backe
 that emulator and hardware agree."""
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -58,6 +60,23 @@ def test_launch_rejects_what_a_gpu_rejects(grid, block, match):
         ops.selftest_indices(like, list(grid), list(block))
     assert ops.selftest_indices(like, [1, 65535, 1], [1, 1, 1]).shape[0] == 65535
     assert ops.selftest_indices(like, [1, 1, 2], [1, 1, 64]).shape[0] == 128
+
+
+@pytest.mark.parametrize("mode,threads", [(0, 64), (1, 64), (0, 33)])
+def test_a_barrier_not_reached_by_every_thread_aborts_naming_both_sites(mode, threads):
+    """A __syncthreads that some thread of the block skips by exiting (mode 0) or that the block's
+    halves reach at two different call sites (mode 1) is undefined on a GPU (a hang, or threads
+    released early); the emulator aborts at once with the two sites (issue 18 section 4), instead of
+    the 120 s deadlock timeout or a silent early release at the end of the block. In a child process,
+    since it aborts."""
+    code = (
+        "import torch, bdlkern; from bdlkern.testing import simt; simt.load(); "
+        f"torch.ops.bdlkern_simt.selftest_bad_barrier(torch.empty(0), {mode}, {threads})"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "divergent barrier" in result.stderr, result.stderr
+    assert "__syncthreads at " in result.stderr and ("end of block" in result.stderr) == (mode == 0)
 
 
 def test_launch_must_be_on_the_current_stream():

@@ -94,6 +94,22 @@ __global__ void atomic_kernel(const float* x, const double* xd, int64_t n, float
 BDL_HDI float accumulator_value(float v, const float*) { return v; }
 BDL_HDI __half accumulator_value(float v, const __half*) { return __float2half_rn(v); }
 
+// Barriers the emulator must refuse (tests/test_simt.py, in a child process: it aborts). mode 0:
+// thread 0 exits before the __syncthreads the others reach; mode 1: the two halves of the block
+// wait at two different __syncthreads. Undefined behaviour on a GPU (a hang or an early release):
+// the entry point runs it under the emulator only.
+__global__ void bad_barrier_kernel(int mode, int* out) {
+  if (mode == 0) {
+    if (threadIdx.x == 0) return;
+    __syncthreads();
+  } else if (threadIdx.x < blockDim.x / 2) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
 template <typename TIn, typename LayoutA, typename LayoutB, typename TAcc>
 __global__ void wmma_kernel(const TIn* a, int lda, const TIn* b, int ldb, const TAcc* c, int ldc,
                             bool c_col, bool use_fill, float fill, TAcc* d, int ldd, bool d_col) {
@@ -168,6 +184,16 @@ void selftest_atomic_add(SelftestTag, void* stream, const float* x, const double
                          unsigned* count_u, unsigned long long* index_sum) {
   BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::atomic_kernel, dim3(blocks), dim3(threads), 0,
                             stream, x, xd, n, out_f, out_d, count_i, count_u, index_sum);
+}
+
+void selftest_bad_barrier(SelftestTag, void* stream, int mode, int threads, int* out) {
+#ifdef BDLKERN_SIMT
+  BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::bad_barrier_kernel, dim3(1),
+                            dim3(static_cast<unsigned>(threads)), 0, stream, mode, out);
+#else
+  (void)stream, (void)mode, (void)threads, (void)out;
+  throw std::invalid_argument("selftest_bad_barrier: an emulator self-test; undefined behaviour on a GPU");
+#endif
 }
 
 void selftest_wmma(SelftestTag, void* stream, int type, const void* a, int lda, bool a_col, const void* b,

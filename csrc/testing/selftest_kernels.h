@@ -37,6 +37,9 @@ enum SelftestWmmaType : int { kWmmaHalfFloat = 0, kWmmaHalfHalf = 1, kWmmaBf16Fl
   void selftest_atomic_add(Tag, void* stream, const float* x, const double* xd, int64_t n, int blocks,          \
                            int threads, float* out_f, double* out_d, int* count_i,                \
                            unsigned* count_u, unsigned long long* index_sum);                     \
+  /* a barrier the emulator must refuse (mode 0: a thread exits before it; mode 1: divergent);   \
+     the emulator only (it throws on a GPU) */                                                    \
+  void selftest_bad_barrier(Tag, void* stream, int mode, int threads, int* out);                   \
   /* one warp: d = a b + c with nvcuda::wmma m16n16k16. a, b: 16x16 tiles (half or bfloat16 by    \
      `type`) with leading dimensions lda, ldb, column-major when a_col / b_col; c, d: float or     \
      half tiles (ldc, ldd; col-major when c_col / d_col); c is ignored and the accumulator is      \

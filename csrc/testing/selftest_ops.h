@@ -22,6 +22,7 @@ inline void define_selftest_schemas(torch::Library& m) {
   // the emulator must refuse.
   m.def("selftest_indices(Tensor like, int[] grid, int[] block, bool legacy_stream=False) -> Tensor");
   m.def("selftest_block_sum(Tensor x) -> (Tensor, Tensor)");
+  m.def("selftest_bad_barrier(Tensor like, int mode, int threads) -> Tensor");
   m.def("selftest_shuffle(Tensor x, int threads) -> Tensor");
   m.def("selftest_atomic_add(Tensor x, Tensor xd, int blocks, int threads) -> Tensor");
   m.def(
@@ -52,6 +53,16 @@ struct SelftestOps {
     at::OptionalDeviceGuard guard(like.device());
     at::Tensor out = at::empty({total, kSelftestIndexFields}, like.options().dtype(at::kInt));
     selftest_indices(Tag{}, legacy_stream ? nullptr : BackendTraits<Tag>::stream(like), out.data_ptr<int32_t>(), g, b);
+    return out;
+  }
+
+  static at::Tensor bad_barrier(const at::Tensor& like, int64_t mode, int64_t threads) {
+    check_device(like, "like");
+    TORCH_CHECK((mode == 0 || mode == 1) && threads >= 2 && threads <= 1024,
+                "selftest_bad_barrier: mode 0 or 1 and 2 to 1024 threads");
+    at::Tensor out = at::zeros({threads}, like.options().dtype(at::kInt));
+    selftest_bad_barrier(Tag{}, BackendTraits<Tag>::stream(like), static_cast<int>(mode),
+                         static_cast<int>(threads), out.data_ptr<int32_t>());
     return out;
   }
 
@@ -160,6 +171,7 @@ struct SelftestOps {
   static void register_impls(torch::Library& m) {
     m.impl("selftest_indices", &indices);
     m.impl("selftest_block_sum", &block_sum);
+    m.impl("selftest_bad_barrier", &bad_barrier);
     m.impl("selftest_shuffle", &shuffle);
     m.impl("selftest_atomic_add", &atomic_add);
     m.impl("selftest_wmma", &wmma);

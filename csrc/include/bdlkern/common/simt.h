@@ -38,6 +38,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -72,6 +73,10 @@ constexpr int kMaxThreadsPerBlock = 1024;
 // A reusable barrier for a fixed number of threads. A wait that lasts longer than the deadlock
 // timeout means some thread of the group never arrives (a barrier inside divergent code, or a
 // thread that returned early): the emulator says so and aborts instead of hanging the tests.
+// Every arrival names its site (`what`: a __syncthreads call site as "file:line", or "end of
+// block"). Threads of one generation that arrive at different sites are a divergent barrier, or
+// a barrier the others reach after some thread has exited (it arrives at "end of block"): a GPU
+// would hang or silently release them early; the emulator aborts with both sites.
 class Barrier {
  public:
   void reset(int count) {
@@ -82,6 +87,16 @@ class Barrier {
   void arrive_and_wait(const char* what) {
     std::unique_lock<std::mutex> lock(mutex_);
     const uint64_t generation = generation_;
+    if (waiting_ == 0) {
+      site_ = what;
+    } else if (std::strcmp(site_, what) != 0) {
+      std::fprintf(stderr,
+                   "bdlkern SIMT emulator: divergent barrier: %d thread(s) wait at %s while another "
+                   "arrives at %s (a barrier not reached by every thread of the block, or reached "
+                   "after some thread exited)\n",
+                   waiting_, site_, what);
+      std::abort();
+    }
     if (++waiting_ == count_) {
       waiting_ = 0;
       ++generation_;
@@ -103,6 +118,7 @@ class Barrier {
   std::condition_variable cv_;
   int count_ = 0;
   int waiting_ = 0;
+  const char* site_ = "";
   uint64_t generation_ = 0;
 };
 
@@ -257,10 +273,15 @@ T shuffle_from(T value, int src_lane_in_warp, bool use_own) {
 #define gridDim (::bdlkern::simt::this_thread().grid_dim)
 #define warpSize (::bdlkern::simt::kWarpSize)
 
-inline void __syncthreads() {
-  ::bdlkern::simt::ThreadState& t = ::bdlkern::simt::this_thread();
-  t.block->block_barrier.arrive_and_wait("__syncthreads");
-}
+namespace bdlkern {
+namespace simt {
+inline void sync_block(const char* site) { this_thread().block->block_barrier.arrive_and_wait(site); }
+}  // namespace simt
+}  // namespace bdlkern
+#define BDLKERN_SIMT_STR2(x) #x
+#define BDLKERN_SIMT_STR(x) BDLKERN_SIMT_STR2(x)
+// Each call site names itself, so that threads waiting at two different barriers are caught.
+#define __syncthreads() ::bdlkern::simt::sync_block("__syncthreads at " __FILE__ ":" BDLKERN_SIMT_STR(__LINE__))
 
 // The mask is accepted for source compatibility; the emulator synchronises the whole warp.
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
