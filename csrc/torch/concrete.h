@@ -20,6 +20,7 @@
 
 #include "autocast.h"
 #include "backend_traits.h"
+#include "channel_noise.h"
 #include "checks.h"
 
 namespace bdlkern {
@@ -33,30 +34,10 @@ struct ConcreteOps {
   static ConcreteDropoutParams params(const at::Tensor& x, const at::Tensor& p_logit,
                                       const at::Tensor& rng_state, double temperature,
                                       int64_t channel_dim, const char* op) {
-    TORCH_CHECK(x.device().type() == Traits::device_type, op, ": x must be on ",
-                c10::DeviceTypeName(Traits::device_type, true), ", got ", x.device());
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                ": x must be float32 or float64, got ", x.scalar_type());
-    TORCH_CHECK(channel_dim == -1 || channel_dim == 1, op,
-                ": channel_dim must be -1 (a mask value per element, rates along the last dim) or "
-                "1 (a mask value per (sample, channel) of [N, C, *]), got ",
-                channel_dim);
-    TORCH_CHECK(x.dim() >= (channel_dim == 1 ? 2 : 1), op, ": x must have ",
-                channel_dim == 1 ? "shape [N, C, *] for channel_dim=1" : "at least one dimension",
-                ", got shape ", x.sizes());
-    TORCH_CHECK(p_logit.scalar_type() == x.scalar_type(), op,
-                ": p_logit must have the dtype of x (", x.scalar_type(), "), got ",
-                p_logit.scalar_type());
-    TORCH_CHECK(p_logit.device() == x.device(), op, ": p_logit must be on x's device (",
-                x.device(), "), got ", p_logit.device());
-    const int64_t C = x.size(channel_dim);
-    TORCH_CHECK(p_logit.dim() == 0 || (p_logit.dim() == 1 && p_logit.size(0) == C), op,
-                ": p_logit must be a scalar (one rate for the layer) or have shape [", C,
-                "] (one rate per ", channel_dim == 1 ? "channel" : "feature", "), got shape ",
-                p_logit.sizes());
+    const ChannelLayout l = channel_layout(x, p_logit, "p_logit", rng_state, channel_dim,
+                                           Traits::device_type, {"a mask value", "rates", "rate"}, op);
     TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
                 ": temperature must be a finite number > 0, got ", temperature);
-    check_rng_state(rng_state, Traits::device_type, x, "x", op);
     // On the CPU a NaN / inf rate is an error, not a NaN network (one reduction over the rates). On
     // a device (CUDA, and the SIMT emulator that stands for it) reading that answer would stall
     // the stream on every call and break CUDA-graph capture: there a non-finite rate propagates
@@ -67,15 +48,10 @@ struct ConcreteOps {
     }
 
     ConcreteDropoutParams prm;
-    prm.channels = C;
-    if (channel_dim == 1) {
-      prm.rows = x.size(0);
-      prm.inner = C == 0 || x.size(0) == 0 ? 1 : x.numel() / (x.size(0) * C);
-    } else {
-      prm.rows = C == 0 ? 0 : x.numel() / C;
-      prm.inner = 1;
-    }
-    prm.per_channel_p = p_logit.dim() == 1;
+    prm.rows = l.rows;
+    prm.channels = l.channels;
+    prm.inner = l.inner;
+    prm.per_channel_p = l.per_channel;
     prm.inv_temperature = 1.0 / temperature;
     prm.rng_state = nullptr;
     prm.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
@@ -109,11 +85,7 @@ struct ConcreteOps {
     const char* op = "concrete_dropout_backward";
     const NoAutocast no_ac = no_autocast();
     ConcreteDropoutParams prm = params(x, p_logit, rng_state, temperature, channel_dim, op);
-    TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
-                ", got ", grad_out.sizes());
-    TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
-                ": grad_out must have x's dtype and device (", x.scalar_type(), ", ", x.device(),
-                "), got ", grad_out.scalar_type(), ", ", grad_out.device());
+    check_grad_like_x(grad_out, x, op);
     at::OptionalDeviceGuard guard(x.device());
     at::Tensor grad_x =
         at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -18,6 +18,7 @@
 
 #include "autocast.h"
 #include "backend_traits.h"
+#include "channel_noise.h"
 #include "checks.h"
 
 namespace bdlkern {
@@ -31,41 +32,13 @@ struct GaussianOps {
   static GaussianDropoutParams params(const at::Tensor& x, const at::Tensor& log_alpha,
                                       const at::Tensor& rng_state, int64_t channel_dim,
                                       const char* op) {
-    TORCH_CHECK(x.device().type() == Traits::device_type, op, ": x must be on ",
-                c10::DeviceTypeName(Traits::device_type, true), ", got ", x.device());
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                ": x must be float32 or float64, got ", x.scalar_type());
-    TORCH_CHECK(channel_dim == -1 || channel_dim == 1, op,
-                ": channel_dim must be -1 (noise per element, alphas along the last dim) or "
-                "1 (noise per (sample, channel) of [N, C, *]), got ",
-                channel_dim);
-    TORCH_CHECK(x.dim() >= (channel_dim == 1 ? 2 : 1), op, ": x must have ",
-                channel_dim == 1 ? "shape [N, C, *] for channel_dim=1" : "at least one dimension",
-                ", got shape ", x.sizes());
-    TORCH_CHECK(log_alpha.scalar_type() == x.scalar_type(), op,
-                ": log_alpha must have the dtype of x (", x.scalar_type(), "), got ",
-                log_alpha.scalar_type());
-    TORCH_CHECK(log_alpha.device() == x.device(), op, ": log_alpha must be on x's device (",
-                x.device(), "), got ", log_alpha.device());
-    const int64_t C = x.size(channel_dim);
-    TORCH_CHECK(log_alpha.dim() == 0 || (log_alpha.dim() == 1 && log_alpha.size(0) == C), op,
-                ": log_alpha must be a scalar (one alpha for the layer) or have shape [", C,
-                "] (one alpha per ", channel_dim == 1 ? "channel" : "feature", "), got shape ",
-                log_alpha.sizes());
-    check_rng_state(rng_state, Traits::device_type, op);
-    TORCH_CHECK(rng_state.device() == x.device(), op, ": rng_state must be on x's device (",
-                x.device(), "), got ", rng_state.device());
-
+    const ChannelLayout l = channel_layout(x, log_alpha, "log_alpha", rng_state, channel_dim,
+                                           Traits::device_type, {"noise", "alphas", "alpha"}, op);
     GaussianDropoutParams prm;
-    prm.channels = C;
-    if (channel_dim == 1) {
-      prm.rows = x.size(0);
-      prm.inner = C == 0 || x.size(0) == 0 ? 1 : x.numel() / (x.size(0) * C);
-    } else {
-      prm.rows = C == 0 ? 0 : x.numel() / C;
-      prm.inner = 1;
-    }
-    prm.per_channel_alpha = log_alpha.dim() == 1;
+    prm.rows = l.rows;
+    prm.channels = l.channels;
+    prm.inner = l.inner;
+    prm.per_channel_alpha = l.per_channel;
     prm.rng_state = nullptr;
     prm.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
     prm.stream = Traits::stream(x);
@@ -97,11 +70,7 @@ struct GaussianOps {
     const char* op = "gaussian_dropout_backward";
     const NoAutocast no_ac = no_autocast();
     GaussianDropoutParams prm = params(x, log_alpha, rng_state, channel_dim, op);
-    TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
-                ", got ", grad_out.sizes());
-    TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
-                ": grad_out must have x's dtype and device (", x.scalar_type(), ", ", x.device(),
-                "), got ", grad_out.scalar_type(), ", ", grad_out.device());
+    check_grad_like_x(grad_out, x, op);
     at::OptionalDeviceGuard guard(x.device());
     at::Tensor grad_x =
         at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));

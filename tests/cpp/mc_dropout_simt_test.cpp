@@ -165,7 +165,7 @@ void run_case(const Case& c, std::mt19937_64& rng) {
   p.scale = 1.0 / (1.0 - c.p);
   p.rng_state = rng_state;
   p.dtype = H::kType;
-  p.stream = nullptr;
+  p.stream = bdlkern::simt::current_stream();  // the emulated current stream (simt_stream.h)
 
   // Inputs rounded to T first; the reference uses the rounded values.
   std::uniform_real_distribution<double> dist(-1.0, 1.0);
@@ -255,6 +255,7 @@ void run_mask_case(int64_t S, int64_t B, int64_t K, bool shared_input, bool shar
   p.scale = 2.0;
   p.rng_state = rng_state;
   p.dtype = H::kType;
+  p.stream = bdlkern::simt::current_stream();
   const int64_t x_rows = shared_input ? B : S * B;
   Buf<T> x(x_rows * K, false), w(K * K, false), bias(K, false), y(S * B * K, false);
   for (size_t i = 0; i < x.n; ++i) x[i] = H::from(1.0);
