@@ -101,17 +101,17 @@ def test_linear_samples_have_mean_bias_and_variance_x2_sigma2():
 
 
 def test_linear_gradcheck_and_gradgradcheck(backend):
-    if backend.name == "cuda":
-        pytest.skip("float64 gradcheck runs on cpu and simt")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     ls2 = (torch.randn(2, 4, generator=g, dtype=torch.float64) - 1).requires_grad_()
     b = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
     state = _state()
+    x, ls2, b = (t.detach().to(backend.device).requires_grad_() for t in (x, ls2, b))
+    state = state.to(backend.device)
     fn = lambda x, ls2, b: backend.ops.variance_linear(x, ls2, b, state, 2)[0]  # noqa: E731
     assert gradcheck(fn, (x, ls2, b))
     assert gradgradcheck(fn, (x, ls2, b))
-    xs = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(backend.device).requires_grad_()
     assert gradcheck(fn, (xs, ls2, b))
 
 

@@ -394,7 +394,8 @@ class _CheckedCsr:
         return tuple((id(t), _version(t)) for t in (getattr(self, n, None) for n in self._csr_buffers) if t is not None)
 
     def validate(self) -> None:
-        """Check the CSR structure now (raises on a malformed one, naming the buffer)."""
+        """Check the CSR structure now (raises on a malformed one, naming the buffer): the class's
+        ``_validate_structure`` runs its ops with ``validate=True`` on an empty batch."""
         self._validate_structure()
         self._csr_checked = self._csr_state()
 
@@ -403,9 +404,6 @@ class _CheckedCsr:
             return
         if self._csr_state() != self._csr_checked:
             self.validate()
-
-    def _validate_structure(self) -> None:  # the ops with validate=True on an empty batch
-        raise NotImplementedError
 
 
 class SparseLinear(_CheckedCsr, _NotScriptable, nn.Module):
