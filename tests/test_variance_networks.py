@@ -391,3 +391,62 @@ def test_digits_ensemble_classifies_and_mean_weights_give_chance(threads):
     # the ensemble's uncertainty is informative: its errors carry more predictive entropy
     wrong = pred.prediction != y_te
     assert pred.predictive_entropy[wrong].mean() > pred.predictive_entropy[~wrong].mean()
+
+
+class _CustomNet(nn.Module):
+    """A model written without bdlkern in mind: a custom forward with a conv trunk, a residual add on
+    the sampled tensor, a reshape and a functional ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = VarianceConv2d(2, 4, 3, padding=1)
+        self.skip = nn.Conv2d(2, 4, 1)
+        self.head = VarianceLinear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)) + self.skip(x)
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+def test_modules_in_a_custom_model_under_compile_autocast_and_non_contiguous_input():
+    torch.manual_seed(0)
+    model = _CustomNet()
+    x = torch.randn(3, 2, 5, 5)
+    with bdlkern.sampling(4, seed=1):
+        y = model(x)
+    assert y.shape == (12, 3)  # folded [S * N, 3]: the skip branch was lifted to the samples
+    # by hand with the ops: call k of a block seeded s draws from rng_state [s, k << 40]; the conv
+    # samples the shared input, the skip is repeated per sample, the head takes [S, N, in]
+    with torch.no_grad():
+        conv = bdlkern.ops.variance_conv(x, model.conv.log_sigma2, model.conv.bias, 4, padding=1,
+                                         rng_state=torch.tensor([1, 0]))
+        h = F.relu(conv) + model.skip(x).repeat(4, 1, 1, 1)
+        head = bdlkern.ops.variance_linear(h.reshape(4, 3, -1), model.head.log_sigma2, model.head.bias,
+                                           rng_state=torch.tensor([1, 1 << 40]))
+    torch.testing.assert_close(y.detach(), head.flatten(0, 1))
+    # a non-contiguous input gives the contiguous input's samples
+    xt = torch.randn(3, 2, 5, 5).transpose(-1, -2)
+    with bdlkern.sampling(4, seed=2):
+        a = model(xt)
+    with bdlkern.sampling(4, seed=2):
+        b = model(xt.contiguous())
+    torch.testing.assert_close(a, b)
+    # autocast: the variance ops run in float32 and give the float32 samples (the skip conv in bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), bdlkern.sampling(4, seed=2):
+        low = model.head(torch.randn(3, 100, generator=torch.Generator().manual_seed(0)))
+    with bdlkern.sampling(4, seed=2):
+        full = model.head(torch.randn(3, 100, generator=torch.Generator().manual_seed(0)))
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, full)
+    # torch.compile(fullgraph) of the layer inside a seeded block: the eager samples and gradients
+    layer = VarianceLinear(6, 4)
+    xs = torch.randn(5, 6)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with bdlkern.sampling(2, seed=3):
+        got = compiled(xs)
+    with bdlkern.sampling(2, seed=3):
+        want = layer(xs)
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(got.square().sum(), layer.log_sigma2)[0]
+    g2 = torch.autograd.grad(want.square().sum(), layer.log_sigma2)[0]
+    torch.testing.assert_close(g1, g2)

@@ -118,6 +118,39 @@ struct SparseVDAutograd {
                                                      groups);
   }
 
+  // The non-tensor arguments of an LRT-style convolution call (lrt_conv, variance_conv), kept in
+  // the autograd context for backward, and the bias gradient (grad summed over all but channels).
+  struct ConvCall {
+    bool has_bias;
+    int64_t S, groups;
+    bool shared_input;
+    std::vector<int64_t> stride, padding, dilation;
+
+    static void save(Ctx* ctx, const OptTensor& bias, int64_t S, bool shared_input, Ints stride,
+                     Ints padding, Ints dilation, int64_t groups) {
+      auto& d = ctx->saved_data;
+      d["has_bias"] = bias.has_value() && bias->defined();
+      d["S"] = S;
+      d["shared_input"] = shared_input;
+      d["stride"] = stride.vec();
+      d["padding"] = padding.vec();
+      d["dilation"] = dilation.vec();
+      d["groups"] = groups;
+    }
+    static ConvCall load(Ctx* ctx) {
+      auto& d = ctx->saved_data;
+      return ConvCall{d["has_bias"].toBool(),        d["S"].toInt(),
+                      d["groups"].toInt(),           d["shared_input"].toBool(),
+                      d["stride"].toIntVector(),     d["padding"].toIntVector(),
+                      d["dilation"].toIntVector()};
+    }
+    static Tensor channel_sum(const Tensor& grad) {
+      std::vector<int64_t> dims{0};
+      for (int64_t k = 2; k < grad.dim(); ++k) dims.push_back(k);
+      return grad.sum(dims);
+    }
+  };
+
   // An LRT convolution without bias as ATen ops (the double-backward graph): mean conv(x, weight)
   // (none when `weight` is undefined: the variance layers), variance conv(x^2, variance), the
   // noise re-made by `normal`.
@@ -165,14 +198,7 @@ struct SparseVDAutograd {
       ctx->mark_non_differentiable({std});
       ctx->set_materialize_grads(false);
       ctx->save_for_backward({x, theta, log_sigma2, std, rng_state});
-      auto& d = ctx->saved_data;
-      d["has_bias"] = bias.has_value() && bias->defined();
-      d["S"] = S;
-      d["shared_input"] = shared_input;
-      d["stride"] = stride.vec();
-      d["padding"] = padding.vec();
-      d["dilation"] = dilation.vec();
-      d["groups"] = groups;
+      ConvCall::save(ctx, bias, S, shared_input, stride, padding, dilation, groups);
       return {y, std};
     }
 
@@ -183,23 +209,18 @@ struct SparseVDAutograd {
       const auto saved = ctx->get_saved_variables();
       const Tensor &x = saved[0], &theta = saved[1], &log_sigma2 = saved[2], &std = saved[3],
                    &state = saved[4];
-      auto& d = ctx->saved_data;
-      const int64_t S = d["S"].toInt(), groups = d["groups"].toInt();
-      const bool shared_input = d["shared_input"].toBool();
-      const std::vector<int64_t> stride = d["stride"].toIntVector();
-      const std::vector<int64_t> padding = d["padding"].toIntVector();
-      const std::vector<int64_t> dilation = d["dilation"].toIntVector();
-      const bool bias_grad = d["has_bias"].toBool() && ctx->needs_input_grad(3);
+      const ConvCall call = ConvCall::load(ctx);
+      const int64_t S = call.S, groups = call.groups;
+      const bool shared_input = call.shared_input;
+      const std::vector<int64_t> &stride = call.stride, &padding = call.padding,
+                                 &dilation = call.dilation;
+      const bool bias_grad = call.has_bias && ctx->needs_input_grad(3);
       if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
         const Tensor y = lrt_conv_composite(x, theta, log_sigma2, state, S, shared_input, stride,
                                             padding, dilation, groups);
         const Grads g = C::composite_grads(y, {x, theta, log_sigma2}, C::needs(ctx, {0, 1, 2}), grad);
         std::copy(g.begin(), g.end(), out.begin());
-        if (bias_grad) {
-          std::vector<int64_t> dims{0};
-          for (int64_t k = 2; k < grad.dim(); ++k) dims.push_back(k);
-          out[3] = grad.sum(dims);
-        }
+        if (bias_grad) out[3] = ConvCall::channel_sum(grad);
         return out;
       }
       auto [gx, gt, gs, gb] = op_handle<Ns, "lrt_conv_backward", ConvBackwardSig>().call(
@@ -303,14 +324,7 @@ struct SparseVDAutograd {
       ctx->mark_non_differentiable({std});
       ctx->set_materialize_grads(false);
       ctx->save_for_backward({x, log_sigma2, std, rng_state});
-      auto& d = ctx->saved_data;
-      d["has_bias"] = bias.has_value() && bias->defined();
-      d["S"] = S;
-      d["shared_input"] = shared_input;
-      d["stride"] = stride.vec();
-      d["padding"] = padding.vec();
-      d["dilation"] = dilation.vec();
-      d["groups"] = groups;
+      ConvCall::save(ctx, bias, S, shared_input, stride, padding, dilation, groups);
       return {y, std};
     }
 
@@ -320,23 +334,18 @@ struct SparseVDAutograd {
       if (!grad.defined()) return out;
       const auto saved = ctx->get_saved_variables();
       const Tensor &x = saved[0], &log_sigma2 = saved[1], &std = saved[2], &state = saved[3];
-      auto& d = ctx->saved_data;
-      const int64_t S = d["S"].toInt(), groups = d["groups"].toInt();
-      const bool shared_input = d["shared_input"].toBool();
-      const std::vector<int64_t> stride = d["stride"].toIntVector();
-      const std::vector<int64_t> padding = d["padding"].toIntVector();
-      const std::vector<int64_t> dilation = d["dilation"].toIntVector();
-      const bool bias_grad = d["has_bias"].toBool() && ctx->needs_input_grad(2);
+      const ConvCall call = ConvCall::load(ctx);
+      const int64_t S = call.S, groups = call.groups;
+      const bool shared_input = call.shared_input;
+      const std::vector<int64_t> &stride = call.stride, &padding = call.padding,
+                                 &dilation = call.dilation;
+      const bool bias_grad = call.has_bias && ctx->needs_input_grad(2);
       if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
         const Tensor y = conv_composite(x, Tensor(), at::exp(log_sigma2), state, S, shared_input,
                                         stride, padding, dilation, groups);
         const Grads g = C::composite_grads(y, {x, log_sigma2}, C::needs(ctx, {0, 1}), grad);
         std::copy(g.begin(), g.end(), out.begin());
-        if (bias_grad) {
-          std::vector<int64_t> dims{0};
-          for (int64_t k = 2; k < grad.dim(); ++k) dims.push_back(k);
-          out[2] = grad.sum(dims);
-        }
+        if (bias_grad) out[2] = ConvCall::channel_sum(grad);
         return out;
       }
       auto [gx, gs, gb] =
