@@ -202,7 +202,7 @@ def _csr_conv_weight(x: ir.Value, crow: ir.Value, col: ir.Value, values: ir.Valu
 
 
 # ---- the translations (argument order and defaults: csrc/torch/schemas.h) ----------------------------
-def mc_dropout_linear(x, weight, bias, rng_state, p: float, num_samples: int, shared_mask: bool = False):
+def mc_dropout_linear(x, weight, bias, rng_state, p: float, num_samples: int, shared_mask: bool = False, memory_efficient=None):
     """``Y[s] = (X[s] * M_s) W^T / (1 - p) + b``, ``[S, R, N]``; keep-masks Bernoulli(1 - p) per
     (sample, row, feature), or per (sample, feature) with ``shared_mask``. ``x`` is ``[R, K]`` (one
     input for every sample) or ``[S, R, K]``."""

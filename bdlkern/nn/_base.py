@@ -46,6 +46,13 @@ def _check_width(module: nn.Module, x: torch.Tensor, expected: int) -> None:
         raise _width_error(module, x, expected)
 
 
+def _check_memory_efficient(module: nn.Module, value) -> bool | None:
+    """The ``memory_efficient`` argument of a module (``True``, ``False`` or ``None``)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{type(module).__name__}: memory_efficient must be True, False or None, got {value!r}")
+    return value
+
+
 def _check_conv_input(module: nn.Module, x: torch.Tensor, dims: int, in_channels: int, where: str) -> None:
     """``x`` is ``[B, in_channels, *dims spatial]`` (the check a torch convolution makes), in the
     module's terms; ``where`` says which input was expected."""

@@ -18,7 +18,16 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _F32_F64, _MC_DTYPES, _NotScriptable, _check_dtype, _check_width, _copied_from, _module_label
+from ._base import (
+    _F32_F64,
+    _MC_DTYPES,
+    _NotScriptable,
+    _check_dtype,
+    _check_memory_efficient,
+    _check_width,
+    _copied_from,
+    _module_label,
+)
 
 
 def _logit(p: float) -> float:
@@ -197,7 +206,10 @@ def _fused_linear_mc(module, x, weight, bias, num_samples, rng_state):
         return None
     # p < 1 for the MC kernel even where sigmoid rounds to 1.
     p = min(float(module.p.item()), 1.0 - 2.0**-24)
-    return ops.mc_dropout_linear(x, weight, bias, p, num_samples, rng_state=rng_state)
+    return ops.mc_dropout_linear(
+        x, weight, bias, p, num_samples, rng_state=rng_state,
+        memory_efficient=getattr(module, "memory_efficient", None),
+    )
 
 
 class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
@@ -218,6 +230,8 @@ class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
         temperature: relaxation temperature > 0.
         per_feature: one learnt rate per input feature instead of one for the layer.
         relaxed_eval: stochastic relaxed masks outside training too.
+        memory_efficient: the CUDA path of the fused sampling call (see
+            :func:`bdlkern.ops.mc_dropout_linear`): ``None`` lets the cost model pick.
 
     The state dict holds ``weight``, ``bias`` and ``p_logit``.
     """
@@ -233,6 +247,7 @@ class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
         temperature: float = 0.1,
         per_feature: bool = False,
         relaxed_eval: bool = False,
+        memory_efficient: bool | None = None,
         device=None,
         dtype=None,
     ):
@@ -241,13 +256,14 @@ class ConcreteDropoutLinear(_ConcreteDropoutMixin, nn.Linear):
             in_features, None, weight_regularizer, dropout_regularizer, init_p, temperature, per_feature,
             relaxed_eval, device, dtype,
         )
+        self.memory_efficient = _check_memory_efficient(self, memory_efficient)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, init_p: float = 0.1, **concrete_kwargs) -> "ConcreteDropoutLinear":
         """A Concrete-dropout layer with copies of ``linear``'s weight and bias (same device, dtype and
         training mode) and a learnt rate starting at ``init_p``. ``concrete_kwargs`` are the other
         constructor arguments (``weight_regularizer``, ``dropout_regularizer``, ``temperature``,
-        ``per_feature``, ``relaxed_eval``); the shape, bias, device and dtype come from ``linear``."""
+        ``per_feature``, ``relaxed_eval``, ``memory_efficient``); the shape, bias, device and dtype come from ``linear``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         for key in ("in_features", "out_features", "bias", "device", "dtype"):

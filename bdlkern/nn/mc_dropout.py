@@ -13,7 +13,15 @@ from torch import nn
 
 from .. import ops
 from .._sampling import current_sampling
-from ._base import _check_conv_input, _MC_DTYPES, _NotScriptable, _check_dtype, _check_width, _copied_from
+from ._base import (
+    _check_conv_input,
+    _check_dtype,
+    _check_memory_efficient,
+    _check_width,
+    _copied_from,
+    _MC_DTYPES,
+    _NotScriptable,
+)
 
 
 class MCDropoutLinear(_NotScriptable, nn.Linear):
@@ -32,6 +40,9 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
         shared_mask: inside ``sampling``, one mask per (sample, input feature) shared by every row
             of the batch: each sample is one weight sample applied to the whole batch (joint
             predictions); on the CPU the kernel skips the dropped features.
+        memory_efficient: the CUDA path (see :func:`bdlkern.ops.mc_dropout_linear`): ``True``
+            never holds the ``[S, *, in]`` masked input, ``False`` materialises it and runs cuBLAS,
+            ``None`` (default) lets the cost model pick per call. Ignored on the CPU.
 
     The state dict is that of ``nn.Linear`` (``weight``, ``bias``). The input is checked like
     ``nn.Linear``'s (last dimension ``in_features``; the parameters' dtype): see :mod:`bdlkern.nn`.
@@ -44,6 +55,7 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
         p: float = 0.5,
         bias: bool = True,
         shared_mask: bool = False,
+        memory_efficient: bool | None = None,
         device=None,
         dtype=None,
     ):
@@ -52,9 +64,12 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
             raise ValueError(f"MCDropoutLinear: p must be in [0, 1), got {p}")
         self.p = float(p)
         self.shared_mask = bool(shared_mask)
+        self.memory_efficient = _check_memory_efficient(self, memory_efficient)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, p: float = 0.5, shared_mask: bool = False) -> "MCDropoutLinear":
+    def from_linear(
+        cls, linear: nn.Linear, p: float = 0.5, shared_mask: bool = False, memory_efficient: bool | None = None
+    ) -> "MCDropoutLinear":
         """An MC layer with a copy of ``linear``'s parameters (same device and dtype)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -64,6 +79,7 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
             p=p,
             bias=linear.bias is not None,
             shared_mask=shared_mask,
+            memory_efficient=memory_efficient,
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
@@ -79,7 +95,8 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
                 self, x, self.in_features, per_row=self.in_features, shared=self.shared_mask
             )
             y = ops.mc_dropout_linear(
-                x, self.weight, self.bias, self.p, num_samples, shared_mask=self.shared_mask, rng_state=rng_state
+                x, self.weight, self.bias, self.p, num_samples, shared_mask=self.shared_mask, rng_state=rng_state,
+                memory_efficient=getattr(self, "memory_efficient", None),
             )
             return state.output(y.flatten(0, 1) if folded else y, "folded" if folded else "stacked")
         if self.training and self.p > 0.0:
@@ -87,13 +104,17 @@ class MCDropoutLinear(_NotScriptable, nn.Linear):
             _check_dtype(self, x, weight.dtype, _MC_DTYPES, "MC-dropout")
             # Training is plain dropout: one sample, per-element masks (shared_mask is a sampling
             # option). The wrapper's eager path serves the common [B, in] CPU input.
-            y = ops.mc_dropout_linear(x, weight, self.bias, self.p, 1)
+            y = ops.mc_dropout_linear(
+                x, weight, self.bias, self.p, 1, memory_efficient=getattr(self, "memory_efficient", None)
+            )
             return y.squeeze(0)  # a view: its backward is free, [0]'s fills zeros
         _check_dtype(self, x, self.weight.dtype)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}, shared_mask={self.shared_mask}"
+        extra = f"{super().extra_repr()}, p={self.p}, shared_mask={self.shared_mask}"
+        me = getattr(self, "memory_efficient", None)
+        return extra if me is None else f"{extra}, memory_efficient={me}"
 
 
 

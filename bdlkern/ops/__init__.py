@@ -47,6 +47,7 @@ from .variance import variance_conv, variance_linear
 # the function, which is what the public name has always been.
 from .sparse_linear import sparse_conv, sparse_linear
 from .gaussian import gaussian_dropout
+from . import cost_model  # noqa: F401  (bdlkern.ops.cost_model: the CUDA path choice of mc_dropout_linear)
 
 
 def _register_namespace(ns: str) -> None:

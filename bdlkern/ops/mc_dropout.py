@@ -20,6 +20,7 @@ def mc_dropout_linear(
     num_samples: int | None = None,
     *,
     shared_mask: bool = False,
+    memory_efficient: bool | None = None,
     generator: torch.Generator | None = None,
     rng_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -47,6 +48,15 @@ def mc_dropout_linear(
             posterior sample of the weights applied to all inputs (the right semantics for joint
             predictions); on the CPU the kernel skips dropped features, doing about ``1 - p`` of the GEMM
             work (the CUDA kernel does all of it).
+        memory_efficient: the CUDA path. ``True``: the fused kernel, which never holds the
+            ``[S, B, in]`` masked input (it re-makes the mask per tile instead). ``False``: one
+            mask pass writes the masked input (the mask itself is never stored), then cuBLAS
+            multiplies it (fastest on large layers; float32 then follows
+            ``torch.backends.cuda.matmul.allow_tf32``); backward makes it again for the weight
+            gradient. ``None`` (default): a cost model picks per call from the device's
+            properties (:func:`bdlkern.ops.cost_model.mc_dropout_linear_plan`). Both paths give
+            the same masks; they differ only in rounding. The CPU path works on cache-sized row
+            chunks, never holds an S-fold copy, and ignores this flag.
         generator / rng_state: where the masks come from (see :func:`new_rng_state`).
 
     Returns:
@@ -55,6 +65,7 @@ def mc_dropout_linear(
     if (
         rng_state is None
         and generator is None
+        and memory_efficient is None
         and type(num_samples) is int
         and num_samples >= 1
         and type(p) is float
@@ -79,20 +90,22 @@ def mc_dropout_linear(
     x_op, samples, batch = _sample_dim_input(x, weight.shape[1], num_samples, "mc_dropout_linear", "weight expects")
     state = _resolve_state(rng_state, generator, None if rng_state is not None else x.device)
     p = _number(p, "p", "mc_dropout_linear")
-    y = _op(x_op, weight, bias, state, p, samples, bool(shared_mask))
+    if memory_efficient is not None and not isinstance(memory_efficient, bool):
+        raise TypeError(f"mc_dropout_linear: memory_efficient must be True, False or None, got {memory_efficient!r}")
+    y = _op(x_op, weight, bias, state, p, samples, bool(shared_mask), memory_efficient)
     return y if len(batch) == 1 else y.reshape(samples, *batch, weight.shape[0])
 
 
 # ---- fake (meta) kernels: shapes and dtypes for torch.compile / FakeTensor -------------------------
 def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::mc_dropout_linear")
-    def _mc_dropout_linear_fake(x, weight, bias, rng_state, p, num_samples, shared_mask=False):
+    def _mc_dropout_linear_fake(x, weight, bias, rng_state, p, num_samples, shared_mask=False, memory_efficient=None):
         _check_devices("mc_dropout_linear", "x", x, weight=weight, bias=bias, rng_state=rng_state)
         batch = x.shape[-2]
         return x.new_empty((num_samples, batch, weight.shape[0]))
 
     @torch.library.register_fake(f"{ns}::mc_dropout_linear_grad_input")
-    def _grad_input_fake(grad_out, weight, rng_state, p, shared_mask, sum_samples):
+    def _grad_input_fake(grad_out, weight, rng_state, p, shared_mask, sum_samples, memory_efficient=None):
         _check_devices("mc_dropout_linear_grad_input", "grad_out", grad_out, weight=weight, rng_state=rng_state)
         samples, batch = grad_out.shape[0], grad_out.shape[1]
         shape = (batch, weight.shape[1]) if sum_samples else (samples, batch, weight.shape[1])
@@ -101,7 +114,7 @@ def _register_fakes(ns: str) -> None:
     _register_conv_fakes(ns)
 
     @torch.library.register_fake(f"{ns}::mc_dropout_linear_grad_weight")
-    def _grad_weight_fake(grad_out, x, rng_state, p, shared_mask):
+    def _grad_weight_fake(grad_out, x, rng_state, p, shared_mask, memory_efficient=None):
         _check_devices("mc_dropout_linear_grad_weight", "grad_out", grad_out, x=x, rng_state=rng_state)
         return x.new_empty((grad_out.shape[2], x.shape[-1]))
 

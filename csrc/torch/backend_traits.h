@@ -6,6 +6,7 @@
 
 #include <bdlkern/common/backend.h>
 #include <bdlkern/common/simt_stream.h>
+#include <bdlkern/mc_dropout/cost_model.h>
 
 namespace bdlkern {
 namespace ops {
@@ -25,6 +26,8 @@ template <>
 struct BackendTraits<SimtTag> {
   static constexpr c10::DeviceType device_type = c10::DeviceType::CPU;
   static void* stream(const at::Tensor&) { return simt::current_stream(); }
+  // The emulator stands in for an H100 when a cost model asks what the device is.
+  static GpuSpec gpu_spec(const at::Tensor&) { return h100_sxm5_80gb(); }
 };
 
 template <>
@@ -33,6 +36,8 @@ struct BackendTraits<CudaTag> {
   // The current CUDA stream of the tensor's device; defined in csrc/torch/cuda_stream.h, which
   // one binding file per CUDA extension includes.
   static void* stream(const at::Tensor& like);
+  // The tensor's device as the cost models see it (cudaDeviceGetAttribute, cached per device).
+  static GpuSpec gpu_spec(const at::Tensor& like);
 };
 
 }  // namespace ops

@@ -1,15 +1,24 @@
 // Bindings of the fused MC-dropout linear ops: validate, make contiguous, allocate, and call the
 // CPU GEMM orchestration (mc_dropout_cpu.cpp, over the CPU mask passes of
-// csrc/kernels/cpu/mc_dropout_linear.cpp) or the raw-pointer CUDA/SIMT kernels
-// (csrc/kernels/cuda/mc_dropout_linear.cu). Semantics: bdlkern/mc_dropout/kernels.h.
+// csrc/kernels/cpu/mc_dropout_linear.cpp) or, on CUDA and its SIMT twin, one of two paths:
+// the fused raw-pointer kernels (csrc/kernels/cuda/mc_dropout_linear.cu), which never hold an
+// S x copy of the input, or the materialise path, a mask pass (csrc/kernels/cuda/mc_dropout_mask.cu)
+// around at::mm, which runs at cuBLAS speed. memory_efficient=True / False picks one; None lets
+// the cost model (bdlkern/mc_dropout/cost_model.h) pick per call from the device's properties.
+// The CPU path works on cache-sized row chunks and never holds an S x copy: it ignores the flag.
+// Semantics: bdlkern/mc_dropout/kernels.h.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/DeviceGuard.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <bdlkern/mc_dropout/cost_model.h>
 #include <bdlkern/mc_dropout/kernels.h>
 #include <bdlkern/rng/random.h>
 
@@ -72,6 +81,22 @@ struct MCDropoutOps {
     return prm;
   }
 
+  // CUDA / SIMT: whether this call takes the fused kernel (true) or the materialise path.
+  static bool fused_path(const MCDropoutLinearParams& prm, McDropoutPass pass,
+                         const std::optional<bool>& memory_efficient, const at::Tensor& like) {
+    if (memory_efficient.has_value()) return *memory_efficient;
+    McDropoutProblem pr;
+    pr.S = prm.num_samples;
+    pr.B = prm.rows;
+    pr.K = prm.in_features;
+    pr.N = prm.out_features;
+    pr.shared_input = prm.shared_input;
+    pr.dtype = prm.dtype;
+    pr.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+    pr.pass = pass;
+    return plan_mc_dropout_linear(Traits::gpu_spec(like), pr).memory_efficient;
+  }
+
   // The CPU kernels compute bfloat16 in float (more accurate than PyTorch's own bf16 path).
   static at::Tensor cpu_compute(const at::Tensor& t) {
     return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
@@ -79,7 +104,8 @@ struct MCDropoutOps {
 
   static at::Tensor forward(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& rng_state,
-                            double p, int64_t num_samples, bool shared_mask) {
+                            double p, int64_t num_samples, bool shared_mask,
+                            std::optional<bool> memory_efficient) {
     const char* op = "mc_dropout_linear";
     const NoAutocast no_ac = no_autocast();
     TORCH_CHECK(x.device().type() == Traits::device_type, op, ": x must be on ",
@@ -126,11 +152,18 @@ struct MCDropoutOps {
           b.has_value() ? std::optional<at::Tensor>(cpu_compute(*b)) : std::nullopt;
       return cpu_gemm::mc_dropout_linear_forward(cpu_compute(xs), cpu_compute(w), bc, prm)
           .to(x.scalar_type());
-    } else {
+    } else if (fused_path(prm, McDropoutPass::kForward, memory_efficient, x)) {
       at::Tensor y = at::empty({S, B, N}, x.options());
       mc_dropout_linear_forward(Tag{}, prm, xs.const_data_ptr(), w.const_data_ptr(),
                                 b.has_value() ? b->const_data_ptr() : nullptr, y.data_ptr());
       return y;
+    } else {
+      // y = scale * (x * keep) W^T + bias: the mask pass, then one GEMM whose alpha scales.
+      at::Tensor xm = at::empty({S * B, K}, x.options());
+      mc_dropout_mask_input(Tag{}, prm, xs.const_data_ptr(), xm.data_ptr());
+      at::Tensor y = b.has_value() ? at::addmm(*b, xm, w.t(), 1.0, prm.scale)
+                                   : at::empty({S * B, N}, x.options()).addmm_(xm, w.t(), 0.0, prm.scale);
+      return y.view({S, B, N});
     }
   }
 
@@ -149,7 +182,7 @@ struct MCDropoutOps {
 
   static at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
                                const at::Tensor& rng_state, double p, bool shared_mask,
-                               bool sum_samples) {
+                               bool sum_samples, std::optional<bool> memory_efficient) {
     const char* op = "mc_dropout_linear_grad_input";
     const NoAutocast no_ac = no_autocast();
     check_grad_out(grad_out, weight, "weight", rng_state, p, op);
@@ -171,17 +204,25 @@ struct MCDropoutOps {
     if constexpr (kCpu) {
       return cpu_gemm::mc_dropout_linear_grad_input(cpu_compute(g), cpu_compute(w), prm)
           .to(weight.scalar_type());
-    } else {
+    } else if (fused_path(prm, McDropoutPass::kGradInput, memory_efficient, weight)) {
       at::Tensor grad_x = sum_samples ? at::empty({B, K}, weight.options())
                                       : at::empty({S, B, K}, weight.options());
       mc_dropout_linear_grad_input(Tag{}, prm, g.const_data_ptr(), w.const_data_ptr(),
                                    grad_x.data_ptr());
       return grad_x;
+    } else {
+      // dX = (dY W) * keep * scale: one GEMM, then the mask applied in place (or the samples
+      // summed into [B, K] in a fixed order).
+      at::Tensor d = at::mm(g.view({S * B, N}), w);
+      at::Tensor grad_x = sum_samples ? at::empty({B, K}, weight.options()) : d;
+      mc_dropout_mask_grad(Tag{}, prm, d.const_data_ptr(), grad_x.data_ptr());
+      return sum_samples ? grad_x : grad_x.view({S, B, K});
     }
   }
 
   static at::Tensor grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
-                                const at::Tensor& rng_state, double p, bool shared_mask) {
+                                const at::Tensor& rng_state, double p, bool shared_mask,
+                                std::optional<bool> memory_efficient) {
     const char* op = "mc_dropout_linear_grad_weight";
     const NoAutocast no_ac = no_autocast();
     check_grad_out(grad_out, x, "x", rng_state, p, op);
@@ -202,11 +243,16 @@ struct MCDropoutOps {
     if constexpr (kCpu) {
       return cpu_gemm::mc_dropout_linear_grad_weight(cpu_compute(g), cpu_compute(xs), prm)
           .to(x.scalar_type());
-    } else {
+    } else if (fused_path(prm, McDropoutPass::kGradWeight, memory_efficient, x)) {
       at::Tensor grad_w = at::empty({N, K}, x.options());
       mc_dropout_linear_grad_weight(Tag{}, prm, g.const_data_ptr(), xs.const_data_ptr(),
                                     grad_w.data_ptr());
       return grad_w;
+    } else {
+      // dW = scale * dY^T (x * keep): the masked input made again (it was never stored).
+      at::Tensor xm = at::empty({S * B, K}, x.options());
+      mc_dropout_mask_input(Tag{}, prm, xs.const_data_ptr(), xm.data_ptr());
+      return at::empty({N, K}, x.options()).addmm_(g.view({S * B, N}).t(), xm, 0.0, prm.scale);
     }
   }
 

@@ -9,7 +9,9 @@
 #include <mutex>
 
 #include "autocast.h"
+#include "backend_traits.h"
 #include <ATen/Config.h>
+#include <bdlkern/mc_dropout/cost_model.h>
 #include <torch/headeronly/version.h>
 
 #ifndef BDLKERN_VERSION
@@ -55,9 +57,9 @@ static at::Tensor mc_dropout_linear_eager(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& bias, double p,
                                           int64_t num_samples, bool shared_mask) {
   using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                         const at::Tensor&, double, int64_t, bool);
+                         const at::Tensor&, double, int64_t, bool, std::optional<bool>);
   return bdlkern::ops::op_handle<"bdlkern", "mc_dropout_linear", Sig>().call(
-      x, weight, bias, draw_cpu_rng_state(), p, num_samples, shared_mask);
+      x, weight, bias, draw_cpu_rng_state(), p, num_samples, shared_mask, std::nullopt);
 }
 
 static py::dict build_info() {
@@ -87,6 +89,67 @@ static py::dict build_info() {
   return info;
 }
 
+// ---- the CUDA path cost model (bdlkern/mc_dropout/cost_model.h), for bdlkern.ops.cost_model ----
+static py::dict spec_dict(const bdlkern::GpuSpec& g) {
+  py::dict d;
+  d["major"] = g.major;
+  d["minor"] = g.minor;
+  d["sm_count"] = g.sm_count;
+  d["sm_clock_khz"] = g.sm_clock_khz;
+  d["mem_clock_khz"] = g.mem_clock_khz;
+  d["mem_bus_bits"] = g.mem_bus_bits;
+  d["total_memory"] = g.total_memory;
+  return d;
+}
+
+static py::dict recorded_gpu_specs() {
+  py::dict d;
+  d["A100-SXM4-80GB"] = spec_dict(bdlkern::a100_sxm4_80gb());
+  d["H100-SXM5-80GB"] = spec_dict(bdlkern::h100_sxm5_80gb());
+  return d;
+}
+
+#if defined(BDLKERN_WITH_CUDA)
+// What the op itself reads of a CUDA device (cached attribute queries).
+static py::dict cuda_gpu_spec(int index) {
+  const at::Tensor like =
+      at::empty({0}, at::TensorOptions().device(at::Device(at::kCUDA, static_cast<int8_t>(index))));
+  return spec_dict(bdlkern::ops::BackendTraits<bdlkern::CudaTag>::gpu_spec(like));
+}
+#endif
+
+// plan(spec, S, B, K, N, shared_input, dtype, allow_tf32, pass) -> (memory_efficient,
+// {path: (seconds, flops, bytes, workspace)}); dtype and pass are the C++ enums' values.
+static py::tuple mc_dropout_plan(int major, int minor, int sm_count, double sm_clock_khz,
+                                 double mem_clock_khz, int mem_bus_bits, double total_memory,
+                                 int64_t S, int64_t B, int64_t K, int64_t N, bool shared_input,
+                                 int dtype, bool allow_tf32, int pass) {
+  TORCH_CHECK(sm_count > 0 && sm_clock_khz > 0 && mem_clock_khz > 0 && mem_bus_bits > 0,
+              "mc_dropout_linear_plan: the GPU spec needs positive sm_count, clocks and bus width");
+  TORCH_CHECK(S >= 1 && B >= 0 && K >= 0 && N >= 0,
+              "mc_dropout_linear_plan: sizes must be S >= 1 and B, K, N >= 0");
+  TORCH_CHECK(dtype >= 0 && dtype <= 3 && pass >= 0 && pass <= 2,
+              "mc_dropout_linear_plan: bad dtype or pass code");
+  bdlkern::GpuSpec g;
+  g.major = major, g.minor = minor, g.sm_count = sm_count;
+  g.sm_clock_khz = sm_clock_khz, g.mem_clock_khz = mem_clock_khz, g.mem_bus_bits = mem_bus_bits;
+  g.total_memory = total_memory;
+  bdlkern::McDropoutProblem pr;
+  pr.S = S, pr.B = B, pr.K = K, pr.N = N, pr.shared_input = shared_input;
+  pr.dtype = static_cast<bdlkern::DType>(dtype);
+  pr.allow_tf32 = allow_tf32;
+  pr.pass = static_cast<bdlkern::McDropoutPass>(pass);
+  const bdlkern::McDropoutPlan plan = bdlkern::plan_mc_dropout_linear(g, pr);
+  const auto cost = [](const bdlkern::PathCost& c) {
+    return py::make_tuple(c.seconds, c.flops, c.bytes, c.workspace);
+  };
+  py::dict paths;
+  paths["fused"] = cost(plan.fused);
+  paths["materialise"] = cost(plan.materialise);
+  paths["eager"] = cost(plan.eager);
+  return py::make_tuple(plan.memory_efficient, paths);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "bdlkern operators (CPU and CUDA kernels); see torch.ops.bdlkern";
   m.def("build_info", &build_info, "How this extension was built: a dict.");
@@ -94,4 +157,11 @@ PYBIND11_MODULE(_C, m) {
         "[seed, 0] from torch's default CPU generator, as torch.randint(0, 2**63 - 1) draws it.");
   m.def("_mc_dropout_linear_eager", &mc_dropout_linear_eager,
         "torch.ops.bdlkern.mc_dropout_linear with a fresh CPU rng_state, called unboxed.");
+  m.def("_recorded_gpu_specs", &recorded_gpu_specs,
+        "The cost model's recorded device properties (A100, H100), by name.");
+  m.def("_mc_dropout_plan", &mc_dropout_plan,
+        "The CUDA path cost model of mc_dropout_linear (see bdlkern.ops.cost_model).");
+#if defined(BDLKERN_WITH_CUDA)
+  m.def("_cuda_gpu_spec", &cuda_gpu_spec, "The cost model's view of CUDA device `index`.");
+#endif
 }

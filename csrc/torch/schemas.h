@@ -18,13 +18,13 @@ inline void define_rng_schemas(torch::Library& m) {
 inline void define_mc_dropout_schemas(torch::Library& m) {
   m.def(
       "mc_dropout_linear(Tensor x, Tensor weight, Tensor? bias, Tensor rng_state, float p, "
-      "int num_samples, bool shared_mask=False) -> Tensor");
+      "int num_samples, bool shared_mask=False, bool? memory_efficient=None) -> Tensor");
   m.def(
       "mc_dropout_linear_grad_input(Tensor grad_out, Tensor weight, Tensor rng_state, float p, "
-      "bool shared_mask, bool sum_samples) -> Tensor");
+      "bool shared_mask, bool sum_samples, bool? memory_efficient=None) -> Tensor");
   m.def(
       "mc_dropout_linear_grad_weight(Tensor grad_out, Tensor x, Tensor rng_state, float p, "
-      "bool shared_mask) -> Tensor");
+      "bool shared_mask, bool? memory_efficient=None) -> Tensor");
   // x [N, C, *sp] shared by the samples (shared_input) or [S N, C, *sp]; y [S N, C_out, *sp_out]
   // sample-major. The backward returns (grad_x, grad_weight, grad_bias), an empty tensor for
   // each gradient output_mask leaves out.

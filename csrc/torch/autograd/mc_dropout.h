@@ -18,23 +18,30 @@ struct MCDropoutAutograd {
   using Grads = torch::autograd::variable_list;
 
   // ---- mc_dropout_linear -------------------------------------------------------------------
+  using OptBool = std::optional<bool>;
+
   static Tensor below(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                      const Tensor& rng_state, double p, int64_t S, bool shared_mask) {
+                      const Tensor& rng_state, double p, int64_t S, bool shared_mask,
+                      OptBool memory_efficient) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op_handle<Ns, "mc_dropout_linear",
                      Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, double,
-                            int64_t, bool)>()
-        .call(x, weight, bias, rng_state, p, S, shared_mask);
+                            int64_t, bool, OptBool)>()
+        .call(x, weight, bias, rng_state, p, S, shared_mask, memory_efficient);
   }
 
   struct MCDropoutLinear : torch::autograd::Function<MCDropoutLinear> {
     static Tensor forward(Ctx* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                          const Tensor& rng_state, double p, int64_t S, bool shared_mask) {
-      const Tensor y = below(x, weight, bias, rng_state, p, S, shared_mask);
+                          const Tensor& rng_state, double p, int64_t S, bool shared_mask,
+                          OptBool memory_efficient) {
+      const Tensor y = below(x, weight, bias, rng_state, p, S, shared_mask, memory_efficient);
       ctx->save_for_backward({x, weight, rng_state});
       ctx->saved_data["p"] = p;
       ctx->saved_data["shared_mask"] = shared_mask;
       ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+      // The backward ops take the caller's choice too (None: their own cost-model pick).
+      ctx->saved_data["memory_efficient"] =
+          memory_efficient.has_value() ? c10::IValue(*memory_efficient) : c10::IValue();
       return y;
     }
 
@@ -44,7 +51,9 @@ struct MCDropoutAutograd {
       const Tensor &x = saved[0], &weight = saved[1], &state = saved[2];
       const double p = ctx->saved_data["p"].toDouble();
       const bool shared_mask = ctx->saved_data["shared_mask"].toBool();
-      Grads out(7);
+      const c10::IValue& me = ctx->saved_data["memory_efficient"];
+      const OptBool memory_efficient = me.isNone() ? OptBool() : OptBool(me.toBool());
+      Grads out(8);
       if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
         out[2] = grad.sum({0, 1});
       }
@@ -65,22 +74,27 @@ struct MCDropoutAutograd {
       if (ctx->needs_input_grad(0)) {
         // A 2-d x was shared by all samples: its gradient sums over them.
         out[0] = op_handle<Ns, "mc_dropout_linear_grad_input",
-                           Tensor(const Tensor&, const Tensor&, const Tensor&, double, bool, bool)>()
-                     .call(grad, weight, state, p, shared_mask, x.dim() == 2);
+                           Tensor(const Tensor&, const Tensor&, const Tensor&, double, bool, bool,
+                                  OptBool)>()
+                     .call(grad, weight, state, p, shared_mask, x.dim() == 2, memory_efficient);
       }
       if (ctx->needs_input_grad(1)) {
         out[1] = op_handle<Ns, "mc_dropout_linear_grad_weight",
-                           Tensor(const Tensor&, const Tensor&, const Tensor&, double, bool)>()
-                     .call(grad, x, state, p, shared_mask);
+                           Tensor(const Tensor&, const Tensor&, const Tensor&, double, bool,
+                                  OptBool)>()
+                     .call(grad, x, state, p, shared_mask, memory_efficient);
       }
       return out;
     }
   };
 
   static Tensor mc_dropout_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                                  const Tensor& rng_state, double p, int64_t S, bool shared_mask) {
-    if (!C::needs_graph(x, weight, bias)) return below(x, weight, bias, rng_state, p, S, shared_mask);
-    return MCDropoutLinear::apply(x, weight, bias, rng_state, p, S, shared_mask);
+                                  const Tensor& rng_state, double p, int64_t S, bool shared_mask,
+                                  OptBool memory_efficient) {
+    if (!C::needs_graph(x, weight, bias)) {
+      return below(x, weight, bias, rng_state, p, S, shared_mask, memory_efficient);
+    }
+    return MCDropoutLinear::apply(x, weight, bias, rng_state, p, S, shared_mask, memory_efficient);
   }
 
   // ---- mc_dropout_conv ---------------------------------------------------------------------

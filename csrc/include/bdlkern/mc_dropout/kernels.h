@@ -49,6 +49,24 @@ BDLKERN_DECLARE_MC_DROPOUT_KERNELS(CpuTag)
 
 #undef BDLKERN_DECLARE_MC_DROPOUT_KERNELS
 
+// ---- CUDA: the materialise path -----------------------------------------------------------------
+// On CUDA the binding picks, per call, between the fused kernels above and a cuBLAS path
+// (bdlkern/mc_dropout/cost_model.h): these two memory-bound passes around at::mm
+// (csrc/kernels/cuda/mc_dropout_mask.cu). Same params and mask as the fused kernels.
+//   mask_input:  xm[r, k] = keep(r, k) ? x_row(r)[k] : 0 for the R = S * B rows r = s * B + b,
+//                xm [R, K]; x_row(r) = x[b] when p.shared_input, else x[r]. Unscaled: the GEMM's
+//                alpha applies 1 / (1 - p), as the fused kernel scales its accumulator.
+//   mask_grad:   grad_x[r, k] = keep(r, k) * d[r, k] * scale for d [R, K] (d may be grad_x);
+//                when p.shared_input, grad_x [B, K] = the sum over s ascending of those rows.
+#define BDLKERN_DECLARE_MC_DROPOUT_MASK_KERNELS(Tag)                                              \
+  void mc_dropout_mask_input(Tag, const MCDropoutLinearParams& p, const void* x, void* xm);     \
+  void mc_dropout_mask_grad(Tag, const MCDropoutLinearParams& p, const void* d, void* grad_x);
+
+BDLKERN_DECLARE_MC_DROPOUT_MASK_KERNELS(CudaTag)
+BDLKERN_DECLARE_MC_DROPOUT_MASK_KERNELS(SimtTag)
+
+#undef BDLKERN_DECLARE_MC_DROPOUT_MASK_KERNELS
+
 // ---- CPU: the mask passes around the GEMMs ------------------------------------------------------
 // On the CPU (above the small-problem size) the three products are ATen GEMMs on cache-sized chunks of rows, run by the binding
 // (csrc/torch/mc_dropout_cpu.cpp); the CPU kernels (csrc/kernels/cpu/mc_dropout_linear.cpp) are the

@@ -1,0 +1,359 @@
+"""The two CUDA paths of mc_dropout_linear (issue 18, section 1): the fused kernel and the
+materialise-then-GEMM path, run from the CUDA sources under the SIMT emulator (and on a GPU when
+one is present), against the float64 reference with the same masks; the choice the op makes with
+memory_efficient=None against the cost model; and the cost model itself on recorded A100 / H100
+properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bdlkern
+from bdlkern.ops import cost_model as cm
+from bdlkern.testing import reference as ref
+from conftest import require_backend
+
+PATHS = [True, False]  # memory_efficient: fused, materialise
+
+
+@pytest.fixture
+def simt_backend():
+    return require_backend("simt")
+
+
+def make_problem(S, B, K, N, *, shared_input, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, K) if shared_input else (S, B, K), generator=g, dtype=torch.float64)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64) / math.sqrt(max(K, 1))
+    b = torch.randn(N, generator=g, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+def run_op(backend, x, w, b, state, p, S, shared_mask, memory_efficient, g, shared_input):
+    ops, dev = backend.ops, backend.device
+    x, w, b, g, state = (t.to(dev) for t in (x, w, b, g, state))
+    y = ops.mc_dropout_linear(x, w, b, state, p, S, shared_mask, memory_efficient)
+    gx = ops.mc_dropout_linear_grad_input(g, w, state, p, shared_mask, shared_input, memory_efficient)
+    gw = ops.mc_dropout_linear_grad_weight(g, x, state, p, shared_mask, memory_efficient)
+    return y.cpu(), gx.cpu(), gw.cpu()
+
+
+def run_reference(x, w, b, state, p, S, shared_mask, g, shared_input):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = ref.mc_dropout_linear(x, w, b, p, S if shared_input else None, shared_mask=shared_mask, rng_state=state.cpu())
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    return y.detach(), gx, gw
+
+
+SHAPES = [(1, 1, 1, 1), (3, 5, 7, 6), (2, 37, 70, 33), (4, 16, 64, 64), (2, 4, 5, 130)]
+
+
+# ---- both paths against the reference ----------------------------------------------------------
+@pytest.mark.parametrize("memory_efficient", PATHS)
+@pytest.mark.parametrize("S,B,K,N", SHAPES)
+@pytest.mark.parametrize("shared_input", [True, False])
+@pytest.mark.parametrize("shared_mask", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_paths_match_reference_float64(device_backend, memory_efficient, S, B, K, N, shared_input, shared_mask, p):
+    x, w, b = make_problem(S, B, K, N, shared_input=shared_input, seed=S + B + K + N)
+    g = torch.randn(S, B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    state = torch.tensor([97 + K, 5])
+    got = run_op(device_backend, x, w, b, state, p, S, shared_mask, memory_efficient, g, shared_input)
+    expected = run_reference(x, w, b, state, p, S, shared_mask, g, shared_input)
+    for name, o, e in zip(("y", "grad_x", "grad_w"), got, expected):
+        assert o.shape == e.shape, name
+        torch.testing.assert_close(o, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shared_mask", [False, True])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_materialise_low_precision_within_twice_pytorch(device_backend, dtype, shared_mask, shared_input):
+    """16-bit materialise path (masked input in the dtype, then the GEMM): error against float64
+    at most twice PyTorch's own 16-bit dropout-then-matmul."""
+    S, B, K, N = 3, 21, 40, 36
+    x, w, b = make_problem(S, B, K, N, shared_input=shared_input, seed=11)
+    x, w, b = (t.to(dtype).double() for t in (x, w, b))
+    g = torch.randn(S, B, N, dtype=torch.float64).to(dtype).double()
+    state = torch.tensor([31, 2])
+    exact = run_reference(x, w, b, state, 0.25, S, shared_mask, g, shared_input)
+    pytorch = run_reference(*(t.to(dtype) for t in (x, w, b)), state, 0.25, S, shared_mask, g.to(dtype), shared_input)
+    ours = run_op(device_backend, *(t.to(dtype) for t in (x, w, b)), state, 0.25, S, shared_mask, False, g.to(dtype), shared_input)
+    for name, o, p_, e in zip(("y", "grad_x", "grad_w"), ours, pytorch, exact):
+        assert o.dtype == dtype and o.shape == e.shape, name
+        err_ours = (o.double() - e).abs().max().item()
+        err_torch = (p_.double() - e).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-6, f"{name}: {err_ours} > 2 x {err_torch}"
+
+
+@pytest.mark.parametrize("K", [64, 66])  # vector quads / ragged rows
+@pytest.mark.parametrize("offset", [0, 1])  # aligned / misaligned storage
+def test_materialise_float32_vector_and_unaligned(device_backend, K, offset):
+    """The mask passes' quad loads: K % 4 == 0 with aligned storage takes the vector path, the rest
+    the scalar one; both agree with the reference and with the fused path."""
+    S, B, N = 3, 19, 24
+    x, w, b = make_problem(S, B, K, N, shared_input=False, dtype=torch.float32, seed=K + offset)
+    buf = torch.empty(offset + x.numel(), dtype=torch.float32)
+    buf[offset:] = x.flatten()
+    xo = buf[offset:].view(S, B, K)
+    g = torch.randn(S, B, N)
+    state = torch.tensor([5, 3])
+    mat = run_op(device_backend, xo, w, b, state, 0.3, S, False, False, g, False)
+    fused = run_op(device_backend, xo, w, b, state, 0.3, S, False, True, g, False)
+    expected = run_reference(x.double(), w.double(), b.double(), state, 0.3, S, False, g.double(), False)
+    for o, f, e in zip(mat, fused, expected):
+        torch.testing.assert_close(o.double(), e, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(o, f, rtol=1e-4, atol=1e-4)
+
+
+def test_materialise_sums_samples_in_fixed_order(device_backend):
+    """grad_input with a shared x sums S samples per element in ascending order: the same bits on
+    every call, and equal to the per-sample gradients summed in that order."""
+    S, B, K, N = 7, 9, 12, 10
+    _, w, _ = make_problem(S, B, K, N, shared_input=True, dtype=torch.float32)
+    g = torch.randn(S, B, N).to(device_backend.device)
+    state = torch.tensor([41, 0]).to(device_backend.device)
+    ops = device_backend.ops
+    wd = w.to(device_backend.device)
+    summed = ops.mc_dropout_linear_grad_input(g, wd, state, 0.5, False, True, False)
+    again = ops.mc_dropout_linear_grad_input(g, wd, state, 0.5, False, True, False)
+    per_sample = ops.mc_dropout_linear_grad_input(g, wd, state, 0.5, False, False, False).cpu()
+    assert torch.equal(summed.cpu(), again.cpu())
+    acc = torch.zeros(B, K)
+    for s in range(S):
+        acc += per_sample[s]
+    torch.testing.assert_close(summed.cpu(), acc, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory_efficient", PATHS)
+def test_gradcheck_both_paths_through_autograd(memory_efficient):
+    """The SIMT namespace's autograd hands memory_efficient to the backward ops."""
+    require_backend("simt")
+    x, w, b = make_problem(2, 3, 5, 4, shared_input=True)
+    state = torch.tensor([13, 0])
+    ops = torch.ops.bdlkern_simt
+
+    def f(x, w, b):
+        return ops.mc_dropout_linear(x, w, b, state, 0.4, 2, False, memory_efficient)
+
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+# ---- which path ran ------------------------------------------------------------------------------
+def _ran_gemm(fn) -> bool:
+    """Whether fn called an ATen GEMM (the materialise path) rather than only the fused kernel."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.name for e in prof.events()}
+    return bool(names & {"aten::mm", "aten::addmm", "aten::addmm_"})
+
+
+def test_explicit_choice_is_the_path_taken(simt_backend):
+    x, w, b = make_problem(3, 8, 16, 8, shared_input=True, dtype=torch.float32)
+    state = torch.tensor([1, 0])
+    ops = simt_backend.ops
+    for me in PATHS:
+        assert _ran_gemm(lambda: ops.mc_dropout_linear(x, w, b, state, 0.5, 3, False, me)) is (not me)
+        g = torch.randn(3, 8, 8)
+        assert _ran_gemm(lambda: ops.mc_dropout_linear_grad_input(g, w, state, 0.5, False, True, me)) is (not me)
+        assert _ran_gemm(lambda: ops.mc_dropout_linear_grad_weight(g, x, state, 0.5, False, me)) is (not me)
+
+
+def test_autograd_backward_takes_the_forward_choice(simt_backend):
+    x, w, b = make_problem(3, 8, 16, 8, shared_input=True, dtype=torch.float32)
+    state = torch.tensor([1, 0])
+    for me in PATHS:
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = simt_backend.ops.mc_dropout_linear(xr, wr, b, state, 0.5, 3, False, me)
+        assert _ran_gemm(lambda: y.sum().backward()) is (not me)
+        assert xr.grad is not None and wr.grad is not None
+
+
+def test_auto_choice_follows_the_cost_model(simt_backend):
+    """memory_efficient=None: the emulator stands in for an H100, so the op's pick is the plan's
+    for the recorded H100; a small layer and a large one pick differently."""
+    picks = {}
+    for shape in [(2, 4, 8, 8), (16, 128, 512, 1024)]:
+        S, B, K, N = shape
+        plan = cm.mc_dropout_linear_plan(S, B, K, N, dtype=torch.bfloat16, spec=cm.H100_SXM5_80GB)
+        x, w, b = make_problem(S, B, K, N, shared_input=True, dtype=torch.bfloat16)
+        state = torch.tensor([2, 0])
+        ran_gemm = _ran_gemm(lambda: simt_backend.ops.mc_dropout_linear(x, w, b, state, 0.5, S, False, None))
+        assert ran_gemm is (not plan.memory_efficient), shape
+        picks[shape] = plan.memory_efficient
+    assert picks == {(2, 4, 8, 8): True, (16, 128, 512, 1024): False}
+
+
+# ---- the Python API and modules -----------------------------------------------------------------
+def test_wrapper_and_modules_take_memory_efficient():
+    x = torch.randn(5, 8)
+    lin = torch.nn.Linear(8, 3)
+    state = torch.tensor([4, 0])
+    ys = [bdlkern.ops.mc_dropout_linear(x, lin.weight, lin.bias, 0.3, 2, rng_state=state, memory_efficient=me) for me in (None, True, False)]
+    # The CPU path ignores the flag: one result.
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    with pytest.raises(TypeError, match="memory_efficient"):
+        bdlkern.ops.mc_dropout_linear(x, lin.weight, lin.bias, 0.3, 2, memory_efficient="yes")
+    layer = bdlkern.nn.MCDropoutLinear.from_linear(lin, p=0.3, memory_efficient=False)
+    assert layer.memory_efficient is False and "memory_efficient=False" in repr(layer)
+    with pytest.raises(TypeError, match="memory_efficient"):
+        bdlkern.nn.MCDropoutLinear(8, 3, memory_efficient=1)
+    cd = bdlkern.nn.ConcreteDropoutLinear(8, 3, memory_efficient=True)
+    assert cd.memory_efficient is True
+    with bdlkern.sampling(4):
+        assert layer(x).shape == (4, 5, 3)
+        assert cd(x).shape == (4, 5, 3)
+
+
+def test_module_flag_reaches_the_op(simt_backend, monkeypatch):
+    """A module's memory_efficient is what the op receives (recorded through the wrapper)."""
+    seen = []
+    real = bdlkern.ops.mc_dropout_linear
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("memory_efficient"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bdlkern.ops, "mc_dropout_linear", spy)
+    for me in (None, True, False):
+        layer = bdlkern.nn.MCDropoutLinear(6, 2, memory_efficient=me)
+        with bdlkern.sampling(2):
+            layer(torch.randn(3, 6))
+        layer.train()
+        layer(torch.randn(3, 6))
+    assert seen == [None, None, True, True, False, False]
+
+
+def test_compile_with_memory_efficient():
+    lin = torch.nn.Linear(8, 3)
+    state = torch.tensor([4, 0])
+    x = torch.randn(5, 8)
+
+    def f(x):
+        return bdlkern.ops.mc_dropout_linear(x, lin.weight, lin.bias, 0.3, 2, rng_state=state, memory_efficient=False)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+# ---- the cost model ------------------------------------------------------------------------------
+SPECS = [cm.A100_SXM4_80GB, cm.H100_SXM5_80GB]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def test_recorded_specs_give_the_datasheet_rates():
+    assert cm.A100_SXM4_80GB.bandwidth == pytest.approx(2039e9, rel=0.01)
+    assert cm.H100_SXM5_80GB.bandwidth == pytest.approx(3352e9, rel=0.01)
+    # A GEMM big enough for rates to dominate: the implied cuBLAS peak is the dense bf16 peak
+    # (A100 312 TFLOP/s; H100 989 at its 1.83 GHz boost, 1070 at the 1.98 GHz max clock).
+    for spec, peak in ((cm.A100_SXM4_80GB, 312e12), (cm.H100_SXM5_80GB, 1070e12)):
+        plan = cm.mc_dropout_linear_plan(8, 4096, 8192, 8192, dtype=torch.bfloat16, spec=spec, pass_="grad_weight")
+        gemm_only = plan.eager  # eager's grad_weight is the GEMM alone
+        implied = gemm_only.flops / (gemm_only.seconds - 4e-6) / 0.70
+        assert implied == pytest.approx(peak, rel=0.05)
+
+
+def test_readme_shape_on_h100_takes_cublas_and_fused_would_lose():
+    """The issue's estimate: at the README shape the fused WMMA kernel is at least 2x slower than
+    eager on an H100 (the model puts it past 5x: re-making the mask per N tile is integer work the
+    tensor cores cannot hide); auto takes the materialise path, within eager's time."""
+    plan = cm.mc_dropout_linear_plan(32, 256, 1024, 1024, dtype=torch.bfloat16, spec=cm.H100_SXM5_80GB)
+    assert not plan.memory_efficient
+    assert plan.fused.seconds / plan.eager.seconds >= 2.0
+    assert plan.materialise.seconds <= plan.eager.seconds
+
+
+def test_narrow_output_layer_stays_fused():
+    """A narrow read-out (N = 10, one N tile) over many rows: the fused kernel reads x once and
+    makes each mask word once; materialising moves 2 S B K elements more. Auto stays fused."""
+    for spec in SPECS:
+        plan = cm.mc_dropout_linear_plan(100, 1024, 512, 10, dtype=torch.float32, spec=spec, allow_tf32=False)
+        assert plan.memory_efficient, spec
+        assert plan.fused.seconds < plan.materialise.seconds
+
+
+def test_workspace_limit_keeps_auto_fused():
+    """Past an eighth of the device's memory the materialised input is not worth an OOM."""
+    spec = cm.H100_SXM5_80GB
+    plan = cm.mc_dropout_linear_plan(1024, 4096, 4096, 4096, dtype=torch.bfloat16, spec=spec)
+    assert plan.materialise.workspace > spec.total_memory / 8
+    assert plan.materialise.seconds < plan.fused.seconds
+    assert plan.memory_efficient
+    small = cm.mc_dropout_linear_plan(64, 64, 4096, 4096, dtype=torch.bfloat16, spec=spec)
+    assert not small.memory_efficient
+
+
+def test_tf32_flag_speeds_the_float32_gemm_only():
+    for spec in SPECS:
+        f32 = [cm.mc_dropout_linear_plan(32, 256, 1024, 1024, dtype=torch.float32, spec=spec, allow_tf32=t) for t in (False, True)]
+        assert f32[1].materialise.seconds < f32[0].materialise.seconds
+        assert f32[1].fused.seconds == f32[0].fused.seconds  # the fused FMA core never uses TF32
+        bf = [cm.mc_dropout_linear_plan(32, 256, 1024, 1024, dtype=torch.bfloat16, spec=spec, allow_tf32=t) for t in (False, True)]
+        assert bf[0] == bf[1]
+
+
+@given(
+    spec=st.sampled_from(SPECS),
+    dtype=st.sampled_from(DTYPES),
+    S=st.integers(1, 256),
+    B=st.integers(1, 4096),
+    K=st.integers(1, 8192),
+    N=st.integers(1, 8192),
+    shared_input=st.booleans(),
+    pass_=st.sampled_from(["forward", "grad_input"]),
+)
+def test_materialise_never_costs_more_than_eager(spec, dtype, S, B, K, N, shared_input, pass_):
+    """By construction: eager's GEMM plus one pass that moves fewer bytes than eager's dropout."""
+    plan = cm.mc_dropout_linear_plan(S, B, K, N, dtype=dtype, spec=spec, shared_input=shared_input, pass_=pass_, allow_tf32=False)
+    assert plan.materialise.seconds <= plan.eager.seconds * (1 + 1e-12)
+    assert plan.materialise.bytes <= plan.eager.bytes
+    assert plan.materialise.workspace <= plan.eager.workspace
+    assert plan.fused.workspace == 0
+    # auto is never slower than the slower path, and picks the faster unless memory forbids it
+    best = min(plan.fused.seconds, plan.materialise.seconds)
+    took = plan.fused if plan.memory_efficient else plan.materialise
+    assert took.seconds == best or plan.materialise.workspace > spec.total_memory / 8
+
+
+def test_more_sms_are_never_slower():
+    base = cm.H100_SXM5_80GB
+    import dataclasses
+
+    half = dataclasses.replace(base, sm_count=base.sm_count // 2)
+    for shape in [(32, 256, 1024, 1024), (4, 8, 64, 64)]:
+        a = cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=base)
+        b = cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=half)
+        assert a.fused.seconds <= b.fused.seconds and a.materialise.seconds <= b.materialise.seconds
+
+
+def test_plan_bad_input():
+    with pytest.raises(ValueError, match="dtype"):
+        cm.mc_dropout_linear_plan(1, 1, 1, 1, dtype=torch.int32, spec=cm.A100_SXM4_80GB)
+    with pytest.raises(ValueError, match="pass_"):
+        cm.mc_dropout_linear_plan(1, 1, 1, 1, spec=cm.A100_SXM4_80GB, pass_="both")
+    with pytest.raises(ValueError, match="num_samples"):
+        cm.mc_dropout_linear_plan(0, 1, 1, 1, spec=cm.A100_SXM4_80GB)
+    with pytest.raises(ValueError, match="batch"):
+        cm.mc_dropout_linear_plan(1, -1, 1, 1, spec=cm.A100_SXM4_80GB)
+    with pytest.raises(TypeError, match="spec"):
+        cm.mc_dropout_linear_plan(1, 1, 1, 1, spec={"sm_count": 1})
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="gpu_spec"):
+            cm.gpu_spec()
+
+
+def test_estimate_table_lists_every_case():
+    table = cm.estimate_table()
+    rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
+    assert len(rows) == 2 * len(cm.README_SHAPES) * 2
+    assert any("materialise" in r for r in rows) and any("| fused |" in r for r in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_spec_of_the_local_device():
+    spec = cm.gpu_spec()
+    props = torch.cuda.get_device_properties(0)
+    assert (spec.major, spec.minor) == (props.major, props.minor)
+    assert spec.sm_count == props.multi_processor_count and spec.bandwidth > 1e11
