@@ -347,13 +347,68 @@ def test_plan_bad_input():
 def test_estimate_table_lists_every_case():
     table = cm.estimate_table()
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
-    assert len(rows) == 2 * len(cm.README_SHAPES) * 2
+    assert len(rows) == 2 * len(cm.README_CASES) * 2
     assert any("materialise" in r for r in rows) and any("| fused |" in r for r in rows)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_spec_of_the_local_device():
+def test_cuda_gpu_spec_of_the_local_device():
     spec = cm.gpu_spec()
     props = torch.cuda.get_device_properties(0)
     assert (spec.major, spec.minor) == (props.major, props.minor)
     assert spec.sm_count == props.multi_processor_count and spec.bandwidth > 1e11
+
+
+# ---- shared masks: the fused forward multiplies over each sample's kept features only --------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,B,K,N,p", [(3, 70, 600, 20, 0.5), (4, 5, 3, 9, 0.9), (2, 65, 257, 66, 0.3), (2, 3, 8, 5, 0.0)])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_shared_mask_compact_forward(device_backend, dtype, S, B, K, N, p, shared_input):
+    """Kept lists over several 256-feature scan steps, ragged row tiles across samples, samples
+    that keep nothing (p = 0.9, K = 3: y = bias), and p = 0 (no list at all)."""
+    x, w, b = make_problem(S, B, K, N, shared_input=shared_input, seed=K + B)
+    x, w, b = (t.to(dtype).double() for t in (x, w, b))  # exactly representable in dtype
+    state = torch.tensor([77, 1])
+    dev = device_backend.device
+    y = device_backend.ops.mc_dropout_linear(
+        *(t.to(dtype).to(dev) for t in (x, w, b)), state.to(dev), p, S, True, True
+    ).cpu()
+    expected = ref.mc_dropout_linear(x, w, b, p, S if shared_input else None, shared_mask=True, rng_state=state)
+    assert y.dtype == dtype and y.shape == expected.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "simt", "cuda"])
+def test_shared_mask_never_reads_dropped_features(backend_name):
+    """Skipping, not zeroing: an infinite weight in feature k reaches only the samples that keep k.
+    A kernel that multiplied the dropped feature by 0 would give NaN (0 x inf) in the others."""
+    backend = require_backend(backend_name)
+    S, B, K, N, p, k = 8, 16, 32, 64, 0.5, 5  # S B K N > 2^16: the CPU's GEMM path
+    x, w, b = make_problem(S, B, K, N, shared_input=True, dtype=torch.float32)
+    w[:, k] = float("inf")
+    state = torch.tensor([3, 0])
+    keep = bdlkern.ops.dropout_mask([S, K], p, rng_state=state, stream="mc_dropout")  # as the op masks
+    assert 0 < int(keep[:, k].sum()) < S
+    dev = backend.device
+    args = (x.to(dev), w.to(dev), b.to(dev), state.to(dev), p, S, True)
+    y = (backend.ops.mc_dropout_linear(*args, True) if backend_name != "cpu" else backend.ops.mc_dropout_linear(*args)).cpu()
+    for s in range(S):
+        assert torch.isfinite(y[s]).all().item() is (not bool(keep[s, k])), s
+
+
+def test_cost_model_knows_the_shared_mask_forward_skips():
+    """Shared masks: the fused forward does (1 - p) of the products and makes S K mask words, so
+    it beats the per-element fused forward, and on an A100 in bfloat16 auto keeps it."""
+    shape = (32, 256, 1024, 1024)
+    for spec in SPECS:
+        elem = cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=spec, p=0.5)
+        shared = cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=spec, p=0.5, shared_mask=True)
+        assert shared.fused.flops == pytest.approx(0.5 * elem.fused.flops)
+        assert shared.fused.seconds < elem.fused.seconds
+        assert shared.materialise == elem.materialise  # the cuBLAS path does every product
+        back = cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=spec, shared_mask=True, pass_="grad_weight")
+        assert back.fused.flops == elem.fused.flops  # backward masks in the tiles
+    assert cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=cm.A100_SXM4_80GB, shared_mask=True).memory_efficient
+    with pytest.raises(ValueError, match="p must be"):
+        cm.mc_dropout_linear_plan(*shape, spec=cm.A100_SXM4_80GB, p=1.0)

@@ -62,7 +62,7 @@ if [[ $dry -eq 0 ]]; then
   run_step tests "CUDA-parametrised tests, sync-debug and graph capture" \
     "$python" -m pytest -q -p no:cacheprovider -k "cuda" tests
   if command -v compute-sanitizer >/dev/null 2>&1; then
-    subset=(tests/test_simt.py tests/test_mc_dropout.py tests/test_concrete_dropout.py
+    subset=(tests/test_simt.py tests/test_mc_dropout.py tests/test_mc_dropout_paths.py tests/test_concrete_dropout.py
             tests/test_gaussian_dropout.py tests/test_sparse_linear.py)
     for tool in racecheck memcheck synccheck; do
       run_step "sanitizer-$tool" "compute-sanitizer --tool $tool" \

@@ -127,6 +127,8 @@ def mc_dropout_linear_plan(
     shared_input: bool = True,
     pass_: str = "forward",
     allow_tf32: bool | None = None,
+    shared_mask: bool = False,
+    p: float = 0.5,
 ) -> MCDropoutPlan:
     """The estimates behind ``mc_dropout_linear``'s CUDA path choice.
 
@@ -138,7 +140,11 @@ def mc_dropout_linear_plan(
         pass_: ``"forward"``, ``"grad_input"`` or ``"grad_weight"``.
         allow_tf32: float32 GEMMs on TF32 tensor cores (default:
             ``torch.backends.cuda.matmul.allow_tf32``, as the op reads it).
+        shared_mask, p: the masks; with shared masks the fused forward multiplies over each
+            sample's kept features only, about ``1 - p`` of the products.
     """
+    if not (isinstance(p, (int, float)) and 0.0 <= float(p) < 1.0):
+        raise ValueError(f"mc_dropout_linear_plan: p must be in [0, 1), got {p!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"mc_dropout_linear_plan: dtype must be one of {list(_DTYPES)}, got {dtype}")
     if pass_ not in _PASSES:
@@ -156,39 +162,43 @@ def mc_dropout_linear_plan(
     choice, paths = _C._mc_dropout_plan(
         spec.major, spec.minor, spec.sm_count, float(spec.sm_clock_khz), float(spec.mem_clock_khz),
         spec.mem_bus_bits, float(spec.total_memory), num_samples, batch, in_features, out_features,
-        bool(shared_input), _DTYPES[dtype], bool(allow_tf32), _PASSES[pass_],
+        bool(shared_input), _DTYPES[dtype], bool(allow_tf32), _PASSES[pass_], bool(shared_mask), float(p),
     )
     return MCDropoutPlan(**{k: PathEstimate(*v) for k, v in paths.items()}, memory_efficient=bool(choice))
 
 
-# The README's shapes: (S, B, K, N) of the MC-dropout benchmark layer and of a wide head.
-README_SHAPES = ((32, 256, 1024, 1024), (64, 64, 4096, 4096), (100, 128, 512, 10))
+# The README's cases: ((S, B, K, N), shared_mask): the MC-dropout benchmark layer with per-element
+# and with shared masks, a wide layer, and a narrow read-out over many samples.
+README_CASES = (
+    ((32, 256, 1024, 1024), False),
+    ((32, 256, 1024, 1024), True),
+    ((64, 64, 4096, 4096), False),
+    ((100, 128, 512, 10), False),
+)
 
 
 def estimate_table(
     specs: dict[str, GpuSpec] | None = None,
-    shapes=README_SHAPES,
+    cases=README_CASES,
     dtypes=(torch.bfloat16, torch.float32),
 ) -> str:
-    """A Markdown table of the model's estimates (forward, input shared by the samples) for the
-    README: per device, shape and dtype, the fused and materialise times, eager's, and the pick."""
+    """A Markdown table of the model's forward estimates (input shared by the samples, p = 0.5,
+    TF32 off) for the README: per device, case and dtype, the fused and materialise times, eager's,
+    the pick of ``memory_efficient=None`` and the workspace the materialise path holds."""
     specs = specs or {"A100-SXM4-80GB": A100_SXM4_80GB, "H100-SXM5-80GB": H100_SXM5_80GB}
     lines = [
-        "| device | S, B, K, N | dtype | fused | materialise | eager | auto picks | workspace |",
-        "|---|---|---|---|---|---|---|---|",
+        "| device | S, B, K, N | masks | dtype | fused | materialise | eager | auto picks | workspace |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, spec in specs.items():
-        for shape in shapes:
+        for shape, shared in cases:
             for dtype in dtypes:
-                plan = mc_dropout_linear_plan(*shape, dtype=dtype, spec=spec, allow_tf32=False)
+                plan = mc_dropout_linear_plan(*shape, dtype=dtype, spec=spec, allow_tf32=False, shared_mask=shared)
                 pick = "fused" if plan.memory_efficient else "materialise"
                 lines.append(
-                    f"| {name} | {', '.join(map(str, shape))} | {str(dtype).replace('torch.', '')} "
+                    f"| {name} | {', '.join(map(str, shape))} | {'shared' if shared else 'element'} "
+                    f"| {str(dtype).replace('torch.', '')} "
                     f"| {plan.fused.seconds * 1e6:.0f} us | {plan.materialise.seconds * 1e6:.0f} us "
                     f"| {plan.eager.seconds * 1e6:.0f} us | {pick} | {plan.materialise.workspace / 2**20:.0f} MiB |"
                 )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m bdlkern.ops.cost_model: the README's table
-    print(estimate_table())

@@ -46,8 +46,9 @@ def mc_dropout_linear(
         num_samples: S for an input without sample dimension, else None.
         shared_mask: one mask per (sample, input feature), shared by every row of the batch: a
             posterior sample of the weights applied to all inputs (the right semantics for joint
-            predictions); on the CPU the kernel skips dropped features, doing about ``1 - p`` of the GEMM
-            work (the CUDA kernel does all of it).
+            predictions). The CPU kernel and the fused CUDA forward skip dropped features, doing
+            about ``1 - p`` of the GEMM work (and never reading the dropped weights); the CUDA
+            backward and the materialise path mask them and do every product.
         memory_efficient: the CUDA path. ``True``: the fused kernel, which never holds the
             ``[S, B, in]`` masked input (it re-makes the mask per tile instead). ``False``: one
             mask pass writes the masked input (the mask itself is never stored), then cuBLAS

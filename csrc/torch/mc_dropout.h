@@ -22,6 +22,7 @@
 #include <bdlkern/mc_dropout/kernels.h>
 #include <bdlkern/rng/random.h>
 
+#include <limits>
 #include <optional>
 #include <type_traits>
 
@@ -94,6 +95,8 @@ struct MCDropoutOps {
     pr.dtype = prm.dtype;
     pr.allow_tf32 = at::globalContext().allowTF32CuBLAS();
     pr.pass = pass;
+    pr.shared_mask = prm.shared_mask;
+    pr.keep = 1.0 / prm.scale;
     return plan_mc_dropout_linear(Traits::gpu_spec(like), pr).memory_efficient;
   }
 
@@ -154,7 +157,13 @@ struct MCDropoutOps {
           .to(x.scalar_type());
     } else if (fused_path(prm, McDropoutPass::kForward, memory_efficient, x)) {
       at::Tensor y = at::empty({S, B, N}, x.options());
-      mc_dropout_linear_forward(Tag{}, prm, xs.const_data_ptr(), w.const_data_ptr(),
+      MCDropoutLinearParams fprm = prm;
+      at::Tensor lists;  // shared masks: each sample's kept features, so the GEMM skips the rest
+      if (shared_mask && p > 0.0 && K <= std::numeric_limits<int32_t>::max()) {
+        lists = at::empty({S * (K + 1)}, x.options().dtype(at::kInt));
+        fprm.workspace = lists.data_ptr<int32_t>();
+      }
+      mc_dropout_linear_forward(Tag{}, fprm, xs.const_data_ptr(), w.const_data_ptr(),
                                 b.has_value() ? b->const_data_ptr() : nullptr, y.data_ptr());
       return y;
     } else {

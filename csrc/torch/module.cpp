@@ -118,18 +118,20 @@ static py::dict cuda_gpu_spec(int index) {
 }
 #endif
 
-// plan(spec, S, B, K, N, shared_input, dtype, allow_tf32, pass) -> (memory_efficient,
+// plan(spec, S, B, K, N, shared_input, dtype, allow_tf32, pass, shared_mask, p) -> (memory_efficient,
 // {path: (seconds, flops, bytes, workspace)}); dtype and pass are the C++ enums' values.
 static py::tuple mc_dropout_plan(int major, int minor, int sm_count, double sm_clock_khz,
                                  double mem_clock_khz, int mem_bus_bits, double total_memory,
                                  int64_t S, int64_t B, int64_t K, int64_t N, bool shared_input,
-                                 int dtype, bool allow_tf32, int pass) {
+                                 int dtype, bool allow_tf32, int pass, bool shared_mask,
+                                 double p) {
   TORCH_CHECK(sm_count > 0 && sm_clock_khz > 0 && mem_clock_khz > 0 && mem_bus_bits > 0,
               "mc_dropout_linear_plan: the GPU spec needs positive sm_count, clocks and bus width");
   TORCH_CHECK(S >= 1 && B >= 0 && K >= 0 && N >= 0,
               "mc_dropout_linear_plan: sizes must be S >= 1 and B, K, N >= 0");
   TORCH_CHECK(dtype >= 0 && dtype <= 3 && pass >= 0 && pass <= 2,
               "mc_dropout_linear_plan: bad dtype or pass code");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "mc_dropout_linear_plan: p must be in [0, 1), got ", p);
   bdlkern::GpuSpec g;
   g.major = major, g.minor = minor, g.sm_count = sm_count;
   g.sm_clock_khz = sm_clock_khz, g.mem_clock_khz = mem_clock_khz, g.mem_bus_bits = mem_bus_bits;
@@ -139,6 +141,8 @@ static py::tuple mc_dropout_plan(int major, int minor, int sm_count, double sm_c
   pr.dtype = static_cast<bdlkern::DType>(dtype);
   pr.allow_tf32 = allow_tf32;
   pr.pass = static_cast<bdlkern::McDropoutPass>(pass);
+  pr.shared_mask = shared_mask;
+  pr.keep = 1.0 - p;
   const bdlkern::McDropoutPlan plan = bdlkern::plan_mc_dropout_linear(g, pr);
   const auto cost = [](const bdlkern::PathCost& c) {
     return py::make_tuple(c.seconds, c.flops, c.bytes, c.workspace);

@@ -44,12 +44,18 @@ def _flops(dims) -> int:
 
 
 def _shared_mask_flops(dims, device: torch.device) -> int:
-    """FLOPs of the shared-mask kernel on ``device``: the CPU kernel compacts each sample's kept
-    features and multiplies over those only, about (1 - p) of the products; the CUDA kernel masks
-    them in its tiles and still does every product."""
-    if device.type == "cpu":
-        return round((1 - P) * _flops(dims))
-    return _flops(dims)
+    """FLOPs of the shared-mask op on ``device``: the CPU kernel and the fused CUDA forward multiply
+    over each sample's kept features only, about (1 - p) of the products; the CUDA materialise path
+    (when the cost model picks it) does every product."""
+    if device.type == "cuda":
+        from bdlkern.ops import cost_model
+
+        plan = cost_model.mc_dropout_linear_plan(
+            dims["S"], dims["B"], dims["K"], dims["N"], spec=cost_model.gpu_spec(device), shared_mask=True, p=P
+        )
+        if not plan.memory_efficient:
+            return _flops(dims)
+    return round((1 - P) * _flops(dims))
 
 
 def _params(dims, **extra):
@@ -93,6 +99,44 @@ def _forward(device: torch.device, quick: bool) -> Workload:
         params=_params(dims),
         flops=_flops(dims),
         check=_check_against_reference(x, w, b, S, state),
+    )
+
+
+@case(
+    "mc_dropout.paths",
+    family="mc_dropout",
+    description="the CUDA paths of mc_dropout_linear in bfloat16: auto (cost model) against the fused kernel, "
+    "the materialise-then-cuBLAS path and eager",
+    subject="bdlkern auto",
+    baselines={
+        "bdlkern memory_efficient=True (fused)": "variant",
+        "bdlkern memory_efficient=False (cuBLAS)": "variant",
+        "reference (eager)": "reference",
+    },
+    devices=("cuda",),
+)
+def _paths(device: torch.device, quick: bool) -> Workload:
+    dims, x, w, b, state = _problem(device, quick)
+    x, w, b = (t.bfloat16() for t in (x, w, b))
+    S = dims["S"]
+
+    def ours(memory_efficient):
+        return lambda: bdlkern.ops.mc_dropout_linear(x, w, b, P, S, rng_state=state, memory_efficient=memory_efficient)
+
+    def check() -> None:
+        fused, cublas = ours(True)(), ours(False)()
+        torch.testing.assert_close(fused.float(), cublas.float(), rtol=2e-2, atol=2e-2)
+
+    return Workload(
+        variants={
+            "bdlkern auto": ours(None),
+            "bdlkern memory_efficient=True (fused)": ours(True),
+            "bdlkern memory_efficient=False (cuBLAS)": ours(False),
+            "reference (eager)": lambda: baselines.mc_dropout_linear(x, w, b, P, S),
+        },
+        params={**dims, "p": P, "dtype": "bfloat16"},
+        flops=_flops(dims),
+        check=check,
     )
 
 

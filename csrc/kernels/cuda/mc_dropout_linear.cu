@@ -51,7 +51,7 @@ namespace BDLKERN_DEVICE_NS {
 namespace {
 
 // ---- the kernel --------------------------------------------------------------------------------
-enum class Mode { kForward, kGradInput, kGradWeight };
+enum class Mode { kForward, kGradInput, kGradWeight, kForwardCompact };
 
 template <typename T>
 struct GemmArgs {
@@ -65,6 +65,8 @@ struct GemmArgs {
   const T* bias;  // [N] or nullptr           (forward)
   const T* dy;    // [S, B, N]                (grad_input, grad_weight)
   T* out;         // y [S, B, N] / grad_x like x / grad_w [N, K]
+  const int32_t* kept;        // [S, K]: sample s's kept features first (forward_compact)
+  const int32_t* kept_count;  // [S]: how many (forward_compact)
 };
 
 // GEMM extents (see the table at the top): C is P x Q, the reduction has length L.
@@ -73,6 +75,8 @@ BDL_HDI void gemm_extents(int64_t S, int64_t B, int64_t K, int64_t N, bool share
                           int64_t* P, int64_t* Q, int64_t* L) {
   if (kMode == Mode::kForward) {
     *P = S * B, *Q = N, *L = K;
+  } else if (kMode == Mode::kForwardCompact) {  // per sample; L is at most K (its kept count)
+    *P = B, *Q = N, *L = K;
   } else if (kMode == Mode::kGradInput) {
     *P = shared_input ? B : S * B, *Q = K, *L = N;
   } else {
@@ -105,7 +109,7 @@ __global__ void __launch_bounds__(Tiling<T>::kThreads) mc_dropout_gemm_kernel(Ge
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK;
   // A operand tile: BK x BM; B operand tile: BK x BN (see the mode table for contiguity).
   constexpr bool kAContigL = kMode != Mode::kGradWeight;
-  constexpr bool kBContigL = kMode == Mode::kForward;
+  constexpr bool kBContigL = kMode == Mode::kForward || kMode == Mode::kForwardCompact;
   using LoaderA = TileLoader<T, kBK, kBM, Core::kLdA, Cfg::kThreads, kAContigL>;
   using LoaderB = TileLoader<T, kBK, kBN, Core::kLdB, Cfg::kThreads, kBContigL>;
 
@@ -115,8 +119,15 @@ __global__ void __launch_bounds__(Tiling<T>::kThreads) mc_dropout_gemm_kernel(Ge
   const int64_t S = args.S, B = args.B, K = args.K, N = args.N;
   int64_t P, Q, L;
   gemm_extents<kMode>(S, B, K, N, args.shared_input, &P, &Q, &L);
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  int64_t p0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  // forward_compact: blockIdx.x enumerates (sample, row tile of its B rows).
+  int64_t sample = 0;
+  if (kMode == Mode::kForwardCompact) {
+    const int64_t row_tiles = (B + kBM - 1) / kBM;
+    sample = static_cast<int64_t>(blockIdx.x) / row_tiles;
+    p0 = (static_cast<int64_t>(blockIdx.x) - sample * row_tiles) * kBM;
+  }
 
   // rng_state is read here, at run time, so a captured CUDA graph replays with the current state.
   MaskCtx mk;
@@ -142,6 +153,15 @@ __global__ void __launch_bounds__(Tiling<T>::kThreads) mc_dropout_gemm_kernel(Ge
     if (kMode == Mode::kForward) {
       opa = make_operand(args.x, K, P, K, true, args.shared_input);
       opb = make_operand(args.w, K, N, K, false, false);
+    } else if (kMode == Mode::kForwardCompact) {
+      // One shared-mask sample over its kept features only: both operands gather the columns of
+      // the list, nothing is masked, and the reduction is as long as the list (read here, on the
+      // device: the host never learns it).
+      const int32_t* kept = args.kept + sample * K;
+      L = args.kept_count[sample];
+      opa = make_operand(args.shared_input ? args.x : args.x + sample * B * K, K, B, L, false,
+                         false, kept);
+      opb = make_operand(args.w, K, N, L, false, false, kept);
     } else if (kMode == Mode::kGradInput) {
       // Shared input: GEMM row p is batch row b of sample s, dY rows s*B .. s*B + B - 1.
       const T* dy = args.shared_input ? args.dy + s * B * N : args.dy;
@@ -205,14 +225,14 @@ __global__ void __launch_bounds__(Tiling<T>::kThreads) mc_dropout_gemm_kernel(Ge
       if (p >= P || qvalid == 0) continue;
       Acc v[4];
       core.owned_values(i, v);
-      if (kMode == Mode::kForward) {
+      if (kMode == Mode::kForward || kMode == Mode::kForwardCompact) {
         BDL_UNROLL
         for (int j = 0; j < 4; ++j) {
           const Acc bias = (args.bias != nullptr && j < qvalid) ? Elem<T>::to_acc(args.bias[q + j])
                                                                  : Acc(0);
           v[j] = v[j] * scale + bias;
         }
-        T* dst = args.out + p * N + q;
+        T* dst = args.out + (sample * B + p) * N + q;
         store_quad<T>(dst, v, qvalid, N % 4 == 0 && is_aligned(args.out, alignof(Quad<T>)));
       } else if (kMode == Mode::kGradWeight) {
         BDL_UNROLL
@@ -241,6 +261,37 @@ __global__ void __launch_bounds__(Tiling<T>::kThreads) mc_dropout_gemm_kernel(Ge
                     K % 4 == 0 && is_aligned(args.out, alignof(Quad<T>)));
     }
   }
+}
+
+// Shared masks: sample s's kept features, ascending, into kept[s, 0 .. count[s]) (one block per
+// sample, 256 features per step, an inclusive scan of the keep flags in shared memory). Costs
+// S * K Philox words, once, instead of re-making the mask in every tile.
+constexpr int kListThreads = 256;
+
+__global__ void __launch_bounds__(kListThreads)
+    kept_list_kernel(const int64_t* rng_state, uint64_t threshold, int64_t K, int32_t* kept,
+                     int32_t* count) {
+  __shared__ int32_t scan[2][kListThreads];
+  const MCDropoutMask m{make_stream(rng_state, kStreamMCDropout), threshold, 1, K, true};
+  const int64_t s = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x);
+  int32_t base = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += kListThreads) {
+    const int64_t k = k0 + tid;
+    const int32_t flag = (k < K && m.keep(s, 0, k)) ? 1 : 0;
+    scan[0][tid] = flag;
+    __syncthreads();
+    int src = 0;
+    for (int off = 1; off < kListThreads; off <<= 1) {
+      scan[src ^ 1][tid] = scan[src][tid] + (tid >= off ? scan[src][tid - off] : 0);
+      src ^= 1;
+      __syncthreads();
+    }
+    if (flag) kept[s * K + base + scan[src][tid] - 1] = static_cast<int32_t>(k);
+    base += scan[src][kListThreads - 1];
+    __syncthreads();  // the next step rewrites scan[0]
+  }
+  if (tid == 0) count[s] = base;
 }
 
 template <typename T, Mode kMode>
@@ -272,6 +323,26 @@ void run_typed(const MCDropoutLinearParams& p, const void* x, const void* w, con
   args.bias = static_cast<const T*>(bias);
   args.dy = static_cast<const T*>(dy);
   args.out = static_cast<T*>(out);
+  args.kept = nullptr;
+  args.kept_count = nullptr;
+  // Shared masks in forward: list each sample's kept features, then multiply over those only
+  // (about 1 - p of the products, and no Philox in the tiles).
+  if (kMode == Mode::kForward && p.shared_mask && p.threshold <= 0xffffffffull &&
+      p.workspace != nullptr) {
+    const int64_t row_tiles = (p.rows + Cfg::kBM - 1) / Cfg::kBM;
+    if (p.num_samples * row_tiles <= 0x7fffffffLL) {
+      int32_t* kept = p.workspace;
+      int32_t* count = p.workspace + p.num_samples * p.in_features;
+      launch(kept_list_kernel, dim3(static_cast<unsigned>(p.num_samples)), dim3(kListThreads), 0,
+             p.stream, p.rng_state, p.threshold, p.in_features, kept, count);
+      args.kept = kept;
+      args.kept_count = count;
+      const dim3 grid(static_cast<unsigned>(p.num_samples * row_tiles), static_cast<unsigned>(gy));
+      launch(mc_dropout_gemm_kernel<T, Mode::kForwardCompact>, grid, dim3(Cfg::kThreads), 0,
+             p.stream, args);
+      return;
+    }
+  }
   // Row tiles on x (up to 2^31 - 1): consecutive blocks share a W / column tile in L2.
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   launch(mc_dropout_gemm_kernel<T, kMode>, grid, dim3(Cfg::kThreads), 0, p.stream, args);

@@ -103,6 +103,8 @@ struct McDropoutProblem {
   DType dtype = DType::kFloat32;
   bool allow_tf32 = false;   // torch.backends.cuda.matmul.allow_tf32 (float32 only)
   McDropoutPass pass = McDropoutPass::kForward;
+  bool shared_mask = false;  // one mask per (sample, feature)
+  double keep = 0.5;         // 1 - p
 };
 
 struct PathCost {
@@ -242,18 +244,27 @@ inline McDropoutPlan plan_mc_dropout_linear(const GpuSpec& g, const McDropoutPro
 
   // Fused: the GEMM at the kernel's own rate, and the Philox words it re-makes.
   // grad_input makes each mask word once (its epilogue); the other two once per 64-wide N tile.
-  const double philox_elems = pr.pass == McDropoutPass::kGradInput ? R * K : R * K * n_tiles;
+  double philox_elems = pr.pass == McDropoutPass::kGradInput ? R * K : R * K * n_tiles;
+  double fused_flops = flops, fused_launches = 0;
+  if (pr.pass == McDropoutPass::kForward && pr.shared_mask && pr.keep < 1.0) {
+    // Shared masks in forward: one kernel lists each sample's kept features (S K mask words),
+    // then the GEMM gathers those columns only (assumed to load as fast as the vector path).
+    philox_elems = S * K;
+    fused_flops = flops * pr.keep;
+    fused_launches = 1;
+  }
   // grad_input with a shared x loops over the samples inside a block of the [B, K] output.
   const double fused_rows =
       (pr.pass == McDropoutPass::kGradInput && pr.shared_input) ? B : out_rows;
   const double fused_math =
-      flops / fused_rate(g, a, pr.dtype) * wave_factor(g, fused_rows, out_cols, 64, resident);
-  plan.fused.flops = flops;
+      fused_flops / fused_rate(g, a, pr.dtype) * wave_factor(g, fused_rows, out_cols, 64, resident);
+  plan.fused.flops = fused_flops;
   plan.fused.bytes = (xin + N * K + R * N) * e;
   // A roofline over three pipes: the kernel takes as long as the busiest of its math, its DRAM
   // traffic and its integer Philox work (at the README shape on an H100 that is the Philox).
   plan.fused.seconds =
-      kernel_time(std::max(fused_math, philox_seconds(g, a, philox_elems)), plan.fused.bytes, g);
+      kernel_time(std::max(fused_math, philox_seconds(g, a, philox_elems)), plan.fused.bytes, g) +
+      fused_launches * CostAssumptions::kLaunch;
   plan.fused.workspace = 0;
 
   const bool fits = plan.materialise.workspace <= CostAssumptions::kWorkspaceShare * g.total_memory;

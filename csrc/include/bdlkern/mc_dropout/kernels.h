@@ -30,6 +30,9 @@ struct MCDropoutLinearParams {
   const int64_t* rng_state;  // int64[2] (seed, offset) in the backend's memory, read in-kernel
   DType dtype;           // of x, weight, bias, y and every gradient
   void* stream;          // cudaStream_t (CudaTag only)
+  // CUDA / SIMT forward with shared_mask: S * (K + 1) int32 of device memory (K < 2^31) for the
+  // per-sample lists of kept features, so the GEMM runs over those only; nullptr: the tiles mask.
+  int32_t* workspace = nullptr;
 };
 
 #define BDLKERN_DECLARE_MC_DROPOUT_KERNELS(Tag)                                                   \

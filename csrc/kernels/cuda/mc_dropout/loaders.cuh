@@ -48,7 +48,9 @@ BDL_DI uint32_t keep_bits(const MCDropoutMask& m, uint64_t i0, int valid) {
 // A row-major matrix view: element (row, col) at base[grow * ld + col], col contiguous.
 //   masked:      row is a flattened (s, b) = divmod(row, B) and col a feature k; the element is
 //                replaced by 0 where the MC-dropout mask drops (s, b, k);
-//   shared_rows: the input is shared by all samples: grow = b (else grow = row).
+//   shared_rows: the input is shared by all samples: grow = b (else grow = row);
+//   gather:      col indexes a list of columns: element (row, col) is base[grow * ld + gather[col]]
+//                (a shared-mask sample's kept features; the loads are scalar).
 template <typename T>
 struct Operand {
   const T* base;
@@ -58,13 +60,14 @@ struct Operand {
   bool masked;
   bool shared_rows;
   bool vec_ok;  // base 16-byte aligned and ld a multiple of the vector: vector loads
+  const int32_t* gather;  // nullptr: col is the column itself
 };
 
 template <typename T>
 BDL_DI Operand<T> make_operand(const T* base, int64_t ld, int64_t rows, int64_t cols,
-                               bool masked, bool shared_rows) {
-  const bool vec_ok = ld % kVec<T> == 0 && is_aligned(base, 16);
-  return Operand<T>{base, ld, rows, cols, masked, shared_rows, vec_ok};
+                               bool masked, bool shared_rows, const int32_t* gather = nullptr) {
+  const bool vec_ok = gather == nullptr && ld % kVec<T> == 0 && is_aligned(base, 16);
+  return Operand<T>{base, ld, rows, cols, masked, shared_rows, vec_ok, gather};
 }
 
 // Where one row of an operand lives: its global pointer (nullptr past the last row) and, for a
@@ -102,7 +105,10 @@ BDL_DI void load_vector(const Operand<T>& op, const MaskCtx& mk, const RowRef<T>
   }
   const int64_t left = op.cols - col;
   const int valid = left >= V ? V : (left > 0 ? static_cast<int>(left) : 0);
-  if (valid == V && op.vec_ok) {
+  if (op.gather != nullptr) {
+    BDL_UNROLL
+    for (int j = 0; j < V; ++j) out[j] = j < valid ? ref.ptr[op.gather[col + j]] : zero;
+  } else if (valid == V && op.vec_ok) {
     const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(ref.ptr + col);
     BDL_UNROLL
     for (int j = 0; j < V; ++j) out[j] = v.v[j];
