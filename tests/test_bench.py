@@ -219,14 +219,31 @@ def test_table_handles_any_number_of_baselines():
 
 
 def test_shared_mask_flops_follow_the_device():
-    """The CPU shared-mask kernel multiplies over the kept features only, about (1 - p) of the
-    products; the CUDA kernel does them all."""
+    """The CPU shared-mask kernel and the fused CUDA forward multiply over the kept features only,
+    about (1 - p) of the products; the CUDA materialise path does them all, so on CUDA the count
+    follows the cost model's pick."""
     from bdlkern.bench.cases import mc_dropout
+    from bdlkern.ops import cost_model as cm
 
-    dims = mc_dropout.QUICK
-    full = 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
-    assert mc_dropout._shared_mask_flops(dims, torch.device("cpu")) == round((1 - mc_dropout.P) * full)
-    assert mc_dropout._shared_mask_flops(dims, torch.device("cuda")) == full
+    for dims in (mc_dropout.QUICK, mc_dropout.FULL):
+        full = 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
+        half = round((1 - mc_dropout.P) * full)
+        assert mc_dropout._shared_mask_flops(dims, torch.device("cpu")) == half
+        for spec in (cm.A100_SXM4_80GB, cm.H100_SXM5_80GB):
+            plan = cm.mc_dropout_linear_plan(
+                dims["S"], dims["B"], dims["K"], dims["N"], spec=spec, shared_mask=True, p=mc_dropout.P
+            )
+            expected = half if plan.memory_efficient else full
+            assert mc_dropout._shared_mask_flops(dims, torch.device("cuda"), spec) == expected
+    # With TF32 allowed, cuBLAS wins the full-size float32 layer on an H100: every product counts.
+    dims = mc_dropout.FULL
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got = mc_dropout._shared_mask_flops(dims, torch.device("cuda"), cm.H100_SXM5_80GB)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert got == 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
 
 
 def test_time_fns_interleaves_and_times_each():

@@ -192,3 +192,37 @@ def test_csr_modules_validate_once_and_after_an_in_place_change():
     assert _run(lambda: conv(xc)) == []
     with bdlkern.sampling(2, seed=0):
         assert _run(lambda: conv(xc)) == []
+
+
+def _host_reads(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bdlkern.nn.ConcreteDropoutLinear(6, 3),
+    lambda: bdlkern.nn.ConcreteDropout2d(torch.nn.Conv2d(2, 3, 3)),
+])
+def test_concrete_fused_sampling_reads_the_rate_once_per_version(make):
+    """The Concrete modules hand their one learnt rate to the MC-dropout ops as a float: a host
+    read (a CUDA sync). It is read once per version of p_logit: not again in later sampling calls,
+    again after an in-place change (an optimizer step), and the new rate is the one used."""
+    layer = make().eval()
+    x = torch.randn(4, 6) if isinstance(layer, bdlkern.nn.ConcreteDropoutLinear) else torch.randn(2, 2, 5, 5)
+
+    def sample():
+        with bdlkern.sampling(3, seed=0):
+            return layer(x)
+
+    assert _host_reads(sample) == 1
+    before = sample()
+    assert _host_reads(sample) == 0
+    with torch.no_grad():
+        layer.p_logit.add_(2.0)  # as an optimizer step would
+    assert _host_reads(sample) == 1
+    after = sample()
+    assert not torch.equal(before, after)  # the masks follow the new rate
+    with torch.no_grad():
+        layer.p_logit.sub_(2.0)
+    torch.testing.assert_close(sample(), before)

@@ -79,6 +79,26 @@ def test_a_barrier_not_reached_by_every_thread_aborts_naming_both_sites(mode, th
     assert "__syncthreads at " in result.stderr and ("end of block" in result.stderr) == (mode == 0)
 
 
+def test_shared_memory_is_poisoned_at_every_block_start():
+    """Static __shared__ arrays are filled with 0xff bytes before each block (issue 18 section 4):
+    a kernel that reads shared memory it has not written reads the poison, not the zeros of a
+    static's initialisation, nor what an earlier block (here 42 + t) or launch left. On a GPU such a
+    read is undefined; under the emulator it is garbage every time, so a test catches it."""
+    like = torch.empty(0)
+    for _ in range(2):  # a second launch sees no trace of the first
+        out = ops.selftest_shared_poison(like, 3)
+        assert out.shape == (3, 4)
+        assert (out == -1).all(), out  # 0xffffffff as int32
+
+
+def test_static_shared_memory_over_48_kib_is_refused():
+    """A kernel whose static shared arrays total more than 48 KiB per block is a ptxas error for a
+    GPU; the emulator keeps a per-kernel tally of BDL_SHARED arrays and refuses it too (issue 18
+    section 4), while the largest real kernel (the WMMA GEMM's 36 KiB) runs."""
+    with pytest.raises(ValueError, match="49152"):
+        ops.selftest_big_shared(torch.empty(0))
+
+
 def test_launch_must_be_on_the_current_stream():
     """Every emulated launch is checked against the emulated current stream (issue 18 section 4): a
     kernel launched on the legacy default stream (nullptr), which on a GPU would run out of order

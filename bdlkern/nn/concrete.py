@@ -201,11 +201,26 @@ def _fusable_rate(module) -> bool:
     return module.p_logit.dim() == 0 and not torch.compiler.is_exporting()
 
 
+def _rate_value(module) -> float:
+    """The layer's one rate as a Python float for the MC kernel (below 1 even where sigmoid rounds
+    to 1). Reading it syncs a CUDA stream, so the value is kept per version of ``p_logit``: one read
+    after each change (an optimizer step, a load), none in a loop of sampling calls."""
+    logit = module.p_logit
+    if torch.compiler.is_compiling():  # fake tensors have no storage to key on
+        return min(float(torch.sigmoid(logit.detach()).item()), 1.0 - 2.0**-24)
+    key = (logit.data_ptr(), logit._version, logit.device, logit.dtype)
+    cached = module.__dict__.get("_rate_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = min(float(torch.sigmoid(logit.detach()).item()), 1.0 - 2.0**-24)
+    module.__dict__["_rate_cache"] = (key, value)
+    return value
+
+
 def _fused_linear_mc(module, x, weight, bias, num_samples, rng_state):
     if not _fusable_rate(module):
         return None
-    # p < 1 for the MC kernel even where sigmoid rounds to 1.
-    p = min(float(module.p.item()), 1.0 - 2.0**-24)
+    p = _rate_value(module)
     return ops.mc_dropout_linear(
         x, weight, bias, p, num_samples, rng_state=rng_state,
         memory_efficient=getattr(module, "memory_efficient", None),
@@ -424,7 +439,7 @@ class ConcreteDropout(_ConcreteDropoutMixin, nn.Module):
             return None
         if not _fusable_rate(self):
             return None
-        p = min(float(self.p.item()), 1.0 - 2.0**-24)
+        p = _rate_value(self)
         return ops.mc_dropout_conv(
             x, layer.weight, layer.bias, p, num_samples, stride=layer.stride, padding=layer.padding,
             dilation=layer.dilation, groups=layer.groups, mask="channel", input_has_samples=has_samples,

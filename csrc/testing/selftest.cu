@@ -30,7 +30,7 @@ __global__ void indices_kernel(int32_t* out) {
 
 __global__ void block_sum_kernel(const float* x, int64_t n, float* block_sums, float* reversed) {
   constexpr int T = kSelftestReduceThreads;
-  __shared__ float tile[T];
+  BDL_SHARED(float, tile, [T]);
   const int t = threadIdx.x;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * T + t;
   tile[t] = i < n ? x[i] : 0.0f;
@@ -46,7 +46,7 @@ __global__ void block_sum_kernel(const float* x, int64_t n, float* block_sums, f
 }
 
 __global__ void shuffle_kernel(const float* x, int64_t n, float* out) {
-  __shared__ float mirror[1024];
+  BDL_SHARED(float, mirror, [1024]);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int lane = threadIdx.x % 32;
   const int warp_base = threadIdx.x - lane;
@@ -109,6 +109,29 @@ __global__ void bad_barrier_kernel(int mode, int* out) {
   }
   out[threadIdx.x] = 1;
 }
+
+// Reads shared memory before writing it (tests/test_simt.py): thread t of block b stores what
+// s[t] held at the block's start, then writes its own value. Under the emulator every read is
+// the poison (0xffffffff), never 0 (a static's zero initialisation) nor an earlier block's or
+// launch's 42 + t. Reading unwritten shared memory is undefined on a GPU: emulator only.
+__global__ void shared_poison_kernel(uint32_t* out) {
+  BDL_SHARED(uint32_t, s, [kSelftestPoisonThreads]);
+  const unsigned t = threadIdx.x;
+  out[blockIdx.x * kSelftestPoisonThreads + t] = s[t];
+  __syncthreads();
+  s[t] = 42u + t;
+}
+
+#ifdef BDLKERN_SIMT
+// 48 KiB + 4 bytes of static shared memory: ptxas refuses it, the emulator must too (emulator only:
+// it would not compile for a GPU).
+__global__ void big_shared_kernel(float* out) {
+  BDL_SHARED(float, big, [12 * 1024 + 1]);
+  big[threadIdx.x] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = big[threadIdx.x];
+}
+#endif
 
 template <typename TIn, typename LayoutA, typename LayoutB, typename TAcc>
 __global__ void wmma_kernel(const TIn* a, int lda, const TIn* b, int ldb, const TAcc* c, int ldc,
@@ -193,6 +216,26 @@ void selftest_bad_barrier(SelftestTag, void* stream, int mode, int threads, int*
 #else
   (void)stream, (void)mode, (void)threads, (void)out;
   throw std::invalid_argument("selftest_bad_barrier: an emulator self-test; undefined behaviour on a GPU");
+#endif
+}
+
+void selftest_shared_poison(SelftestTag, void* stream, int blocks, uint32_t* out) {
+#ifdef BDLKERN_SIMT
+  BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::shared_poison_kernel,
+                            dim3(static_cast<unsigned>(blocks)), dim3(kSelftestPoisonThreads), 0,
+                            stream, out);
+#else
+  (void)stream, (void)blocks, (void)out;
+  throw std::invalid_argument("selftest_shared_poison: an emulator self-test; undefined behaviour on a GPU");
+#endif
+}
+
+void selftest_big_shared(SelftestTag, void* stream, float* out) {
+#ifdef BDLKERN_SIMT
+  BDLKERN_DEVICE_NS::launch(BDLKERN_DEVICE_NS::big_shared_kernel, dim3(1), dim3(2), 0, stream, out);
+#else
+  (void)stream, (void)out;
+  throw std::invalid_argument("selftest_big_shared: an emulator self-test; it does not compile for a GPU");
 #endif
 }
 

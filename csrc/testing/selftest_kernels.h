@@ -14,6 +14,7 @@ namespace bdlkern {
 constexpr int kSelftestIndexFields = 12;
 // Threads per block of selftest_block_sum (static shared-memory size).
 constexpr int kSelftestReduceThreads = 256;
+constexpr int kSelftestPoisonThreads = 4;  // threads of selftest_shared_poison's blocks
 // Values selftest_shuffle writes per thread.
 constexpr int kSelftestShuffleFields = 6;
 
@@ -40,6 +41,8 @@ enum SelftestWmmaType : int { kWmmaHalfFloat = 0, kWmmaHalfHalf = 1, kWmmaBf16Fl
   /* a barrier the emulator must refuse (mode 0: a thread exits before it; mode 1: divergent);   \
      the emulator only (it throws on a GPU) */                                                    \
   void selftest_bad_barrier(Tag, void* stream, int mode, int threads, int* out);                   \
+  void selftest_shared_poison(Tag, void* stream, int blocks, uint32_t* out);                       \
+  void selftest_big_shared(Tag, void* stream, float* out);                                         \
   /* one warp: d = a b + c with nvcuda::wmma m16n16k16. a, b: 16x16 tiles (half or bfloat16 by    \
      `type`) with leading dimensions lda, ldb, column-major when a_col / b_col; c, d: float or     \
      half tiles (ldc, ldd; col-major when c_col / d_col); c is ignored and the accumulator is      \

@@ -23,6 +23,8 @@ inline void define_selftest_schemas(torch::Library& m) {
   m.def("selftest_indices(Tensor like, int[] grid, int[] block, bool legacy_stream=False) -> Tensor");
   m.def("selftest_block_sum(Tensor x) -> (Tensor, Tensor)");
   m.def("selftest_bad_barrier(Tensor like, int mode, int threads) -> Tensor");
+  m.def("selftest_shared_poison(Tensor like, int blocks) -> Tensor");
+  m.def("selftest_big_shared(Tensor like) -> Tensor");
   m.def("selftest_shuffle(Tensor x, int threads) -> Tensor");
   m.def("selftest_atomic_add(Tensor x, Tensor xd, int blocks, int threads) -> Tensor");
   m.def(
@@ -63,6 +65,23 @@ struct SelftestOps {
     at::Tensor out = at::zeros({threads}, like.options().dtype(at::kInt));
     selftest_bad_barrier(Tag{}, BackendTraits<Tag>::stream(like), static_cast<int>(mode),
                          static_cast<int>(threads), out.data_ptr<int32_t>());
+    return out;
+  }
+
+  // [blocks, kSelftestPoisonThreads] int32: what each thread read of shared memory before writing.
+  static at::Tensor shared_poison(const at::Tensor& like, int64_t blocks) {
+    check_device(like, "like");
+    TORCH_CHECK(blocks >= 1 && blocks <= 1024, "selftest_shared_poison: 1 to 1024 blocks");
+    at::Tensor out = at::empty({blocks, kSelftestPoisonThreads}, like.options().dtype(at::kInt));
+    selftest_shared_poison(Tag{}, BackendTraits<Tag>::stream(like), static_cast<int>(blocks),
+                           reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()));
+    return out;
+  }
+
+  static at::Tensor big_shared(const at::Tensor& like) {
+    check_device(like, "like");
+    at::Tensor out = at::zeros({2}, like.options().dtype(at::kFloat));
+    selftest_big_shared(Tag{}, BackendTraits<Tag>::stream(like), out.data_ptr<float>());
     return out;
   }
 
@@ -172,6 +191,8 @@ struct SelftestOps {
     m.impl("selftest_indices", &indices);
     m.impl("selftest_block_sum", &block_sum);
     m.impl("selftest_bad_barrier", &bad_barrier);
+    m.impl("selftest_shared_poison", &shared_poison);
+    m.impl("selftest_big_shared", &big_shared);
     m.impl("selftest_shuffle", &shuffle);
     m.impl("selftest_atomic_add", &atomic_add);
     m.impl("selftest_wmma", &wmma);

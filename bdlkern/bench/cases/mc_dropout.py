@@ -43,15 +43,15 @@ def _flops(dims) -> int:
     return 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
 
 
-def _shared_mask_flops(dims, device: torch.device) -> int:
+def _shared_mask_flops(dims, device: torch.device, spec=None) -> int:
     """FLOPs of the shared-mask op on ``device``: the CPU kernel and the fused CUDA forward multiply
     over each sample's kept features only, about (1 - p) of the products; the CUDA materialise path
-    (when the cost model picks it) does every product."""
+    (when the cost model picks it) does every product. ``spec``: the GPU (default: ``device``'s)."""
     if device.type == "cuda":
         from bdlkern.ops import cost_model
 
         plan = cost_model.mc_dropout_linear_plan(
-            dims["S"], dims["B"], dims["K"], dims["N"], spec=cost_model.gpu_spec(device), shared_mask=True, p=P
+            dims["S"], dims["B"], dims["K"], dims["N"], spec=spec or cost_model.gpu_spec(device), shared_mask=True, p=P
         )
         if not plan.memory_efficient:
             return _flops(dims)

@@ -137,7 +137,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     reduce_partials_kernel(const T* __restrict__ partial, int64_t tiles, int64_t C,
                            bool per_channel, T* __restrict__ grad_p) {
-  __shared__ T tree[kThreads];
+  BDL_SHARED(T, tree, [kThreads]);
   if (per_channel) {
     const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
     if (c >= C) return;  // per-channel launches use no barrier

@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
     reduce_partials_kernel(const T* __restrict__ partial, int64_t tiles, int64_t C,
                            bool per_channel, const T* __restrict__ log_alpha,
                            T* __restrict__ grad_log_alpha) {
-  __shared__ T tree[kThreads];
+  BDL_SHARED(T, tree, [kThreads]);
   if (per_channel) {  // per-channel launches use no barrier
     for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < C;
          c += static_cast<int64_t>(gridDim.x) * kThreads) {

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(Tiling<T>::kThreads) mc_dropout_gemm_kernel(Ge
   using LoaderA = TileLoader<T, kBK, kBM, Core::kLdA, Cfg::kThreads, kAContigL>;
   using LoaderB = TileLoader<T, kBK, kBN, Core::kLdB, Cfg::kThreads, kBContigL>;
 
-  __shared__ typename Core::Smem smem;
+  BDL_SHARED(typename Core::Smem, smem, );
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t S = args.S, B = args.B, K = args.K, N = args.N;
@@ -271,7 +271,7 @@ constexpr int kListThreads = 256;
 __global__ void __launch_bounds__(kListThreads)
     kept_list_kernel(const int64_t* rng_state, uint64_t threshold, int64_t K, int32_t* kept,
                      int32_t* count) {
-  __shared__ int32_t scan[2][kListThreads];
+  BDL_SHARED(int32_t, scan, [2][kListThreads]);
   const MCDropoutMask m{make_stream(rng_state, kStreamMCDropout), threshold, 1, K, true};
   const int64_t s = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);

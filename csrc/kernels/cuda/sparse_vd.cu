@@ -106,7 +106,7 @@ template <KlPrior P, typename T>
 __global__ void __launch_bounds__(kThreads)
     kl_partial_kernel(int64_t n, const T* __restrict__ theta, const T* __restrict__ ls2,
                       double* __restrict__ partial) {
-  __shared__ double tree[kThreads];
+  BDL_SHARED(double, tree, [kThreads]);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kKlChunk;
   const int64_t end = begin + kKlChunk < n ? begin + kKlChunk : n;
   double sum = 0.0;
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     kl_total_kernel(int64_t chunks, const double* __restrict__ partial, T* __restrict__ out) {
-  __shared__ double tree[kThreads];
+  BDL_SHARED(double, tree, [kThreads]);
   double sum = 0.0;
   for (int64_t c = threadIdx.x; c < chunks; c += kThreads) sum += partial[c];
   tree[threadIdx.x] = sum;

@@ -4,7 +4,9 @@
 // of one source never share a symbol, and launch kernels with
 //   launch(kernel, grid, block, shared_bytes, stream, args...)
 // which is `kernel<<<grid, block, shared_bytes, stream>>>(args...)` on a GPU and
-// bdlkern::simt::launch on the CPU.
+// bdlkern::simt::launch on the CPU, and declare static shared memory with
+//   BDL_SHARED(type, name, dims);     e.g. BDL_SHARED(float, tile, [64][65]);
+// which is `__shared__ type name dims` on a GPU and a registered static under the emulator.
 #pragma once
 
 #if defined(BDLKERN_SIMT)
@@ -26,6 +28,9 @@
 
 #define BDLKERN_DEVICE_NS cuda
 #define BDLKERN_DEVICE_TAG ::bdlkern::CudaTag
+// A static shared array: `BDL_SHARED(float, tile, [64][64]);`. The SIMT build also registers it,
+// so the emulator can poison it before every block (bdlkern/common/simt.h).
+#define BDL_SHARED(type, name, dims) __shared__ type name dims
 
 namespace bdlkern {
 namespace cuda {

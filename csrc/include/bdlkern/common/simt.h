@@ -10,7 +10,13 @@
 //   * `__syncthreads()` is a barrier over the block's threads, `__syncwarp()` over the 32 lanes of
 //     a warp (linear thread id / 32, as on hardware);
 //   * static `__shared__` arrays become function-local statics: one copy shared by the block's
-//     threads. That is why blocks run one at a time and launches are serialised;
+//     threads. That is why blocks run one at a time and launches are serialised (one launch at a
+//     time in the whole process). Kernels declare them with BDL_SHARED(type, name, dims), which
+//     also registers the array with the launch (a bare `__shared__` does not compile here). The
+//     emulator fills every array of the kernel with 0xff bytes (NaN in every float type, -1 in
+//     every integer) when it is first seen and again before each block: a kernel that reads shared
+//     memory it did not write in the same block (expecting zeros, or a value an earlier block or
+//     launch left) reads garbage here as it would on a GPU;
 //   * warp shuffles exchange values through a per-thread slot between two warp barriers;
 //   * `nvcuda::wmma` fragments hold the whole 16x16 tile in every lane: loads and mma run per lane,
 //     stores are done by lane 0 between warp barriers;
@@ -60,7 +66,8 @@
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static
+// A bare __shared__ would escape the poisoning (see BDL_SHARED below): make it a compile error.
+#define __shared__ bdlkern_simt_declare_shared_memory_with_BDL_SHARED
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 
@@ -68,6 +75,41 @@ namespace bdlkern {
 namespace simt {
 
 constexpr int kWarpSize = 32;
+constexpr unsigned char kSharedPoison = 0xff;
+constexpr size_t kMaxStaticSharedBytes = 48 * 1024;
+
+// One emulated launch at a time in the process (the shared arrays are statics).
+inline std::mutex& launch_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+// The static shared arrays of one kernel, as its BDL_SHARED declarations registered them (kept
+// across launches, so that a launch can poison them before its first block).
+struct SharedArrays {
+  std::mutex mutex;
+  std::vector<std::pair<void*, size_t>> arrays;
+  size_t bytes = 0;  // the kernel's static shared memory per block
+
+  // Fills every array with kSharedPoison (a GPU gives a block shared memory with whatever its last
+  // user left there). Called while no emulated thread runs: before a launch's first block, and by
+  // the last thread to reach a block's end, before any starts the next block.
+  void poison() {
+    for (const auto& a : arrays) memset(a.first, kSharedPoison, a.second);
+  }
+  static void poison_fn(void* self) { static_cast<SharedArrays*>(self)->poison(); }
+};
+
+inline SharedArrays& shared_arrays_of(const void* kernel) {
+  static std::mutex mutex;
+  static std::vector<std::pair<const void*, std::unique_ptr<SharedArrays>>> by_kernel;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto& k : by_kernel) {
+    if (k.first == kernel) return *k.second;
+  }
+  by_kernel.emplace_back(kernel, std::make_unique<SharedArrays>());
+  return *by_kernel.back().second;
+}
 constexpr int kMaxThreadsPerBlock = 1024;
 
 // A reusable barrier for a fixed number of threads. A wait that lasts longer than the deadlock
@@ -84,7 +126,9 @@ class Barrier {
     waiting_ = 0;
   }
 
-  void arrive_and_wait(const char* what) {
+  // `on_release(context)`, when given, runs in the last thread to arrive, before any is released.
+  void arrive_and_wait(const char* what, void (*on_release)(void*) = nullptr,
+                       void* context = nullptr) {
     std::unique_lock<std::mutex> lock(mutex_);
     const uint64_t generation = generation_;
     if (waiting_ == 0) {
@@ -98,6 +142,7 @@ class Barrier {
       std::abort();
     }
     if (++waiting_ == count_) {
+      if (on_release != nullptr) on_release(context);
       waiting_ = 0;
       ++generation_;
       cv_.notify_all();
@@ -138,6 +183,7 @@ struct BlockState {
 
   int num_threads;
   int num_warps;
+  SharedArrays* shared = nullptr;  // the running kernel's static shared arrays
   Barrier block_barrier;
   std::unique_ptr<Barrier[]> warp_barriers;
   std::vector<uint64_t> shuffle_slots;  // one 8-byte slot per thread
@@ -156,6 +202,20 @@ struct ThreadState {
 inline ThreadState& this_thread() {
   static thread_local ThreadState state;
   return state;
+}
+
+// Called by each thread at a BDL_SHARED declaration. The first thread to reach an array the
+// kernel has never declared before poisons it, under the lock, so no thread can pass the
+// declaration (and touch the array) before the poison is in place.
+inline void register_shared(void* array, size_t bytes) {
+  SharedArrays& shared = *this_thread().block->shared;
+  std::lock_guard<std::mutex> lock(shared.mutex);
+  for (const auto& a : shared.arrays) {
+    if (a.first == array) return;
+  }
+  memset(array, kSharedPoison, bytes);
+  shared.arrays.emplace_back(array, bytes);
+  shared.bytes += bytes;
 }
 
 inline int lane_id() { return this_thread().linear_tid % kWarpSize; }
@@ -203,13 +263,15 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, void* 
                                 ") exceeds CUDA's limits (x, y <= 1024, z <= 64)");
   }
 
-  // Static __shared__ storage is one copy per kernel: only one launch may run at a time.
-  static std::mutex launch_mutex;
-  std::lock_guard<std::mutex> guard(launch_mutex);
+  // Static __shared__ storage is one copy per kernel: one launch at a time.
+  std::lock_guard<std::mutex> guard(launch_mutex());
+  SharedArrays& shared = shared_arrays_of(reinterpret_cast<const void*>(kernel));
+  shared.poison();
 
   const std::tuple<std::decay_t<KArgs>...> params(std::forward<Args>(args)...);
   const int num_threads = static_cast<int>(threads);
   BlockState state(num_threads);
+  state.shared = &shared;
 
   auto body = [&](int tid) {
     ThreadState& t = this_thread();
@@ -227,8 +289,9 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, void* 
           t.block_idx.y = by;
           t.block_idx.z = bz;
           std::apply(kernel, params);
-          // No thread may start the next block (and reuse its shared memory) before all are done.
-          state.block_barrier.arrive_and_wait("end of block");
+          // No thread may start the next block (and reuse its shared memory) before all are done;
+          // the last to arrive poisons the shared memory for it.
+          state.block_barrier.arrive_and_wait("end of block", SharedArrays::poison_fn, &shared);
         }
       }
     }
@@ -240,6 +303,12 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, void* 
   for (int tid = 1; tid < num_threads; ++tid) workers.emplace_back(body, tid);
   body(0);
   for (auto& w : workers) w.join();
+  // A GPU kernel gets at most 48 KiB of static shared memory per block (ptxas refuses more).
+  if (shared.bytes > kMaxStaticSharedBytes) {
+    throw std::invalid_argument("bdlkern SIMT emulator: the kernel declares " +
+                                std::to_string(shared.bytes) +
+                                " bytes of static shared memory, more than CUDA's 49152 per block");
+  }
 }
 
 // ---- warp shuffles ------------------------------------------------------------------------------
@@ -281,6 +350,10 @@ inline void sync_block(const char* site) { this_thread().block->block_barrier.ar
 #define BDLKERN_SIMT_STR2(x) #x
 #define BDLKERN_SIMT_STR(x) BDLKERN_SIMT_STR2(x)
 // Each call site names itself, so that threads waiting at two different barriers are caught.
+// A static shared array, registered with the running launch (see register_shared).
+#define BDL_SHARED(type, name, dims) \
+  static type name dims;             \
+  ::bdlkern::simt::register_shared(static_cast<void*>(&name), sizeof(name))
 #define __syncthreads() ::bdlkern::simt::sync_block("__syncthreads at " __FILE__ ":" BDLKERN_SIMT_STR(__LINE__))
 
 // The mask is accepted for source compatibility; the emulator synchronises the whole warp.

@@ -253,9 +253,10 @@ inline McDropoutPlan plan_mc_dropout_linear(const GpuSpec& g, const McDropoutPro
     fused_flops = flops * pr.keep;
     fused_launches = 1;
   }
-  // grad_input with a shared x loops over the samples inside a block of the [B, K] output.
-  const double fused_rows =
-      (pr.pass == McDropoutPass::kGradInput && pr.shared_input) ? B : out_rows;
+  // grad_input with a shared x loops over the samples inside a block of the [B, K] output; the
+  // shared-mask forward tiles each sample's B rows apart.
+  double fused_rows = (pr.pass == McDropoutPass::kGradInput && pr.shared_input) ? B : out_rows;
+  if (fused_launches > 0) fused_rows = S * std::ceil(B / 64.0) * 64.0;
   const double fused_math =
       fused_flops / fused_rate(g, a, pr.dtype) * wave_factor(g, fused_rows, out_cols, 64, resident);
   plan.fused.flops = fused_flops;
