@@ -237,12 +237,12 @@ def test_shared_mask_flops_follow_the_device():
             assert mc_dropout._shared_mask_flops(dims, torch.device("cuda"), spec) == expected
     # With TF32 allowed, cuBLAS wins the full-size float32 layer on an H100: every product counts.
     dims = mc_dropout.FULL
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
         got = mc_dropout._shared_mask_flops(dims, torch.device("cuda"), cm.H100_SXM5_80GB)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.fp32_precision = before
     assert got == 2 * dims["S"] * dims["B"] * dims["K"] * dims["N"]
 
 

@@ -412,3 +412,40 @@ def test_cost_model_knows_the_shared_mask_forward_skips():
     assert cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=cm.A100_SXM4_80GB, shared_mask=True).memory_efficient
     with pytest.raises(ValueError, match="p must be"):
         cm.mc_dropout_linear_plan(*shape, spec=cm.A100_SXM4_80GB, p=1.0)
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    m = torch.backends.cuda.matmul
+    before, before_global = m.fp32_precision, torch.get_float32_matmul_precision()
+    yield m
+    torch.set_float32_matmul_precision(before_global)
+    m.fp32_precision = before
+
+
+def test_tf32_is_read_as_torch_reads_it(simt_backend, restore_matmul_precision):
+    """The op's cost model reads the TF32 setting the way torch's cuBLAS calls do: the legacy
+    allow_tf32 flag, fp32_precision and set_float32_matmul_precision all count. A float32
+    shared-mask layer that the model keeps fused without TF32 goes to cuBLAS with it."""
+    m = restore_matmul_precision
+    S, B, K, N = 4, 32, 128, 128
+    x, w, b = make_problem(S, B, K, N, shared_input=True, dtype=torch.float32)
+    state = torch.tensor([6, 0])
+
+    def pick():
+        plan = cm.mc_dropout_linear_plan(S, B, K, N, spec=cm.H100_SXM5_80GB, shared_mask=True)
+        ran = _ran_gemm(lambda: simt_backend.ops.mc_dropout_linear(x, w, b, state, 0.5, S, True, None))
+        assert ran is (not plan.memory_efficient)
+        return ran
+
+    setters = [
+        lambda: setattr(m, "allow_tf32", True),
+        lambda: setattr(m, "fp32_precision", "tf32"),
+        lambda: torch.set_float32_matmul_precision("high"),
+    ]
+    for setter in setters:
+        torch.set_float32_matmul_precision("highest")
+        m.fp32_precision = "ieee"
+        assert not bdlkern._C._cuda_matmul_tf32() and not pick()
+        setter()
+        assert bdlkern._C._cuda_matmul_tf32() and pick()

@@ -138,8 +138,9 @@ def mc_dropout_linear_plan(
         spec: the device (default: :func:`gpu_spec` of the current CUDA device).
         shared_input: ``x`` is ``[B, K]`` for every sample (else ``[S, B, K]``).
         pass_: ``"forward"``, ``"grad_input"`` or ``"grad_weight"``.
-        allow_tf32: float32 GEMMs on TF32 tensor cores (default:
-            ``torch.backends.cuda.matmul.allow_tf32``, as the op reads it).
+        allow_tf32: float32 GEMMs on TF32 tensor cores (default: what the op reads,
+            ``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``allow_tf32 = True``
+            and ``torch.set_float32_matmul_precision("high")`` also set).
         shared_mask, p: the masks; with shared masks the fused forward multiplies over each
             sample's kept features only, about ``1 - p`` of the products.
     """
@@ -158,7 +159,7 @@ def mc_dropout_linear_plan(
     if not isinstance(spec, GpuSpec):
         raise TypeError(f"mc_dropout_linear_plan: spec must be a GpuSpec, got {type(spec).__name__}")
     if allow_tf32 is None:
-        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        allow_tf32 = bool(_C._cuda_matmul_tf32())
     choice, paths = _C._mc_dropout_plan(
         spec.major, spec.minor, spec.sm_count, float(spec.sm_clock_khz), float(spec.mem_clock_khz),
         spec.mem_bus_bits, float(spec.total_memory), num_samples, batch, in_features, out_features,

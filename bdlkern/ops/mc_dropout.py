@@ -53,11 +53,13 @@ def mc_dropout_linear(
             ``[S, B, in]`` masked input (it re-makes the mask per tile instead). ``False``: one
             mask pass writes the masked input (the mask itself is never stored), then cuBLAS
             multiplies it (fastest on large layers; float32 then follows
-            ``torch.backends.cuda.matmul.allow_tf32``); backward makes it again for the weight
-            gradient. ``None`` (default): a cost model picks per call from the device's
-            properties (:func:`bdlkern.ops.cost_model.mc_dropout_linear_plan`). Both paths give
-            the same masks; they differ only in rounding. The CPU path works on cache-sized row
-            chunks, never holds an S-fold copy, and ignores this flag.
+            ``torch.backends.cuda.matmul.fp32_precision`` / ``allow_tf32``); backward makes it
+            again for the weight gradient. ``None`` (default): a cost model picks per call from
+            the device's properties (:func:`bdlkern.ops.cost_model.mc_dropout_linear_plan`). Both
+            paths draw the same masks and differ in rounding only (and, with shared masks, in
+            that the fused forward never reads a dropped feature's weights: an inf there stays
+            out of its output). The CPU path works on cache-sized row chunks, never holds an
+            S-fold copy, and ignores this flag.
         generator / rng_state: where the masks come from (see :func:`new_rng_state`).
 
     Returns:

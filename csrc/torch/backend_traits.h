@@ -2,6 +2,7 @@
 // stream its kernels launch on.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 
 #include <bdlkern/common/backend.h>
@@ -10,6 +11,15 @@
 
 namespace bdlkern {
 namespace ops {
+
+// Whether float32 matmuls on CUDA may use TF32, as torch's own cuBLAS calls decide it
+// (torch.backends.cuda.matmul.fp32_precision, which the legacy allow_tf32 flag and
+// torch.set_float32_matmul_precision also set). The legacy getter would throw once the new API
+// has been used, so this reads the new one.
+inline bool cuda_matmul_tf32() {
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+}
 
 template <class Tag>
 struct BackendTraits;

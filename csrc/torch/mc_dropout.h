@@ -93,7 +93,7 @@ struct MCDropoutOps {
     pr.N = prm.out_features;
     pr.shared_input = prm.shared_input;
     pr.dtype = prm.dtype;
-    pr.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+    pr.allow_tf32 = cuda_matmul_tf32();
     pr.pass = pass;
     pr.shared_mask = prm.shared_mask;
     pr.keep = 1.0 / prm.scale;

@@ -163,6 +163,8 @@ PYBIND11_MODULE(_C, m) {
         "torch.ops.bdlkern.mc_dropout_linear with a fresh CPU rng_state, called unboxed.");
   m.def("_recorded_gpu_specs", &recorded_gpu_specs,
         "The cost model's recorded device properties (A100, H100), by name.");
+  m.def("_cuda_matmul_tf32", &bdlkern::ops::cuda_matmul_tf32,
+        "Whether float32 CUDA matmuls may use TF32, as mc_dropout_linear's cost model reads it.");
   m.def("_mc_dropout_plan", &mc_dropout_plan,
         "The CUDA path cost model of mc_dropout_linear (see bdlkern.ops.cost_model).");
 #if defined(BDLKERN_WITH_CUDA)
