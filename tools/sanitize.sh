@@ -32,7 +32,7 @@ export PATH="$(dirname "$python"):$PATH"  # ninja from the venv
 suffix=$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
 # The op tests: every kernel family, the SIMT emulator itself, the property and bad-input suites.
-op_tests=(tests/test_rng.py tests/test_simt.py tests/test_mc_dropout.py tests/test_mc_dropout_conv.py tests/test_lrt_conv.py tests/test_sparse_conv.py tests/test_concrete_dropout.py
+op_tests=(tests/test_rng.py tests/test_simt.py tests/test_mc_dropout.py tests/test_mc_dropout_paths.py tests/test_mc_dropout_conv.py tests/test_lrt_conv.py tests/test_sparse_conv.py tests/test_concrete_dropout.py
   tests/test_sparse_vd.py tests/test_sparse_linear.py tests/test_ard.py
   tests/test_variance_networks.py tests/test_gaussian_dropout.py)
 for extra in tests/test_properties_*.py tests/test_bad_input.py tests/test_serialization.py tests/test_autocast.py \
