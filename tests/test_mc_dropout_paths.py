@@ -407,6 +407,7 @@ def test_cost_model_knows_the_shared_mask_forward_skips():
         assert shared.fused.flops == pytest.approx(0.5 * elem.fused.flops)
         assert shared.fused.seconds < elem.fused.seconds
         assert shared.materialise == elem.materialise  # the cuBLAS path does every product
+        assert shared.fused.workspace == 32 * 1025 * 4 and elem.fused.workspace == 0  # int32 kept lists
         back = cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=spec, shared_mask=True, pass_="grad_weight")
         assert back.fused.flops == elem.fused.flops  # backward masks in the tiles
     assert cm.mc_dropout_linear_plan(*shape, dtype=torch.bfloat16, spec=cm.A100_SXM4_80GB, shared_mask=True).memory_efficient

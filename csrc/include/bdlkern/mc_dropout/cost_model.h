@@ -266,7 +266,7 @@ inline McDropoutPlan plan_mc_dropout_linear(const GpuSpec& g, const McDropoutPro
   plan.fused.seconds =
       kernel_time(std::max(fused_math, philox_seconds(g, a, philox_elems)), plan.fused.bytes, g) +
       fused_launches * CostAssumptions::kLaunch;
-  plan.fused.workspace = 0;
+  plan.fused.workspace = fused_launches > 0 ? S * (K + 1) * 4.0 : 0.0;  // the kept lists
 
   const bool fits = plan.materialise.workspace <= CostAssumptions::kWorkspaceShare * g.total_memory;
   plan.memory_efficient = !(fits && plan.materialise.seconds < plan.fused.seconds);
