@@ -450,3 +450,60 @@ def test_tf32_is_read_as_torch_reads_it(simt_backend, restore_matmul_precision):
         assert not bdlkern._C._cuda_matmul_tf32() and not pick()
         setter()
         assert bdlkern._C._cuda_matmul_tf32() and pick()
+
+
+# ---- the materialise path in what users combine ------------------------------------------------
+class _ConvHead(torch.nn.Module):
+    """A model bdlkern did not write: a conv trunk with a skip branch and a custom forward that
+    calls the CUDA-source op (SIMT) on its features, on the materialise path."""
+
+    def __init__(self, memory_efficient):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4 * 5 * 5, 6)
+        self.memory_efficient = memory_efficient
+
+    def forward(self, x, state):
+        h = torch.relu(self.conv(x)) + x.mean(1, keepdim=True)  # skip branch
+        feats = h.flatten(1)
+        return torch.ops.bdlkern_simt.mc_dropout_linear(
+            feats, self.head.weight, self.head.bias, state, 0.3, 4, False, self.memory_efficient
+        )
+
+
+def test_materialise_path_in_a_custom_conv_model_compiled_autocast_and_strided(simt_backend):
+    """Both paths agree inside a custom conv model (values and every parameter's gradient), under
+    torch.compile(fullgraph), under CPU autocast (bf16 on both sides), and on transposed
+    (non-contiguous) x and weight."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 5, 5)
+    state = torch.tensor([12, 0])
+    outs = {}
+    for me in PATHS:
+        torch.manual_seed(1)
+        model = _ConvHead(me)
+        y = model(x, state)
+        y.square().sum().backward()
+        outs[me] = (y.detach(), [p.grad.clone() for p in model.parameters()])
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x, state), y.detach(), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ya = model(x, state)
+        assert ya.dtype == torch.bfloat16
+        outs[(me, "autocast")] = ya.float()
+    torch.testing.assert_close(outs[False][0], outs[True][0], rtol=1e-5, atol=1e-5)
+    for gm, gf in zip(outs[False][1], outs[True][1]):
+        torch.testing.assert_close(gm, gf, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[(False, "autocast")], outs[(True, "autocast")], rtol=3e-2, atol=3e-2)
+
+    # Transposed storage: x [B, K] as x_t.t(), w [N, K] as w_t.t().
+    S, B, K, N = 3, 9, 12, 7
+    xc, wc, bc = make_problem(S, B, K, N, shared_input=True, dtype=torch.float32)
+    xs, ws = xc.t().contiguous().t(), wc.t().contiguous().t()
+    assert not xs.is_contiguous() and not ws.is_contiguous()
+    g = torch.randn(S, B, N)
+    st = torch.tensor([3, 4])
+    strided = run_op(simt_backend, xs, ws, bc, st, 0.5, S, True, False, g, True)
+    dense = run_op(simt_backend, xc, wc, bc, st, 0.5, S, True, False, g, True)
+    for a, b in zip(strided, dense):
+        torch.testing.assert_close(a, b)

@@ -213,8 +213,8 @@ inline McDropoutPlan plan_mc_dropout_linear(const GpuSpec& g, const McDropoutPro
           wave_factor(g, out_rows, out_cols, 128, 1),
       gemm_bytes, g);
   // Our mask pass over R x K elements: read the input (or the GEMM output), write the result.
-  const double mask_pass_bytes =
-      pr.pass == McDropoutPass::kGradInput ? (R * K + xin) * e : (xin + R * K) * e;
+  // Forward / grad_weight read x and write R x K; grad_input reads R x K and writes x's shape.
+  const double mask_pass_bytes = (R * K + xin) * e;
   const double mask_pass =
       kernel_time(philox_seconds(g, a, R * K), mask_pass_bytes, g);
   // Eager: F.dropout reads the expanded input and writes the output and a bool mask; backward
